@@ -1,0 +1,459 @@
+//! The configuration file: one TOML document, every key documented in
+//! [`EXAMPLE`] (printed by `pop3connex config example`).
+//!
+//! Unknown keys and out-of-range values are rejected while parsing, so the
+//! error carries the file, line and column of the offending key. Relative
+//! paths are resolved against the folder of the config file. Credentials and
+//! keys are [`SecretRef`]s, never literals.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{de::Error as _, Deserialize, Deserializer};
+
+use crate::secret::SecretRef;
+
+/// The commented example configuration. A test checks that it parses and
+/// that it mentions every key the parser accepts.
+pub const EXAMPLE: &str = include_str!("../../../docs/pop3connex.example.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub pop3: Pop3Config,
+    #[serde(default)]
+    pub lmtp: LmtpConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The file this was read from (for messages), not a config key.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Name used in the LMTP greeting and generated certificates.
+    pub hostname: String,
+    /// How long in-flight sessions get to finish after SIGTERM.
+    #[serde(deserialize_with = "secs_1_300")]
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { hostname: "localhost".into(), shutdown_grace_secs: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    pub path: PathBuf,
+    pub master_key: SecretRef,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub private_key: SecretRef,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pop3Config {
+    pub implicit_tls: Vec<SocketAddr>,
+    pub starttls: Vec<SocketAddr>,
+    #[serde(deserialize_with = "count_1_1m")]
+    pub max_connections: u64,
+    #[serde(deserialize_with = "count_1_1m")]
+    pub max_connections_per_ip: u64,
+    pub plaintext_auth_networks: Vec<Network>,
+    #[serde(deserialize_with = "secs_5_600")]
+    pub preauth_timeout_secs: u64,
+    #[serde(deserialize_with = "secs_600_86400")]
+    pub idle_timeout_secs: u64,
+    #[serde(deserialize_with = "count_1_100")]
+    pub max_bad_commands: u64,
+    #[serde(deserialize_with = "count_1_100")]
+    pub max_auth_failures: u64,
+    pub login_delay_secs: Option<u64>,
+    pub expire_days: Option<u64>,
+}
+
+impl Default for Pop3Config {
+    fn default() -> Self {
+        Self {
+            implicit_tls: vec![SocketAddr::from(([127, 0, 0, 1], 9950))],
+            starttls: vec![SocketAddr::from(([127, 0, 0, 1], 1100))],
+            max_connections: 4096,
+            max_connections_per_ip: 64,
+            plaintext_auth_networks: Vec::new(),
+            preauth_timeout_secs: 60,
+            idle_timeout_secs: 600,
+            max_bad_commands: 10,
+            max_auth_failures: 3,
+            login_delay_secs: None,
+            expire_days: None,
+        }
+    }
+}
+
+/// An LMTP listening endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LmtpListen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for LmtpListen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(D::Error::custom("unix: needs a socket path"));
+            }
+            return Ok(LmtpListen::Unix(PathBuf::from(p)));
+        }
+        s.parse().map(LmtpListen::Tcp).map_err(|_| D::Error::custom(format!("`{s}` is neither IP:PORT nor unix:/path")))
+    }
+}
+
+impl fmt::Display for LmtpListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LmtpListen::Tcp(a) => a.fmt(f),
+            LmtpListen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmtpConfig {
+    pub listen: Vec<LmtpListen>,
+    #[serde(deserialize_with = "size_1k_1g")]
+    pub max_message_size: u64,
+    #[serde(deserialize_with = "count_1_1000")]
+    pub max_recipients: u64,
+    #[serde(deserialize_with = "count_1_1000")]
+    pub max_connections: u64,
+    #[serde(deserialize_with = "secs_5_3600")]
+    pub timeout_secs: u64,
+}
+
+impl Default for LmtpConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![LmtpListen::Tcp(SocketAddr::from(([127, 0, 0, 1], 2400)))],
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_connections: 64,
+            timeout_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PasswordScheme {
+    Argon2id,
+    Sha512Crypt,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub password_scheme: PasswordScheme,
+    #[serde(deserialize_with = "argon_memory")]
+    pub argon2_memory_kib: u64,
+    #[serde(deserialize_with = "count_1_100")]
+    pub argon2_iterations: u64,
+    #[serde(deserialize_with = "count_1_16")]
+    pub argon2_parallelism: u64,
+    #[serde(deserialize_with = "ms_0_10000")]
+    pub failure_delay_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            password_scheme: PasswordScheme::Argon2id,
+            argon2_memory_kib: 19456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            failure_delay_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: LogLevel,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, level: LogLevel::Info }
+    }
+}
+
+/// A CIDR network (`192.0.2.0/24`, `2001:db8::/32`, or a bare address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network(pub IpNet);
+
+impl Network {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.0.contains(&ip)
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Ok(n) = s.parse::<IpNet>() {
+            return Ok(Network(n.trunc()));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| Network(IpNet::from(ip)))
+            .map_err(|_| D::Error::custom(format!("`{s}` is not a CIDR network")))
+    }
+}
+
+macro_rules! bounded {
+    ($($name:ident: $min:expr, $max:expr, $unit:expr;)*) => {$(
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+            let v = u64::deserialize(d)?;
+            if !($min..=$max).contains(&v) {
+                return Err(D::Error::custom(format!(
+                    "must be between {} and {}{}, got {}", $min, $max, $unit, v
+                )));
+            }
+            Ok(v)
+        }
+    )*};
+}
+
+bounded! {
+    secs_1_300: 1, 300, " seconds";
+    secs_5_600: 5, 600, " seconds";
+    // RFC 1939 section 3: the autologout timer MUST be at least 10 minutes.
+    secs_600_86400: 600, 86_400, " seconds (RFC 1939 requires at least 10 minutes)";
+    secs_5_3600: 5, 3600, " seconds";
+    ms_0_10000: 0, 10_000, " milliseconds";
+    count_1_16: 1, 16, "";
+    count_1_100: 1, 100, "";
+    count_1_1000: 1, 1000, "";
+    count_1_1m: 1, 1_000_000, "";
+    size_1k_1g: 1024, 1u64 << 30, " octets";
+    argon_memory: 8192, 4_194_304, " KiB";
+}
+
+/// A configuration problem, located in the file where possible.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("{path}: {message}")]
+    Semantic { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads, parses and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses configuration text; `path` names the source in errors and is
+    /// the base for relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Invalid { path: path.to_owned(), line, column, message: e.message().trim().to_owned() }
+        })?;
+        cfg.source = path.to_owned();
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut cfg.store.path);
+        abs(&mut cfg.tls.certificate);
+        cfg.store.master_key.resolve_against(&base);
+        cfg.tls.private_key.resolve_against(&base);
+        for l in &mut cfg.lmtp.listen {
+            if let LmtpListen::Unix(p) = l {
+                abs(p);
+            }
+        }
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let err = |message: String| ConfigError::Semantic { path: self.source.clone(), message };
+        if self.pop3.implicit_tls.is_empty() && self.pop3.starttls.is_empty() {
+            return Err(err("[pop3] has no listener: set implicit_tls and/or starttls".into()));
+        }
+        if self.pop3.max_connections_per_ip > self.pop3.max_connections {
+            return Err(err("[pop3] max_connections_per_ip exceeds max_connections".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for a in self.pop3.implicit_tls.iter().chain(&self.pop3.starttls) {
+            if a.port() != 0 && !seen.insert(*a) {
+                return Err(err(format!("address {a} is used by two listeners")));
+            }
+        }
+        for l in &self.lmtp.listen {
+            if let LmtpListen::Tcp(a) = l {
+                if a.port() != 0 && !seen.insert(*a) {
+                    return Err(err(format!("address {a} is used by two listeners")));
+                }
+                if !a.ip().is_loopback() {
+                    tracing::warn!(address = %a, "LMTP listens on a non-loopback address; restrict it with a firewall");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |p| before.len() - p - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[store]\nbackend = \"sqlite\"\npath = \"x.db\"\nmaster_key = \"file:master.key\"\n\
+                       [tls]\ncertificate = \"c.pem\"\nprivate_key = \"file:k.pem\"\n";
+
+    #[test]
+    fn example_parses_and_documents_every_key() {
+        let cfg = Config::parse(EXAMPLE, Path::new("/etc/pop3connex/pop3connex.toml")).unwrap();
+        assert_eq!(cfg.store.path, PathBuf::from("/etc/pop3connex/pop3connex.db"));
+        for key in [
+            "hostname",
+            "shutdown_grace_secs",
+            "backend",
+            "path",
+            "master_key",
+            "certificate",
+            "private_key",
+            "implicit_tls",
+            "starttls",
+            "max_connections",
+            "max_connections_per_ip",
+            "plaintext_auth_networks",
+            "preauth_timeout_secs",
+            "idle_timeout_secs",
+            "max_bad_commands",
+            "max_auth_failures",
+            "login_delay_secs",
+            "expire_days",
+            "listen",
+            "max_message_size",
+            "max_recipients",
+            "timeout_secs",
+            "password_scheme",
+            "argon2_memory_kib",
+            "argon2_iterations",
+            "argon2_parallelism",
+            "failure_delay_ms",
+            "format",
+            "level",
+        ] {
+            assert!(EXAMPLE.contains(&format!("{key} =")), "example does not document {key}");
+        }
+    }
+
+    #[test]
+    fn minimal_config_resolves_relative_paths() {
+        let cfg = Config::parse(MIN, Path::new("/srv/p/c.toml")).unwrap();
+        assert_eq!(cfg.tls.certificate, PathBuf::from("/srv/p/c.pem"));
+        assert_eq!(cfg.tls.private_key, SecretRef::File("/srv/p/k.pem".into()));
+        assert_eq!(cfg.pop3.idle_timeout_secs, 600);
+    }
+
+    fn error_of(extra: &str) -> String {
+        Config::parse(&format!("{MIN}{extra}"), Path::new("c.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let e = error_of("[pop3]\nidle_timeout_secs = 30\n");
+        assert!(e.starts_with("c.toml:9:"), "{e}");
+        assert!(e.contains("RFC 1939"), "{e}");
+        let e = error_of("[pop3]\nbogus_key = 1\n");
+        assert!(e.starts_with("c.toml:9:") && e.contains("bogus_key"), "{e}");
+        let e = Config::parse(&MIN.replace("file:master.key", "s3cr3t-literal"), Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml:4:") && e.contains("literal secrets"), "{e}");
+        assert!(!e.contains("s3cr3t-literal"), "error must not echo the secret: {e}");
+        let e = error_of("[log]\nformat = \"xml\"\n");
+        assert!(e.contains("c.toml:9:"), "{e}");
+        let e = error_of("[pop3]\nplaintext_auth_networks = [\"10.0.0.0/33\"]\n");
+        assert!(e.contains("not a CIDR"), "{e}");
+        let e = error_of("[store.extra]\n");
+        assert!(e.contains("extra"), "{e}");
+    }
+}

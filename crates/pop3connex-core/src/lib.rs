@@ -1,0 +1,34 @@
+//! POP3conneX server library.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`secret`]: secret references (`env:`, `file:`) for every credential.
+//! - [`crypto`]: encryption at rest (master key, per-mailbox data keys,
+//!   chunked AEAD bound to mailbox and message).
+//! - [`password`]: password hashing (Argon2id, SHA512-CRYPT) and verification.
+//! - [`store`]: the storage trait and the SQLite backend.
+//! - [`mailstore`]: encryption on top of a store: deliver, list, read.
+//! - [`auth`]: account management and credential verification.
+//! - [`sasl`]: pluggable SASL mechanisms (PLAIN today).
+//! - [`tls`]: rustls configuration, hot reload, local CA generation.
+//! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
+//! - [`lmtp`]: LMTP ingestion sessions.
+//! - [`server`]: listeners, connection limits, signals, graceful shutdown.
+//! - [`import`]: Maildir and mbox import.
+//! - [`init`]: creating a fresh data directory.
+//! - [`events`]: structured security events.
+//! - [`security`]: shared security state (LOGIN-DELAY today).
+//! - [`limits`]: connection limits.
+//! - [`types`]: newtypes shared by the layers.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod crypto;
+pub mod events;
+pub mod limits;
+pub mod password;
+pub mod secret;
+pub mod security;
+pub mod store;
+pub mod tls;
+pub mod types;

@@ -1,0 +1,103 @@
+//! Password hashing and verification.
+//!
+//! New hashes are Argon2id (PHC string) by default, or `{SHA512-CRYPT}` when
+//! an operator needs Dovecot-compatible cost. Verification accepts both, so
+//! hashes imported from Dovecot keep working. Hashing is CPU- and
+//! memory-heavy: callers run it on the blocking pool.
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use zeroize::Zeroizing;
+
+use crate::config::{AuthConfig, PasswordScheme};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    #[error("password hashing failed")]
+    Hash,
+    #[error("invalid Argon2 parameters")]
+    Params,
+}
+
+/// Hashes `password` with the configured scheme.
+pub fn hash_password(cfg: &AuthConfig, password: &[u8]) -> Result<String, PasswordError> {
+    match cfg.password_scheme {
+        PasswordScheme::Argon2id => {
+            let argon = argon2_for(cfg)?;
+            let salt = SaltString::generate(&mut password_hash::rand_core::OsRng);
+            argon.hash_password(password, &salt).map(|h| h.to_string()).map_err(|_| PasswordError::Hash)
+        }
+        PasswordScheme::Sha512Crypt => {
+            // 5000 rounds: the glibc and Dovecot default, so costs match a
+            // Dovecot deployment exactly.
+            let params = sha_crypt::Sha512Params::new(5000).map_err(|_| PasswordError::Params)?;
+            let pw = std::str::from_utf8(password).map_err(|_| PasswordError::Hash)?;
+            sha_crypt::sha512_simple(pw, &params)
+                .map(|h| format!("{{SHA512-CRYPT}}{h}"))
+                .map_err(|_| PasswordError::Hash)
+        }
+    }
+}
+
+fn argon2_for(cfg: &AuthConfig) -> Result<Argon2<'static>, PasswordError> {
+    let params =
+        Params::new(cfg.argon2_memory_kib as u32, cfg.argon2_iterations as u32, cfg.argon2_parallelism as u32, None)
+            .map_err(|_| PasswordError::Params)?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+/// Checks `password` against a stored hash of any supported scheme.
+/// Unknown or malformed hashes never verify.
+pub fn verify_password(stored: &str, password: &[u8]) -> bool {
+    let stored = stored.strip_prefix("{ARGON2ID}").unwrap_or(stored);
+    if let Some(crypt) = stored.strip_prefix("{SHA512-CRYPT}").or_else(|| stored.strip_prefix("$6$").map(|_| stored)) {
+        let Ok(pw) = std::str::from_utf8(password) else { return false };
+        return sha_crypt::sha512_check(pw, crypt).is_ok();
+    }
+    if stored.starts_with("$argon2id$") {
+        let Ok(parsed) = PasswordHash::new(stored) else { return false };
+        return Argon2::default().verify_password(password, &parsed).is_ok();
+    }
+    false
+}
+
+/// A hash of a random password in the configured scheme, verified against
+/// when the user does not exist, so unknown users cost the same time.
+pub fn dummy_hash(cfg: &AuthConfig) -> Result<String, PasswordError> {
+    let mut pw = Zeroizing::new([0u8; 24]);
+    getrandom::getrandom(&mut *pw).map_err(|_| PasswordError::Hash)?;
+    let pw: Zeroizing<Vec<u8>> = Zeroizing::new(pw.iter().map(|b| b'a' + b % 26).collect());
+    hash_password(cfg, &pw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cheap(scheme: PasswordScheme) -> AuthConfig {
+        AuthConfig { password_scheme: scheme, argon2_memory_kib: 8192, argon2_iterations: 1, ..AuthConfig::default() }
+    }
+
+    #[test]
+    fn both_schemes_round_trip() {
+        for scheme in [PasswordScheme::Argon2id, PasswordScheme::Sha512Crypt] {
+            let h = hash_password(&cheap(scheme), b"correct horse battery").unwrap();
+            assert!(verify_password(&h, b"correct horse battery"), "{h}");
+            assert!(!verify_password(&h, b"correct horse batterx"));
+            assert!(!h.contains("correct"));
+        }
+        assert!(!verify_password("plain", b"plain"));
+        assert!(!verify_password("", b""));
+    }
+
+    #[test]
+    fn accepts_hashes_made_by_doveadm() {
+        // Both generated with `doveadm pw -s SCHEME -p test` (Dovecot 2.3).
+        let sha = "{SHA512-CRYPT}$6$DAEBdnbM6x1qs1Zp$61UH.TYqGe1o4wPuELC1PJHFGN.eczraTrksAeTWd3Gpnaim7hyGbXA9b1rP4wGtu.AQHqM8B1R0wQa3Hyamc1";
+        let argon = "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$NlT2VO6jUfKoLbL89cUmiA$tc6AOu37+6LQifp8HGtMMgeKfbyETSqJA6Jo0s649PU";
+        for h in [sha, argon] {
+            assert!(verify_password(h, b"test"), "{h}");
+            assert!(!verify_password(h, b"Test"), "{h}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Storage: the [`Store`] trait and its backends.
+//!
+//! Backends store ciphertext and wrapped keys only; encryption lives above
+//! them in [`crate::mailstore`], so a second backend (PostgreSQL, planned)
+//! implements persistence and locking, not cryptography. The conformance
+//! suite in `tests/store_conformance.rs` runs against every backend.
+//!
+//! Durability contract: when [`Store::deliver`] or [`Store::delete_messages`]
+//! returns `Ok`, the change is committed and synced to stable storage. Either
+//! all items of one call become visible or none do.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::crypto::RecordId;
+use crate::types::UserName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another session holds the maildrop lock (POP3 `[IN-USE]`).
+    #[error("maildrop is locked by another session")]
+    Locked,
+    #[error("no such user")]
+    NoSuchUser,
+    #[error("user already exists")]
+    UserExists,
+    /// Temporary trouble (busy database, I/O error): the caller may retry.
+    #[error("storage temporarily unavailable: {0}")]
+    Temporary(String),
+    /// Corruption or an impossible state: needs an operator.
+    #[error("storage failure: {0}")]
+    Permanent(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A user with the mailbox key material needed to read or deliver mail.
+#[derive(Clone)]
+pub struct UserRecord {
+    pub name: UserName,
+    pub password_hash: String,
+    pub disabled: bool,
+    pub mailbox: MailboxRef,
+}
+
+impl std::fmt::Debug for UserRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRecord").field("name", &self.name).field("disabled", &self.disabled).finish_non_exhaustive()
+    }
+}
+
+/// Identifies a mailbox and carries its wrapped data key.
+#[derive(Debug, Clone)]
+pub struct MailboxRef {
+    /// Backend row id, used for queries.
+    pub id: i64,
+    /// Random id bound into the associated data of every ciphertext.
+    pub uid: RecordId,
+    pub wrapped_key: Vec<u8>,
+}
+
+/// Listing information for one stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageMeta {
+    pub id: i64,
+    pub uid: RecordId,
+    /// Exact octets as transmitted by RETR without dot-stuffing (RFC 1939).
+    pub size: u64,
+    pub chunk_count: u32,
+    pub received_at: i64,
+}
+
+/// A sealed message ready to commit.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub mailbox_id: i64,
+    pub uid: RecordId,
+    pub size: u64,
+    pub chunks: Vec<Vec<u8>>,
+    /// For imports: the source's identity, recorded in the same transaction
+    /// so a resumed import skips exactly what was committed.
+    pub import_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSummary {
+    pub name: UserName,
+    pub disabled: bool,
+    pub messages: u64,
+    pub octets: u64,
+}
+
+/// Held while a POP3 session owns a maildrop; dropping it releases the lock.
+pub struct MaildropLock {
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl MaildropLock {
+    pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        Self { _guard: Box::new(guard) }
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Value stored at initialisation to detect a wrong master key.
+    async fn key_check(&self) -> StoreResult<Option<Vec<u8>>>;
+    async fn set_key_check(&self, check: Vec<u8>) -> StoreResult<()>;
+
+    async fn create_user(
+        &self,
+        name: &UserName,
+        password_hash: &str,
+        mailbox_uid: RecordId,
+        wrapped_key: Vec<u8>,
+    ) -> StoreResult<()>;
+    async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>>;
+    async fn users(&self) -> StoreResult<Vec<UserSummary>>;
+    async fn set_password(&self, name: &UserName, password_hash: &str) -> StoreResult<()>;
+    async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()>;
+    /// Deletes the user, the mailbox, its key and all its mail.
+    async fn delete_user(&self, name: &UserName) -> StoreResult<()>;
+
+    /// Takes the exclusive maildrop lock, across sessions and processes.
+    async fn lock_maildrop(&self, mailbox_id: i64) -> StoreResult<MaildropLock>;
+    /// The maildrop listing in delivery order.
+    async fn messages(&self, mailbox_id: i64) -> StoreResult<Vec<MessageMeta>>;
+    /// One sealed chunk of a message.
+    async fn chunk(&self, message_id: i64, index: u32) -> StoreResult<Vec<u8>>;
+    /// Commits all messages atomically and durably.
+    async fn deliver(&self, messages: Vec<NewMessage>) -> StoreResult<()>;
+    /// Removes the listed messages of one mailbox atomically and durably.
+    async fn delete_messages(&self, mailbox_id: i64, ids: Vec<i64>) -> StoreResult<()>;
+    /// Which of `keys` were already imported into the mailbox.
+    async fn imported(&self, mailbox_id: i64, keys: Vec<String>) -> StoreResult<Vec<String>>;
+}

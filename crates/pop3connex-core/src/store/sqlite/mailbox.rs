@@ -1,0 +1,146 @@
+//! Users, mailboxes and maildrop locks.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::map_err;
+use crate::crypto::RecordId;
+use crate::store::{MailboxRef, MaildropLock, StoreError, StoreResult, UserRecord, UserSummary};
+use crate::types::{unix_now, UserName};
+
+pub(super) fn create_user(
+    conn: &Connection,
+    name: &UserName,
+    hash: &str,
+    uid: &RecordId,
+    wrapped_key: &[u8],
+) -> StoreResult<()> {
+    let now = unix_now();
+    let inserted = conn
+        .execute(
+            "INSERT INTO users(name, password_hash, disabled, created_at, password_changed_at)
+             VALUES(?1, ?2, 0, ?3, ?3) ON CONFLICT(name) DO NOTHING",
+            params![name.as_str(), hash, now],
+        )
+        .map_err(map_err)?;
+    if inserted == 0 {
+        return Err(StoreError::UserExists);
+    }
+    let user_id = conn.last_insert_rowid();
+    conn.execute(
+        "INSERT INTO mailboxes(user_id, uid, wrapped_key) VALUES(?1, ?2, ?3)",
+        params![user_id, &uid[..], wrapped_key],
+    )
+    .map_err(map_err)?;
+    Ok(())
+}
+
+pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<StoreResult<Option<UserRecord>>> {
+    let row = conn
+        .query_row(
+            "SELECT u.password_hash, u.disabled, m.id, m.uid, m.wrapped_key
+             FROM users u JOIN mailboxes m ON m.user_id = u.id WHERE u.name = ?1",
+            [name.as_str()],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((password_hash, disabled, id, uid, wrapped_key)) = row else {
+        return Ok(Ok(None));
+    };
+    let Ok(uid) = RecordId::try_from(uid.as_slice()) else {
+        return Ok(Err(StoreError::Permanent(format!("mailbox {id} has a malformed uid"))));
+    };
+    Ok(Ok(Some(UserRecord {
+        name: name.clone(),
+        password_hash,
+        disabled,
+        mailbox: MailboxRef { id, uid, wrapped_key },
+    })))
+}
+
+pub(super) fn users(conn: &Connection) -> rusqlite::Result<StoreResult<Vec<UserSummary>>> {
+    let mut stmt = conn.prepare(
+        "SELECT u.name, u.disabled, COUNT(msg.id), COALESCE(SUM(msg.size), 0)
+         FROM users u JOIN mailboxes m ON m.user_id = u.id
+         LEFT JOIN messages msg ON msg.mailbox_id = m.id
+         GROUP BY u.id ORDER BY u.name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, disabled, messages, octets) = row?;
+        let Ok(name) = UserName::parse(&name) else {
+            return Ok(Err(StoreError::Permanent(format!("stored user name {name:?} is invalid"))));
+        };
+        out.push(UserSummary { name, disabled, messages: messages as u64, octets: octets as u64 });
+    }
+    Ok(Ok(out))
+}
+
+pub(super) fn set_password(conn: &Connection, name: &UserName, hash: &str) -> StoreResult<()> {
+    let n = conn
+        .execute(
+            "UPDATE users SET password_hash = ?2, password_changed_at = ?3 WHERE name = ?1",
+            params![name.as_str(), hash, unix_now()],
+        )
+        .map_err(map_err)?;
+    if n == 0 {
+        Err(StoreError::NoSuchUser)
+    } else {
+        Ok(())
+    }
+}
+
+pub(super) fn set_disabled(conn: &Connection, name: &UserName, disabled: bool) -> StoreResult<()> {
+    let n = conn
+        .execute("UPDATE users SET disabled = ?2 WHERE name = ?1", params![name.as_str(), disabled])
+        .map_err(map_err)?;
+    if n == 0 {
+        Err(StoreError::NoSuchUser)
+    } else {
+        Ok(())
+    }
+}
+
+pub(super) fn delete_user(conn: &Connection, name: &UserName) -> StoreResult<()> {
+    // Cascades remove the mailbox (and with it the wrapped data key: its
+    // mail is unreadable from then on), messages, chunks and import records.
+    let n = conn.execute("DELETE FROM users WHERE name = ?1", [name.as_str()]).map_err(map_err)?;
+    if n == 0 {
+        Err(StoreError::NoSuchUser)
+    } else {
+        Ok(())
+    }
+}
+
+/// An open, locked lock file; closing it releases the lock.
+struct FileLock(#[allow(dead_code)] File);
+
+pub(super) fn lock(dir: &Path, mailbox_id: i64) -> StoreResult<MaildropLock> {
+    let path = dir.join(format!("{mailbox_id}.lock"));
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| StoreError::Temporary(format!("open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(MaildropLock::new(FileLock(file))),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Temporary(format!("lock {}: {e}", path.display()))),
+    }
+}

@@ -1,0 +1,337 @@
+//! Embedded SQLite backend (the default).
+//!
+//! - WAL journal with `synchronous = FULL`: a commit is on stable storage
+//!   when it returns.
+//! - One writer thread owns the only write connection and commits queued
+//!   writes in groups (group commit): under concurrent LMTP load many
+//!   deliveries share one fsync, yet every caller is answered only after the
+//!   commit that contains its write. Each write runs in its own savepoint,
+//!   so one failing write does not take the others down with it.
+//! - Readers use a small pool of read-only connections on the blocking pool.
+//! - Maildrop locks are `flock`s on one file per mailbox next to the
+//!   database: exclusive across sessions and processes, released by the
+//!   kernel if a process dies.
+
+mod mailbox;
+mod message;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+use super::{MaildropLock, MessageMeta, NewMessage, Store, StoreError, StoreResult, UserRecord, UserSummary};
+use crate::crypto::RecordId;
+use crate::types::UserName;
+
+/// Most writes committed in one transaction; bounds the latency one
+/// delivery can add to the others in its group.
+const MAX_GROUP: usize = 256;
+/// Idle read connections kept open.
+const MAX_IDLE_READERS: usize = 8;
+/// How long a connection waits for another process's lock before the
+/// operation fails with a temporary error.
+const BUSY_TIMEOUT_MS: u64 = 5000;
+
+const SCHEMA_VERSION: i64 = 1;
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta(
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    password_changed_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mailboxes(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL UNIQUE REFERENCES users(id) ON DELETE CASCADE,
+    uid BLOB NOT NULL UNIQUE,
+    wrapped_key BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mailbox_id INTEGER NOT NULL REFERENCES mailboxes(id) ON DELETE CASCADE,
+    uid BLOB NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    received_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_mailbox ON messages(mailbox_id, id);
+CREATE TABLE IF NOT EXISTS message_chunks(
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY(message_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS imports(
+    mailbox_id INTEGER NOT NULL REFERENCES mailboxes(id) ON DELETE CASCADE,
+    source_key TEXT NOT NULL,
+    PRIMARY KEY(mailbox_id, source_key)
+) WITHOUT ROWID;
+";
+
+/// A write, executed by the writer thread.
+enum WriteOp {
+    SetKeyCheck(Vec<u8>),
+    CreateUser { name: UserName, hash: String, uid: RecordId, wrapped_key: Vec<u8> },
+    SetPassword { name: UserName, hash: String },
+    SetDisabled { name: UserName, disabled: bool },
+    DeleteUser(UserName),
+    Deliver(Vec<NewMessage>),
+    Delete { mailbox_id: i64, ids: Vec<i64> },
+}
+
+struct Job {
+    op: WriteOp,
+    reply: oneshot::Sender<StoreResult<()>>,
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    lock_dir: PathBuf,
+    writer: Mutex<mpsc::Sender<Job>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Permanent(format!("create {}: {e}", dir.display())))?;
+        }
+        // Create the file owner-only before SQLite does, so the database
+        // (ciphertext, but also hashes and metadata) is never world-readable.
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| StoreError::Permanent(format!("open {}: {e}", path.display())))?;
+        let lock_dir = path.with_extension("locks");
+        std::fs::create_dir_all(&lock_dir)
+            .map_err(|e| StoreError::Permanent(format!("create {}: {e}", lock_dir.display())))?;
+
+        let conn = open_connection(path, false)?;
+        conn.execute_batch(SCHEMA).map_err(map_err)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(map_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Permanent(format!(
+                "database schema {version} is newer than this program understands ({SCHEMA_VERSION})"
+            )));
+        }
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(map_err)?;
+        let integrity: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(map_err)?;
+        if integrity != "ok" {
+            return Err(StoreError::Permanent(format!("database integrity check failed: {integrity}")));
+        }
+
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Permanent(format!("spawn writer: {e}")))?;
+        Ok(Self { path: path.to_owned(), lock_dir, writer: Mutex::new(tx), readers: Arc::new(Mutex::new(Vec::new())) })
+    }
+
+    async fn write(&self, op: WriteOp) -> StoreResult<()> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let writer = self.writer.lock().map_err(|_| StoreError::Permanent("writer poisoned".into()))?;
+            writer.send(Job { op, reply }).map_err(|_| StoreError::Permanent("store writer stopped".into()))?;
+        }
+        rx.await.map_err(|_| StoreError::Permanent("store writer stopped".into()))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().ok().and_then(|mut r| r.pop());
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_connection(&path, true)?,
+            };
+            let result = f(&conn).map_err(map_err);
+            if let Ok(mut r) = readers.lock() {
+                if r.len() < MAX_IDLE_READERS {
+                    r.push(conn);
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Permanent(format!("reader task: {e}")))?
+    }
+}
+
+fn open_connection(path: &Path, read_only: bool) -> StoreResult<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(map_err)?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(map_err)?;
+    if !read_only {
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").map_err(map_err)?;
+    }
+    conn.execute_batch("PRAGMA foreign_keys = ON;").map_err(map_err)?;
+    Ok(conn)
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let outcome = commit_group(&mut conn, &batch);
+        match outcome {
+            Ok(results) => {
+                for (job, r) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed");
+                for job in batch {
+                    let _ = job.reply.send(Err(StoreError::Temporary(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+fn commit_group(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<StoreResult<()>>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        tx.execute_batch("SAVEPOINT op")?;
+        let r = apply(&tx, &job.op);
+        if r.is_ok() {
+            tx.execute_batch("RELEASE op")?;
+        } else {
+            tx.execute_batch("ROLLBACK TO op; RELEASE op")?;
+        }
+        results.push(r);
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
+    match op {
+        WriteOp::SetKeyCheck(v) => conn
+            .execute("INSERT OR REPLACE INTO meta(key, value) VALUES('key_check', ?1)", [v])
+            .map(drop)
+            .map_err(map_err),
+        WriteOp::CreateUser { name, hash, uid, wrapped_key } => {
+            mailbox::create_user(conn, name, hash, uid, wrapped_key)
+        }
+        WriteOp::SetPassword { name, hash } => mailbox::set_password(conn, name, hash),
+        WriteOp::SetDisabled { name, disabled } => mailbox::set_disabled(conn, name, *disabled),
+        WriteOp::DeleteUser(name) => mailbox::delete_user(conn, name),
+        WriteOp::Deliver(msgs) => message::deliver(conn, msgs),
+        WriteOp::Delete { mailbox_id, ids } => message::delete(conn, *mailbox_id, ids),
+    }
+}
+
+/// Busy, locked, full or I/O trouble is temporary; anything else needs an
+/// operator.
+pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | OutOfMemory) =>
+        {
+            StoreError::Temporary(e.to_string())
+        }
+        _ => StoreError::Permanent(e.to_string()),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn key_check(&self) -> StoreResult<Option<Vec<u8>>> {
+        self.read(|c| {
+            use rusqlite::OptionalExtension;
+            c.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional()
+        })
+        .await
+    }
+
+    async fn set_key_check(&self, check: Vec<u8>) -> StoreResult<()> {
+        self.write(WriteOp::SetKeyCheck(check)).await
+    }
+
+    async fn create_user(&self, name: &UserName, hash: &str, uid: RecordId, wrapped_key: Vec<u8>) -> StoreResult<()> {
+        self.write(WriteOp::CreateUser { name: name.clone(), hash: hash.to_owned(), uid, wrapped_key }).await
+    }
+
+    async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
+        let name = name.clone();
+        self.read(move |c| mailbox::user(c, &name)).await?
+    }
+
+    async fn users(&self) -> StoreResult<Vec<UserSummary>> {
+        self.read(mailbox::users).await?
+    }
+
+    async fn set_password(&self, name: &UserName, hash: &str) -> StoreResult<()> {
+        self.write(WriteOp::SetPassword { name: name.clone(), hash: hash.to_owned() }).await
+    }
+
+    async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()> {
+        self.write(WriteOp::SetDisabled { name: name.clone(), disabled }).await
+    }
+
+    async fn delete_user(&self, name: &UserName) -> StoreResult<()> {
+        self.write(WriteOp::DeleteUser(name.clone())).await
+    }
+
+    async fn lock_maildrop(&self, mailbox_id: i64) -> StoreResult<MaildropLock> {
+        mailbox::lock(&self.lock_dir, mailbox_id)
+    }
+
+    async fn messages(&self, mailbox_id: i64) -> StoreResult<Vec<MessageMeta>> {
+        self.read(move |c| message::list(c, mailbox_id)).await
+    }
+
+    async fn chunk(&self, message_id: i64, index: u32) -> StoreResult<Vec<u8>> {
+        self.read(move |c| message::chunk(c, message_id, index)).await?
+    }
+
+    async fn deliver(&self, messages: Vec<NewMessage>) -> StoreResult<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.write(WriteOp::Deliver(messages)).await
+    }
+
+    async fn delete_messages(&self, mailbox_id: i64, ids: Vec<i64>) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.write(WriteOp::Delete { mailbox_id, ids }).await
+    }
+
+    async fn imported(&self, mailbox_id: i64, keys: Vec<String>) -> StoreResult<Vec<String>> {
+        self.read(move |c| message::imported(c, mailbox_id, keys)).await
+    }
+}

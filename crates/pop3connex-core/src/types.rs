@@ -1,0 +1,58 @@
+//! Newtypes for values that cross layers ("parse, don't validate").
+
+use std::fmt;
+
+/// A validated, normalised (lower-case) account name such as `alice` or
+/// `alice@example.org`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserName(String);
+
+/// Longest accepted account name (an e-mail address fits).
+pub const MAX_USER_NAME_LEN: usize = 255;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid user name: use 1-255 characters from a-z 0-9 . _ - + @, starting with a letter or digit")]
+pub struct InvalidUserName;
+
+impl UserName {
+    pub fn parse(s: &str) -> Result<Self, InvalidUserName> {
+        let lower = s.to_ascii_lowercase();
+        let ok = !lower.is_empty()
+            && lower.len() <= MAX_USER_NAME_LEN
+            && lower.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && lower.chars().all(|c| c.is_ascii_alphanumeric() || "._-+@".contains(c));
+        if ok {
+            Ok(UserName(lower))
+        } else {
+            Err(InvalidUserName)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_names() {
+        assert_eq!(UserName::parse("Alice@Example.ORG").unwrap().as_str(), "alice@example.org");
+        for bad in ["", ".alice", "al ice", "al\u{e9}", "a/b", "a\0", &"a".repeat(256)] {
+            assert!(UserName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
