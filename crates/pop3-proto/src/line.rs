@@ -63,6 +63,17 @@ impl LineBuffer {
         n
     }
 
+    /// Removes and returns every buffered byte not yet returned as a line
+    /// (used when a protocol switches from lines to a data stream, as LMTP
+    /// does after DATA).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        let rest = self.buf[self.start..].to_vec();
+        self.buf.clear();
+        self.start = 0;
+        self.discarding = false;
+        rest
+    }
+
     /// Returns the next complete line, `Ok(None)` if more bytes are needed.
     pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, LineError> {
         loop {

@@ -36,7 +36,7 @@ pub enum SecurityEvent<'a> {
     },
     /// Too many bad commands, over-long lines and the like.
     ProtocolAbuse {
-        peer: IpAddr,
+        peer: &'a str,
         protocol: &'a str,
         reason: &'a str,
     },
@@ -80,7 +80,7 @@ pub fn emit(event: SecurityEvent<'_>) {
             target: TARGET, event = "connection_refused", %peer, listener, reason, "connection refused"
         ),
         ProtocolAbuse { peer, protocol, reason } => tracing::warn!(
-            target: TARGET, event = "protocol_abuse", %peer, protocol, reason, "protocol abuse"
+            target: TARGET, event = "protocol_abuse", peer, protocol, reason, "protocol abuse"
         ),
         StartTlsInjection { peer, discarded } => tracing::warn!(
             target: TARGET, event = "starttls_injection", %peer, discarded, "plaintext pipelined after STLS discarded"

@@ -22,13 +22,21 @@
 //! - [`types`]: newtypes shared by the layers.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod crypto;
 pub mod events;
+pub mod import;
+pub mod init;
 pub mod limits;
+pub mod lmtp;
+pub mod mailstore;
 pub mod password;
+pub mod pop3;
+pub mod sasl;
 pub mod secret;
 pub mod security;
+pub mod server;
 pub mod store;
 pub mod tls;
 pub mod types;

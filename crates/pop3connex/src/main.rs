@@ -1,1 +1,364 @@
-fn main() {}
+//! `pop3connex`: the command-line front end. Parses arguments, loads the
+//! configuration and calls into `pop3connex-core`; no protocol or storage
+//! logic lives here.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use pop3connex_core::auth::{AccountError, Authenticator};
+use pop3connex_core::config::{Config, LogConfig, LogFormat, EXAMPLE};
+use pop3connex_core::import::{import_maildir, import_mbox};
+use pop3connex_core::init::{init_data_dir, CONFIG_FILE};
+use pop3connex_core::mailstore::MailStore;
+use pop3connex_core::server;
+use pop3connex_core::types::UserName;
+use zeroize::Zeroizing;
+
+/// Default data directory of the embedded setup.
+const DEFAULT_DATA_DIR: &str = "pop3connex-data";
+
+#[derive(Parser)]
+#[command(name = "pop3connex", version, about = "Security-hardened POP3 server and POP3 connector")]
+struct Cli {
+    /// Configuration file [default: ./pop3connex-data/pop3connex.toml]
+    #[arg(long, global = true, env = "POP3CONNEX_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a data directory: config, local CA and certificate, master key, database.
+    Init {
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Host name for the certificate and the LMTP greeting.
+        #[arg(long, default_value = "localhost")]
+        hostname: String,
+    },
+    /// Run the POP3 and LMTP listeners (creates ./pop3connex-data on first run without --config).
+    Serve,
+    /// Check or print the configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Import existing mail.
+    #[command(subcommand)]
+    Import(ImportCmd),
+    /// Inspect mailboxes.
+    #[command(subcommand)]
+    Mailbox(MailboxCmd),
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Parse and validate the configuration, load its secrets and certificate.
+    Check,
+    /// Print a commented example with every key.
+    Example,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user (password from a prompt or --password-stdin).
+    Add {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users with their message counts.
+    List,
+    /// Change a user's password.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Refuse logins and deliveries for a user.
+    Disable { name: String },
+    /// Undo `disable`.
+    Enable { name: String },
+    /// Delete a user, the mailbox and its key: the mail is unrecoverable.
+    Delete {
+        name: String,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// Import the INBOX of a Maildir (cur/ and new/).
+    Maildir { user: String, path: PathBuf },
+    /// Import an mbox file.
+    Mbox { user: String, path: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum MailboxCmd {
+    /// Message count and size of a user's mailbox.
+    Stat { name: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn default_config() -> PathBuf {
+    Path::new(DEFAULT_DATA_DIR).join(CONFIG_FILE)
+}
+
+fn load(cli_config: &Option<PathBuf>) -> Result<Config> {
+    let path = cli_config.clone().unwrap_or_else(default_config);
+    if cli_config.is_none() && !path.exists() {
+        bail!(
+            "no configuration at {}: run `pop3connex init` or `pop3connex serve` first, or pass --config",
+            path.display()
+        );
+    }
+    Ok(Config::load(&path)?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Init { data_dir, hostname } => {
+            init_logging(&LogConfig::default(), "warn");
+            init(&data_dir, &hostname)
+        }
+        Cmd::Serve => serve(cli.config),
+        Cmd::Config(ConfigCmd::Example) => {
+            print!("{EXAMPLE}");
+            Ok(())
+        }
+        Cmd::Config(ConfigCmd::Check) => {
+            init_logging(&LogConfig::default(), "warn");
+            let cfg = load(&cli.config)?;
+            cfg.store.master_key.load().context("store.master_key")?;
+            pop3connex_core::tls::TlsAcceptor::load(&cfg.tls).context("tls")?;
+            println!("{}: OK", cfg.source.display());
+            Ok(())
+        }
+        Cmd::User(cmd) => {
+            init_logging(&LogConfig::default(), "warn");
+            let cfg = load(&cli.config)?;
+            runtime()?.block_on(user(cfg, cmd))
+        }
+        Cmd::Import(cmd) => {
+            init_logging(&LogConfig::default(), "warn");
+            let cfg = load(&cli.config)?;
+            runtime()?.block_on(import(cfg, cmd))
+        }
+        Cmd::Mailbox(MailboxCmd::Stat { name }) => {
+            init_logging(&LogConfig::default(), "warn");
+            let cfg = load(&cli.config)?;
+            runtime()?.block_on(async {
+                let name = UserName::parse(&name)?;
+                let mail = MailStore::open(&cfg).await?;
+                let Some(user) = mail.store().user(&name).await? else { bail!("no such user: {name}") };
+                let messages = mail.store().messages(user.mailbox.id).await?;
+                println!("user: {name}");
+                println!("messages: {}", messages.len());
+                println!("octets: {}", messages.iter().map(|m| m.size).sum::<u64>());
+                println!("disabled: {}", user.disabled);
+                Ok(())
+            })
+        }
+    }
+}
+
+fn init(dir: &Path, hostname: &str) -> Result<()> {
+    let report = init_data_dir(dir, hostname)?;
+    let cfg = Config::load(&report.config)?;
+    runtime()?.block_on(MailStore::open(&cfg))?;
+    for p in &report.created {
+        println!("created {}", p.display());
+    }
+    for p in &report.kept {
+        println!("kept    {}", p.display());
+    }
+    println!("store   {} (SQLite, mail encrypted with master.key)", cfg.store.path.display());
+    Ok(())
+}
+
+fn init_logging(log: &LogConfig, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("POP3CONNEX_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+fn serve(config: Option<PathBuf>) -> Result<()> {
+    if config.is_none() && !default_config().exists() {
+        println!("No configuration found: creating the embedded default in ./{DEFAULT_DATA_DIR}");
+        init(Path::new(DEFAULT_DATA_DIR), "localhost")?;
+        println!();
+        println!("Add a user (in another terminal):  pop3connex user add alice");
+        println!("Trust this CA in clients:          ./{DEFAULT_DATA_DIR}/tls/ca.pem");
+        println!();
+    }
+    let cfg = load(&config)?;
+    init_logging(&cfg.log, cfg.log.level.as_str());
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the open-files limit");
+    }
+    runtime()?.block_on(async move {
+        let running = server::start(&cfg).await?;
+        for a in &running.pop3s {
+            tracing::info!(address = %a, "listening pop3s (implicit TLS)");
+        }
+        for a in &running.pop3 {
+            tracing::info!(address = %a, "listening pop3 (STLS required before login)");
+        }
+        for a in &running.lmtp {
+            tracing::info!(address = %a, "listening lmtp");
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => running.reload_tls(),
+            }
+        }
+        tracing::info!(sessions = running.active_sessions(), "shutting down");
+        let left = running.shutdown().await;
+        if left > 0 {
+            tracing::warn!(sessions = left, "grace period over, closing remaining sessions");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Reads a new password from stdin (one line) or an interactive prompt.
+fn read_password(from_stdin: bool) -> Result<Zeroizing<String>> {
+    if from_stdin || !std::io::stdin().is_terminal() {
+        let mut line = Zeroizing::new(String::new());
+        std::io::stdin().lock().read_line(&mut line).context("reading password from stdin")?;
+        let trimmed = Zeroizing::new(line.trim_end_matches(['\r', '\n']).to_owned());
+        return Ok(trimmed);
+    }
+    let first = Zeroizing::new(rpassword::prompt_password("New password: ")?);
+    let second = Zeroizing::new(rpassword::prompt_password("Repeat password: ")?);
+    if *first != *second {
+        bail!("passwords do not match");
+    }
+    Ok(first)
+}
+
+async fn accounts(cfg: &Config) -> Result<Authenticator> {
+    let mail = Arc::new(MailStore::open(cfg).await?);
+    Ok(Authenticator::new(mail, cfg.auth.clone())?)
+}
+
+fn account_err(e: AccountError, name: &UserName) -> anyhow::Error {
+    match e {
+        AccountError::NoSuchUser => anyhow::anyhow!("no such user: {name}"),
+        AccountError::UserExists => anyhow::anyhow!("user already exists: {name}"),
+        other => other.into(),
+    }
+}
+
+async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
+    let auth = accounts(&cfg).await?;
+    let store = auth.mail().store().clone();
+    match cmd {
+        UserCmd::Add { name, password_stdin } => {
+            let name = UserName::parse(&name)?;
+            let pw = read_password(password_stdin)?;
+            auth.add_user(&name, pw.as_bytes()).await.map_err(|e| account_err(e, &name))?;
+            println!("added {name}");
+        }
+        UserCmd::Passwd { name, password_stdin } => {
+            let name = UserName::parse(&name)?;
+            let pw = read_password(password_stdin)?;
+            auth.set_password(&name, pw.as_bytes()).await.map_err(|e| account_err(e, &name))?;
+            println!("password changed for {name}");
+        }
+        UserCmd::List => {
+            println!("{:<40} {:>8} {:>12}  status", "user", "messages", "octets");
+            for u in store.users().await? {
+                let status = if u.disabled { "disabled" } else { "active" };
+                println!("{:<40} {:>8} {:>12}  {status}", u.name, u.messages, u.octets);
+            }
+        }
+        UserCmd::Disable { name } => {
+            let name = UserName::parse(&name)?;
+            store.set_disabled(&name, true).await.map_err(|e| account_err(e.into(), &name))?;
+            println!("disabled {name}");
+        }
+        UserCmd::Enable { name } => {
+            let name = UserName::parse(&name)?;
+            store.set_disabled(&name, false).await.map_err(|e| account_err(e.into(), &name))?;
+            println!("enabled {name}");
+        }
+        UserCmd::Delete { name, yes } => {
+            let name = UserName::parse(&name)?;
+            if !yes {
+                bail!("deleting {name} destroys the mailbox key and all its mail; repeat with --yes");
+            }
+            store.delete_user(&name).await.map_err(|e| account_err(e.into(), &name))?;
+            println!("deleted {name} and all their mail");
+        }
+    }
+    Ok(())
+}
+
+async fn import(cfg: Config, cmd: ImportCmd) -> Result<()> {
+    let mail = MailStore::open(&cfg).await?;
+    let (user, path, maildir) = match cmd {
+        ImportCmd::Maildir { user, path } => (user, path, true),
+        ImportCmd::Mbox { user, path } => (user, path, false),
+    };
+    let name = UserName::parse(&user)?;
+    let Some(record) = mail.store().user(&name).await? else { bail!("no such user: {name} (add it first)") };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} messages [{elapsed_precise}] {wide_bar}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut progress = |done: u64, total: Option<u64>| {
+        if let Some(t) = total {
+            bar.set_length(t);
+        } else {
+            bar.set_length(done);
+        }
+        bar.set_position(done);
+    };
+    let report = if maildir {
+        import_maildir(&mail, &record, &path, &mut progress).await?
+    } else {
+        import_mbox(&mail, &record, &path, &mut progress).await?
+    };
+    bar.finish_and_clear();
+    println!(
+        "imported {} messages into {name}; {} were already present (resumed or repeated import)",
+        report.imported, report.already_present
+    );
+    Ok(())
+}

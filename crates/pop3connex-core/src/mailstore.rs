@@ -1,0 +1,95 @@
+//! Encryption on top of a [`Store`]: what sessions, LMTP and import use.
+//!
+//! Plaintext exists only in memory: messages are sealed before they reach
+//! the store and opened chunk by chunk when read.
+
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use crate::config::{Config, StoreBackend};
+use crate::crypto::{random_id, CryptoError, DataKey, MasterKey, RecordId};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{MailboxRef, MessageMeta, NewMessage, Store, StoreError, UserRecord};
+use crate::types::UserName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MailStoreError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("the master key does not match this store (wrong key file or wrong database)")]
+    WrongMasterKey,
+}
+
+pub struct MailStore {
+    store: Arc<dyn Store>,
+    master: MasterKey,
+}
+
+impl MailStore {
+    /// Opens the configured backend and checks the master key against it.
+    pub async fn open(cfg: &Config) -> Result<Self, MailStoreError> {
+        let master = MasterKey::load(&cfg.store.master_key)?;
+        let store: Arc<dyn Store> = match cfg.store.backend {
+            StoreBackend::Sqlite => Arc::new(SqliteStore::open(&cfg.store.path)?),
+        };
+        Self::with_store(store, master).await
+    }
+
+    /// Wraps an opened store; records the key check on first use.
+    pub async fn with_store(store: Arc<dyn Store>, master: MasterKey) -> Result<Self, MailStoreError> {
+        match store.key_check().await? {
+            Some(check) => master.verify_key_check(&check).map_err(|_| MailStoreError::WrongMasterKey)?,
+            None => store.set_key_check(master.key_check()).await?,
+        }
+        Ok(Self { store, master })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Creates a user with a fresh mailbox and data key.
+    pub async fn create_user(&self, name: &UserName, password_hash: &str) -> Result<(), MailStoreError> {
+        let mailbox_uid = random_id();
+        let (_key, wrapped) = self.master.new_data_key(&mailbox_uid);
+        self.store.create_user(name, password_hash, mailbox_uid, wrapped).await?;
+        Ok(())
+    }
+
+    pub fn data_key(&self, mailbox: &MailboxRef) -> Result<DataKey, CryptoError> {
+        self.master.unwrap_data_key(&mailbox.uid, &mailbox.wrapped_key)
+    }
+
+    /// Seals `body` for `user`'s mailbox; returns the message and its UIDL.
+    pub fn seal(&self, user: &UserRecord, body: &[u8], import_key: Option<String>) -> Result<NewMessage, CryptoError> {
+        let key = self.data_key(&user.mailbox)?;
+        let uid = random_id();
+        let chunks = key.seal_message(&uid, body);
+        Ok(NewMessage { mailbox_id: user.mailbox.id, uid, size: body.len() as u64, chunks, import_key })
+    }
+
+    /// Commits sealed messages atomically and durably.
+    pub async fn commit(&self, messages: Vec<NewMessage>) -> Result<(), MailStoreError> {
+        Ok(self.store.deliver(messages).await?)
+    }
+
+    /// Reads and decrypts chunk `index` of a message.
+    pub async fn read_chunk(
+        &self,
+        key: &DataKey,
+        meta: &MessageMeta,
+        index: u32,
+    ) -> Result<Zeroizing<Vec<u8>>, MailStoreError> {
+        let sealed = self.store.chunk(meta.id, index).await?;
+        Ok(key.open_chunk(&meta.uid, index, meta.chunk_count, &sealed)?)
+    }
+}
+
+/// The UIDL of a message: its random 128-bit id in hex. Unique across
+/// stores and stable for the life of the message (RFC 1939 section 7).
+pub fn uidl(uid: &RecordId) -> String {
+    uid.iter().map(|b| format!("{b:02x}")).collect()
+}

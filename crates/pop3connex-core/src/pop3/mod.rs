@@ -1,0 +1,119 @@
+//! POP3 sessions (RFC 1939, 2449, 2595, 3206, 5034, 8314).
+//!
+//! # Layout
+//! - [`connection`]: framing, buffered replies, timeouts, shutdown.
+//! - `session`: the state machine, the one table of which command is
+//!   allowed in which state, and dispatch.
+//! - `authorization`: USER, PASS, AUTH, STLS, CAPA (AUTHORIZATION state).
+//! - `listing`: STAT, LIST, UIDL.
+//! - `retrieve`: RETR, TOP (streamed chunk by chunk).
+//! - `update`: DELE, RSET, NOOP, QUIT (deletes applied atomically at QUIT).
+
+mod authorization;
+pub mod connection;
+mod listing;
+mod retrieve;
+mod session;
+mod update;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::auth::Authenticator;
+use crate::config::Pop3Config;
+use crate::security::SecurityState;
+use crate::tls::TlsAcceptor;
+
+pub use session::End;
+
+/// How long a client gets to complete a TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Which kind of listener accepted the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// RFC 8314 implicit TLS (port 995).
+    ImplicitTls,
+    /// Plaintext with STLS (port 110).
+    StartTls,
+}
+
+/// Everything a session needs, shared by all sessions.
+pub struct Pop3Context {
+    pub cfg: Pop3Config,
+    pub auth: Arc<Authenticator>,
+    pub tls: Arc<TlsAcceptor>,
+    pub security: Arc<dyn SecurityState>,
+    pub failure_delay: Duration,
+}
+
+/// Serves one accepted connection to the end.
+pub async fn serve<S>(
+    ctx: Arc<Pop3Context>,
+    stream: S,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span =
+        tracing::info_span!("pop3", session = id, %peer, tls = tracing::field::Empty, user = tracing::field::Empty);
+    async move {
+        tracing::debug!(listener = ?kind, "connected");
+        let result = match kind {
+            ListenerKind::ImplicitTls => serve_tls(&ctx, stream, peer, shutdown, false).await,
+            ListenerKind::StartTls => {
+                let mut conn = connection::Connection::new(stream);
+                let mut sess = session::Session::new(&ctx, peer, false, shutdown.clone());
+                match sess.run(&mut conn, true).await {
+                    Ok(End::StartTls) => serve_tls(&ctx, conn.into_inner(), peer, shutdown, true).await,
+                    other => other.map(drop),
+                }
+            }
+        };
+        match result {
+            Ok(()) => tracing::debug!("disconnected"),
+            Err(e) => tracing::debug!(error = %e, "connection ended with an I/O error"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve_tls<S>(
+    ctx: &Arc<Pop3Context>,
+    stream: S,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    after_stls: bool,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, ctx.tls.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            return Ok(());
+        }
+    };
+    let (_, conn_state) = tls.get_ref();
+    let version = conn_state.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+    tracing::Span::current().record("tls", version.as_str());
+    let mut conn = connection::Connection::new(tls);
+    let mut sess = session::Session::new(ctx, peer, true, shutdown);
+    // After STLS the greeting is not repeated (RFC 2595 section 4).
+    sess.run(&mut conn, !after_stls).await.map(drop)
+}

@@ -1,0 +1,240 @@
+//! The session state machine and command dispatch.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pop3_proto::command::parse_command;
+use pop3_proto::{Command, RespCode, StatusLine};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::connection::{Connection, Input};
+use super::Pop3Context;
+use crate::crypto::DataKey;
+use crate::events::{emit, SecurityEvent};
+use crate::store::{MaildropLock, MessageMeta, UserRecord};
+
+/// How a session ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    Closed,
+    /// The client asked for STLS and got `+OK`: the caller runs the TLS
+    /// handshake on the same stream and starts a fresh session on it.
+    StartTls,
+}
+
+/// What the dispatcher does after a command.
+pub(super) enum Flow {
+    Continue,
+    Close,
+    StartTls,
+}
+
+pub(super) enum State {
+    Authorization(Authorization),
+    Transaction(Box<Maildrop>),
+}
+
+/// AUTHORIZATION state data.
+#[derive(Default)]
+pub(super) struct Authorization {
+    /// Name given by USER, waiting for PASS.
+    pub user: Option<String>,
+}
+
+/// TRANSACTION state data: the maildrop as it was at login (message numbers
+/// never change during a session) and the marks made since.
+pub(super) struct Maildrop {
+    pub user: UserRecord,
+    pub key: DataKey,
+    pub messages: Vec<MessageMeta>,
+    pub deleted: Vec<bool>,
+    /// Held until the session ends; dropping it unlocks the maildrop.
+    pub _lock: MaildropLock,
+}
+
+impl Maildrop {
+    /// Resolves a message number, refusing unknown and deleted messages.
+    pub fn get(&self, n: pop3_proto::MsgNum) -> Result<&MessageMeta, StatusLine> {
+        match self.messages.get(n.index()) {
+            None => Err(StatusLine::err("No such message")),
+            Some(_) if self.deleted[n.index()] => Err(StatusLine::err("Message already deleted")),
+            Some(m) => Ok(m),
+        }
+    }
+
+    /// (count, octets) of the messages not marked deleted.
+    pub fn totals(&self) -> (usize, u64) {
+        self.messages.iter().zip(&self.deleted).filter(|(_, d)| !**d).fold((0, 0), |(n, o), (m, _)| (n + 1, o + m.size))
+    }
+}
+
+pub(crate) struct Session<'a> {
+    pub ctx: &'a Pop3Context,
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub bad_commands: u64,
+    pub auth_failures: u64,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(ctx: &'a Pop3Context, peer: SocketAddr, tls: bool, shutdown: watch::Receiver<bool>) -> Self {
+        Self { ctx, peer, tls, bad_commands: 0, auth_failures: 0, shutdown }
+    }
+
+    /// May credentials be sent on this connection?
+    pub fn credentials_allowed(&self) -> bool {
+        self.tls || self.ctx.cfg.plaintext_auth_networks.iter().any(|n| n.contains(self.peer.ip()))
+    }
+
+    pub fn idle_timeout(&self, state: &State) -> Duration {
+        match state {
+            State::Authorization(_) => Duration::from_secs(self.ctx.cfg.preauth_timeout_secs),
+            State::Transaction(_) => Duration::from_secs(self.ctx.cfg.idle_timeout_secs),
+        }
+    }
+
+    /// Counts a bad command; returns `Flow::Close` once the limit is hit.
+    pub fn bad_command<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        reply: StatusLine,
+        reason: &'static str,
+    ) -> Flow {
+        self.bad_commands += 1;
+        if self.bad_commands >= self.ctx.cfg.max_bad_commands {
+            emit(SecurityEvent::ProtocolAbuse { peer: &self.peer.ip().to_string(), protocol: "pop3", reason });
+            conn.reply(StatusLine::err("Too many bad commands, closing connection"));
+            return Flow::Close;
+        }
+        conn.reply(reply);
+        Flow::Continue
+    }
+
+    /// Runs the session until QUIT, disconnect, timeout, shutdown or STLS.
+    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        greet: bool,
+    ) -> std::io::Result<End> {
+        if greet {
+            // No product name or version in the greeting (no disclosure).
+            conn.reply(StatusLine::ok("POP3 server ready"));
+        }
+        let mut state = State::Authorization(Authorization::default());
+        loop {
+            let idle = self.idle_timeout(&state);
+            let line = match conn.read_line(idle, &mut self.shutdown).await? {
+                Input::Line(l) => l,
+                Input::TooLong => match self.bad_command(conn, StatusLine::err("Line too long"), "line too long") {
+                    Flow::Continue => continue,
+                    _ => break,
+                },
+                Input::Eof => return Ok(End::Closed),
+                Input::Timeout => {
+                    // RFC 1939 autologout: close without entering UPDATE.
+                    conn.reply(StatusLine::err("Disconnected for inactivity"));
+                    break;
+                }
+                Input::Shutdown => {
+                    conn.reply(StatusLine::err_code(RespCode::SysTemp, "Server shutting down, try again later"));
+                    break;
+                }
+            };
+            let cmd = match parse_command(&line) {
+                Ok(c) => c,
+                Err(e) => match self.bad_command(conn, StatusLine::err(e.to_string()), "malformed command") {
+                    Flow::Continue => continue,
+                    _ => break,
+                },
+            };
+            if let Err(why) = allowed(&state, &cmd, self.tls) {
+                match self.bad_command(conn, StatusLine::err(why), "command not allowed in state") {
+                    Flow::Continue => continue,
+                    _ => break,
+                }
+            }
+            let (next, flow) = match state {
+                State::Authorization(a) => self.authorization(conn, a, cmd).await?,
+                State::Transaction(m) => self.transaction(conn, m, cmd).await?,
+            };
+            state = next;
+            match flow {
+                Flow::Continue => {}
+                Flow::Close => break,
+                Flow::StartTls => {
+                    conn.flush().await?;
+                    let discarded = conn.discard_buffered();
+                    if discarded > 0 {
+                        emit(SecurityEvent::StartTlsInjection { peer: self.peer.ip(), discarded });
+                    }
+                    return Ok(End::StartTls);
+                }
+            }
+        }
+        conn.flush().await?;
+        Ok(End::Closed)
+    }
+
+    async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        mut m: Box<Maildrop>,
+        cmd: Command,
+    ) -> std::io::Result<(State, Flow)> {
+        let flow = match cmd {
+            Command::Stat => self.stat(conn, &m),
+            Command::List(n) => self.list(conn, &m, n).await?,
+            Command::Uidl(n) => self.uidl(conn, &m, n).await?,
+            Command::Retr(n) => self.retr(conn, &m, n, None).await?,
+            Command::Top(n, lines) => self.retr(conn, &m, n, Some(lines)).await?,
+            Command::Dele(n) => self.dele(conn, &mut m, n),
+            Command::Rset => self.rset(conn, &mut m),
+            Command::Noop => {
+                conn.reply(StatusLine::ok(""));
+                Flow::Continue
+            }
+            Command::Capa => {
+                self.capa(conn, false);
+                Flow::Continue
+            }
+            Command::Quit => return self.quit(conn, m).await,
+            // `allowed` has already refused everything else.
+            _ => {
+                conn.reply(StatusLine::err("Command not valid in this state"));
+                Flow::Continue
+            }
+        };
+        Ok((State::Transaction(m), flow))
+    }
+}
+
+/// The one place that decides whether a command may run in a state.
+pub(super) fn allowed(state: &State, cmd: &Command, tls: bool) -> Result<(), &'static str> {
+    use Command::*;
+    match (state, cmd) {
+        (_, Capa | Quit) => Ok(()),
+        (State::Authorization(_), Stls) if tls => Err("Already using TLS"),
+        (State::Authorization(_), User(_) | Pass(_) | Auth { .. } | Apop | Stls) => Ok(()),
+        (State::Transaction(_), Stat | List(_) | Uidl(_) | Retr(_) | Top(..) | Dele(_) | Noop | Rset) => Ok(()),
+        (State::Authorization(_), _) => Err("Not logged in"),
+        (State::Transaction(_), _) => Err("Command not valid in this state"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_table() {
+        let auth = State::Authorization(Authorization::default());
+        assert!(allowed(&auth, &Command::Stls, false).is_ok());
+        assert!(allowed(&auth, &Command::Stls, true).is_err());
+        assert!(allowed(&auth, &Command::Stat, true).is_err());
+        assert!(allowed(&auth, &Command::Noop, true).is_err());
+        assert!(allowed(&auth, &Command::User("a".into()), true).is_ok());
+        assert!(allowed(&auth, &Command::Quit, false).is_ok());
+    }
+}

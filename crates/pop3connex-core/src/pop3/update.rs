@@ -1,0 +1,61 @@
+//! DELE, RSET and QUIT. Deletes are marks until QUIT; QUIT applies them in
+//! one durable transaction (RFC 1939 UPDATE state). A session that ends any
+//! other way deletes nothing.
+
+use pop3_proto::{MsgNum, RespCode, StatusLine};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::connection::Connection;
+use super::session::{Flow, Maildrop, Session, State};
+
+impl Session<'_> {
+    pub(super) fn dele<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut Connection<S>,
+        m: &mut Maildrop,
+        n: MsgNum,
+    ) -> Flow {
+        match m.get(n) {
+            Ok(_) => {
+                m.deleted[n.index()] = true;
+                conn.reply(StatusLine::ok(format!("Message {n} deleted")));
+            }
+            Err(e) => conn.reply(e),
+        }
+        Flow::Continue
+    }
+
+    pub(super) fn rset<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: &mut Connection<S>, m: &mut Maildrop) -> Flow {
+        m.deleted.iter_mut().for_each(|d| *d = false);
+        let (n, octets) = m.totals();
+        conn.reply(StatusLine::ok(format!("Maildrop has {n} messages ({octets} octets)")));
+        Flow::Continue
+    }
+
+    pub(super) async fn quit<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut Connection<S>,
+        m: Box<Maildrop>,
+    ) -> std::io::Result<(State, Flow)> {
+        let ids: Vec<i64> = m.messages.iter().zip(&m.deleted).filter(|(_, d)| **d).map(|(meta, _)| meta.id).collect();
+        let count = ids.len();
+        let store = self.ctx.auth.mail().store();
+        match store.delete_messages(m.user.mailbox.id, ids).await {
+            Ok(()) => {
+                let (left, _) = m.totals();
+                if count > 0 {
+                    tracing::info!(deleted = count, "maildrop updated");
+                }
+                conn.reply(StatusLine::ok(format!("Bye, {count} messages deleted, {left} left")));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "QUIT could not apply deletes");
+                conn.reply(StatusLine::err_code(RespCode::SysTemp, "Deleted messages were not removed, try again"));
+            }
+        }
+        // Keep the lock until the reply has been written.
+        conn.flush().await?;
+        drop(m);
+        Ok((State::Authorization(Default::default()), Flow::Close))
+    }
+}
