@@ -1,0 +1,152 @@
+//! One conformance suite for every storage backend. Each backend adds one
+//! line to `backends!` (PostgreSQL will join SQLite here).
+
+use std::sync::Arc;
+
+use pop3connex_core::crypto::random_id;
+use pop3connex_core::store::sqlite::SqliteStore;
+use pop3connex_core::store::{NewMessage, Store, StoreError};
+use pop3connex_core::types::UserName;
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sqlite(name: &str) -> (Arc<dyn Store>, TempDir) {
+    let dir = std::env::temp_dir().join(format!("p3x-conf-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    (Arc::new(SqliteStore::open(&dir.join("s.db")).unwrap()), TempDir(dir))
+}
+
+fn msg(mailbox_id: i64, body: &[u8], import_key: Option<&str>) -> NewMessage {
+    NewMessage {
+        mailbox_id,
+        uid: random_id(),
+        size: body.len() as u64,
+        chunks: vec![body.to_vec()],
+        import_key: import_key.map(str::to_owned),
+    }
+}
+
+async fn user(store: &Arc<dyn Store>, name: &str) -> i64 {
+    let n = UserName::parse(name).unwrap();
+    store.create_user(&n, "hash", random_id(), vec![1, 2, 3]).await.unwrap();
+    store.user(&n).await.unwrap().unwrap().mailbox.id
+}
+
+async fn users_and_accounts(store: Arc<dyn Store>) {
+    let alice = UserName::parse("alice").unwrap();
+    let mb = user(&store, "alice").await;
+    assert!(matches!(store.create_user(&alice, "h", random_id(), vec![]).await, Err(StoreError::UserExists)));
+    let rec = store.user(&alice).await.unwrap().unwrap();
+    assert_eq!(rec.mailbox.id, mb);
+    assert_eq!(rec.mailbox.wrapped_key, vec![1, 2, 3]);
+    store.set_password(&alice, "new").await.unwrap();
+    store.set_disabled(&alice, true).await.unwrap();
+    let rec = store.user(&alice).await.unwrap().unwrap();
+    assert_eq!((rec.password_hash.as_str(), rec.disabled), ("new", true));
+    let ghost = UserName::parse("ghost").unwrap();
+    assert!(matches!(store.set_password(&ghost, "x").await, Err(StoreError::NoSuchUser)));
+    assert!(store.user(&ghost).await.unwrap().is_none());
+    assert_eq!(store.users().await.unwrap().len(), 1);
+}
+
+async fn delivery_listing_and_deletes(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    let b = user(&store, "bob").await;
+    store.deliver(vec![msg(a, b"one", None), msg(b, b"two", None), msg(a, b"three", None)]).await.unwrap();
+    let list = store.messages(a).await.unwrap();
+    assert_eq!(list.iter().map(|m| m.size).collect::<Vec<_>>(), vec![3, 5], "delivery order");
+    assert_eq!(store.chunk(list[1].id, 0).await.unwrap(), b"three");
+    assert!(store.chunk(list[1].id, 1).await.is_err());
+    // Deleting only touches the named mailbox.
+    let bob_msgs = store.messages(b).await.unwrap();
+    store.delete_messages(a, vec![list[0].id, bob_msgs[0].id]).await.unwrap();
+    assert_eq!(store.messages(a).await.unwrap().len(), 1);
+    assert_eq!(store.messages(b).await.unwrap().len(), 1, "bob's message is not alice's to delete");
+    // Delivery is all-or-nothing: a duplicate uid fails the whole batch.
+    let dup = msg(a, b"x", None);
+    let mut dup2 = msg(a, b"y", None);
+    dup2.uid = dup.uid;
+    assert!(store.deliver(vec![msg(a, b"z", None), dup, dup2]).await.is_err());
+    assert_eq!(store.messages(a).await.unwrap().len(), 1);
+}
+
+async fn maildrop_lock_is_exclusive(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    let lock = store.lock_maildrop(a).await.unwrap();
+    assert!(matches!(store.lock_maildrop(a).await, Err(StoreError::Locked)));
+    let b = user(&store, "bob").await;
+    let _other = store.lock_maildrop(b).await.unwrap();
+    drop(lock);
+    let _again = store.lock_maildrop(a).await.unwrap();
+}
+
+async fn imports_are_recorded_with_the_message(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    store.deliver(vec![msg(a, b"m", Some("maildir:1"))]).await.unwrap();
+    let done = store.imported(a, vec!["maildir:1".into(), "maildir:2".into()]).await.unwrap();
+    assert_eq!(done, vec!["maildir:1".to_owned()]);
+}
+
+async fn deleting_a_user_removes_everything(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    store.deliver(vec![msg(a, b"m", None)]).await.unwrap();
+    let alice = UserName::parse("alice").unwrap();
+    store.delete_user(&alice).await.unwrap();
+    assert!(store.user(&alice).await.unwrap().is_none());
+    assert!(store.messages(a).await.unwrap().is_empty());
+    assert!(matches!(store.delete_user(&alice).await, Err(StoreError::NoSuchUser)));
+}
+
+async fn key_check_round_trip(store: Arc<dyn Store>) {
+    assert!(store.key_check().await.unwrap().is_none());
+    store.set_key_check(vec![9; 40]).await.unwrap();
+    assert_eq!(store.key_check().await.unwrap(), Some(vec![9; 40]));
+}
+
+async fn concurrent_deliveries_all_land(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move { s.deliver(vec![msg(a, format!("m{i}").as_bytes(), None)]).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(store.messages(a).await.unwrap().len(), 200);
+}
+
+macro_rules! backends {
+    ($($backend:ident),*) => {
+        mod conformance {
+            $(
+            mod $backend {
+                macro_rules! case {
+                    ($name:ident) => {
+                        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                        async fn $name() {
+                            let (store, _dir) = super::super::$backend(stringify!($name));
+                            super::super::$name(store).await;
+                        }
+                    };
+                }
+                case!(users_and_accounts);
+                case!(delivery_listing_and_deletes);
+                case!(maildrop_lock_is_exclusive);
+                case!(imports_are_recorded_with_the_message);
+                case!(deleting_a_user_removes_everything);
+                case!(key_check_round_trip);
+                case!(concurrent_deliveries_all_land);
+            }
+            )*
+        }
+    };
+}
+
+backends!(sqlite);

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole POP3conneX test suite, on a fresh Debian machine with Rust.
+# Installs what the tests need (Debian packages, pytest), builds, runs:
+#   1. format and lint checks,
+#   2. unit, in-process session and store conformance tests (cargo test),
+#   3. system tests against the real binary with real clients
+#      (curl, mpop, fetchmail, Python poplib, swaks, testssl.sh), abuse
+#      and kill -9 crash tests (pytest, tests/system).
+# Everything listens on 127.0.0.1 only and stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(curl mpop fetchmail swaks testssl.sh openssl ca-certificates python3)
+missing=()
+for p in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "==> installing Debian packages: ${missing[*]}"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+python3 -c 'import pytest' 2>/dev/null || python3 -m pip install --quiet 'pytest>=7,<9'
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --release -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --release
+echo "==> system tests (real binary, real clients)"
+cargo build --release -p pop3connex
+POP3CONNEX_BIN="$PWD/target/release/pop3connex" python3 -m pytest -q -p no:cacheprovider tests/system "$@"
