@@ -1,0 +1,210 @@
+//! Integration tests against the real `pop3connex` binary on 127.0.0.1:0.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pop3connex");
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn data_dir(name: &str) -> Dir {
+    let d = std::env::temp_dir().join(format!("p3x-bin-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let out = Command::new(BIN).args(["init", "--data-dir"]).arg(&d).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg = d.join("pop3connex.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("127.0.0.1:9950", "127.0.0.1:0")
+        .replace("127.0.0.1:1100", "127.0.0.1:0")
+        .replace("127.0.0.1:2400", "127.0.0.1:0")
+        .replace("[lmtp]", "[auth]\nargon2_memory_kib = 8192\nargon2_iterations = 1\nfailure_delay_ms = 0\n\n[lmtp]")
+        .replace("[pop3]\n", "[pop3]\nplaintext_auth_networks = [\"127.0.0.1/32\"]\n");
+    std::fs::write(&cfg, text).unwrap();
+    Dir(d)
+}
+
+fn pop3connex(dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(dir.join("pop3connex.toml"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+struct Server {
+    child: Child,
+    pop3s: String,
+    pop3: String,
+    lmtp: String,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path) -> Server {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(dir.join("pop3connex.toml"))
+        .arg("serve")
+        .env("POP3CONNEX_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut pop3s, mut pop3, mut lmtp) = (None, None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pop3s.is_none() || pop3.is_none() || lmtp.is_none() {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("server did not start");
+        let addr = line.split("address=").nth(1).map(|s| s.trim().to_owned());
+        if line.contains("listening pop3s") {
+            pop3s = addr;
+        } else if line.contains("listening pop3 ") {
+            pop3 = addr;
+        } else if line.contains("listening lmtp") {
+            lmtp = addr;
+        }
+    }
+    Server { child, pop3s: pop3s.unwrap(), pop3: pop3.unwrap(), lmtp: lmtp.unwrap(), log: rx }
+}
+
+struct Conn(BufReader<TcpStream>);
+
+impl Conn {
+    fn open(addr: &str) -> Conn {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Conn(BufReader::new(s))
+    }
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.0.read_line(&mut l).unwrap();
+        l.trim_end().to_owned()
+    }
+    fn cmd(&mut self, c: &str) -> String {
+        self.0.get_mut().write_all(format!("{c}\r\n").as_bytes()).unwrap();
+        self.line()
+    }
+}
+
+fn deliver(addr: &str, rcpt: &str, body: &str) -> String {
+    let mut c = Conn::open(addr);
+    c.line();
+    c.0.get_mut().write_all(b"LHLO t\r\n").unwrap();
+    while c.line().starts_with("250-") {}
+    c.cmd("MAIL FROM:<s@example.org>");
+    c.cmd(&format!("RCPT TO:<{rcpt}>"));
+    c.cmd("DATA");
+    c.cmd(&format!("{body}\r\n."))
+}
+
+#[test]
+fn config_check_reports_file_line_and_reason() {
+    let d = data_dir("check");
+    let ok = pop3connex(&d.0, &["config", "check"], "");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let cfg = d.0.join("pop3connex.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[log]", "[log]\ncolour = \"yes\"")).unwrap();
+    let bad = pop3connex(&d.0, &["config", "check"], "");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("pop3connex.toml:") && err.contains("colour"), "{err}");
+    // A world-readable key file is refused.
+    std::fs::write(&cfg, text).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.0.join("master.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let bad = pop3connex(&d.0, &["config", "check"], "");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("chmod 600"));
+}
+
+#[test]
+fn users_delivery_retrieval_reload_and_graceful_shutdown() {
+    let d = data_dir("serve");
+    let add = pop3connex(&d.0, &["user", "add", "alice", "--password-stdin"], "s3cret pass phrase\n");
+    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    let dup = pop3connex(&d.0, &["user", "add", "alice", "--password-stdin"], "x\n");
+    assert!(!dup.status.success());
+    let mut srv = serve(&d.0);
+
+    assert!(deliver(&srv.lmtp, "alice@example.org", "Subject: t\r\n\r\nhello").starts_with("250 2.0.0"));
+    let stat = pop3connex(&d.0, &["mailbox", "stat", "alice"], "");
+    assert!(String::from_utf8_lossy(&stat.stdout).contains("messages: 1"));
+
+    let mut c = Conn::open(&srv.pop3);
+    assert_eq!(c.line(), "+OK POP3 server ready");
+    c.cmd("USER alice");
+    assert!(c.cmd("PASS s3cret pass phrase").starts_with("+OK"));
+    assert!(c.cmd("RETR 1").starts_with("+OK"));
+    let mut body = String::new();
+    loop {
+        let l = c.line();
+        if l == "." {
+            break;
+        }
+        body.push_str(&l);
+        body.push('\n');
+    }
+    assert!(body.ends_with("Subject: t\n\nhello\n"), "{body}");
+
+    // The implicit-TLS port does not speak plaintext.
+    let mut raw = TcpStream::connect(&srv.pop3s).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(b"USER alice\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    let n = raw.read(&mut buf).unwrap_or(0);
+    assert!(!String::from_utf8_lossy(&buf[..n]).contains("+OK"));
+
+    // SIGHUP reloads TLS and the server keeps running.
+    Command::new("kill").args(["-HUP", &srv.child.id().to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reloaded = false;
+    while Instant::now() < deadline {
+        if let Ok(l) = srv.log.recv_timeout(Duration::from_millis(200)) {
+            if l.contains("tls_reloaded") {
+                reloaded = true;
+                break;
+            }
+        }
+    }
+    assert!(reloaded, "SIGHUP reload was logged");
+    assert!(c.cmd("NOOP").starts_with("+OK"));
+
+    // SIGTERM: the idle session gets a goodbye and the process exits 0.
+    Command::new("kill").args(["-TERM", &srv.child.id().to_string()]).status().unwrap();
+    assert_eq!(c.line(), "-ERR [SYS/TEMP] Server shutting down, try again later");
+    let status = srv.child.wait().unwrap();
+    assert!(status.success());
+    let stat = pop3connex(&d.0, &["mailbox", "stat", "alice"], "");
+    assert!(String::from_utf8_lossy(&stat.stdout).contains("messages: 1"), "nothing deleted without QUIT");
+}
