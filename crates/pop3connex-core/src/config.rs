@@ -190,6 +190,8 @@ pub struct AuthConfig {
     pub argon2_parallelism: u64,
     #[serde(deserialize_with = "ms_0_10000")]
     pub failure_delay_ms: u64,
+    #[serde(deserialize_with = "scram_iterations")]
+    pub scram_iterations: u64,
 }
 
 impl Default for AuthConfig {
@@ -200,6 +202,7 @@ impl Default for AuthConfig {
             argon2_iterations: 2,
             argon2_parallelism: 1,
             failure_delay_ms: 1000,
+            scram_iterations: 4096,
         }
     }
 }
@@ -295,6 +298,8 @@ bounded! {
     count_1_1m: 1, 1_000_000, "";
     size_1k_1g: 1024, 1u64 << 30, " octets";
     argon_memory: 8192, 4_194_304, " KiB";
+    // RFC 7677: at least 4096.
+    scram_iterations: 4096, 10_000_000, " (RFC 7677 requires at least 4096)";
 }
 
 /// A configuration problem, located in the file where possible.
@@ -418,6 +423,7 @@ mod tests {
             "argon2_iterations",
             "argon2_parallelism",
             "failure_delay_ms",
+            "scram_iterations",
             "format",
             "level",
         ] {

@@ -98,6 +98,17 @@ impl MasterKey {
         XChaCha20Poly1305::new((&*self.0).into())
     }
 
+    /// A purpose-bound secret derived from the master key (HMAC-SHA256 with
+    /// the purpose label), so features needing a server secret do not add
+    /// another key to manage.
+    pub fn derive(&self, purpose: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&*self.0).expect("HMAC takes any key length");
+        mac.update(b"pop3connex/derive/v1/");
+        mac.update(purpose);
+        mac.finalize().into_bytes().into()
+    }
+
     /// A value stored with the database so a wrong master key is reported
     /// at start-up instead of as a flood of per-message integrity errors.
     pub fn key_check(&self) -> Vec<u8> {

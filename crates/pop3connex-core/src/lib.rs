@@ -34,6 +34,7 @@ pub mod mailstore;
 pub mod password;
 pub mod pop3;
 pub mod sasl;
+pub mod scram;
 pub mod secret;
 pub mod security;
 pub mod server;

@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 use crate::config::{Config, StoreBackend};
 use crate::crypto::{random_id, CryptoError, DataKey, MasterKey, RecordId};
 use crate::store::sqlite::SqliteStore;
-use crate::store::{MailboxRef, MessageMeta, NewMessage, Store, StoreError, UserRecord};
+use crate::store::{MailboxRef, MessageMeta, NewMessage, Store, StoreError, StoredCredentials, UserRecord};
 use crate::types::UserName;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,11 +52,17 @@ impl MailStore {
     }
 
     /// Creates a user with a fresh mailbox and data key.
-    pub async fn create_user(&self, name: &UserName, password_hash: &str) -> Result<(), MailStoreError> {
+    pub async fn create_user(&self, name: &UserName, credentials: &StoredCredentials) -> Result<(), MailStoreError> {
         let mailbox_uid = random_id();
         let (_key, wrapped) = self.master.new_data_key(&mailbox_uid);
-        self.store.create_user(name, password_hash, mailbox_uid, wrapped).await?;
+        self.store.create_user(name, credentials, mailbox_uid, wrapped).await?;
         Ok(())
+    }
+
+    /// A 32-byte secret for `purpose`, derived from the master key (e.g.
+    /// the salt secret for SCRAM's fake credentials of unknown users).
+    pub fn derived_secret(&self, purpose: &[u8]) -> [u8; 32] {
+        self.master.derive(purpose)
     }
 
     pub fn data_key(&self, mailbox: &MailboxRef) -> Result<DataKey, CryptoError> {

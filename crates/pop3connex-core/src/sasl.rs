@@ -2,21 +2,22 @@
 //!
 //! A mechanism is a small state machine fed the client's decoded responses.
 //! It either asks for another round, finishes with an authenticated user,
-//! or fails. PLAIN (RFC 4616) is here now; SCRAM-SHA-256(-PLUS), OAUTHBEARER
-//! and XOAUTH2 plug in as further implementations of [`Mechanism`] without
-//! changes to the session code.
+//! or fails. Implemented: PLAIN (RFC 4616), SCRAM-SHA-256 and
+//! SCRAM-SHA-256-PLUS (RFC 5802/7677/9266). OAUTHBEARER and XOAUTH2 plug in
+//! as further implementations of [`Mechanism`].
 
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
 use crate::auth::{AuthFailure, Authenticator};
+use crate::scram::{parse_client_first, ChannelBinding, ScramServer};
 use crate::store::UserRecord;
 
 /// The result of one SASL step.
 pub enum Step {
     /// Send this challenge (raw bytes; the session base64-encodes it).
     Challenge(Vec<u8>),
-    /// Authenticated. `user_hint` is the name the client claimed, for logs.
+    /// Authenticated.
     Success(UserRecord),
     /// Failed. `user` is the claimed identity if one was parsed (for logs).
     Failure { reason: AuthFailure, user: Option<String> },
@@ -24,21 +25,37 @@ pub enum Step {
     Malformed(&'static str),
 }
 
+/// What a mechanism may know about the connection.
+pub struct SaslContext<'a> {
+    pub auth: &'a Authenticator,
+    /// `tls-exporter` channel-binding data when the connection is TLS 1.3.
+    pub tls_exporter: Option<&'a [u8]>,
+}
+
 #[async_trait]
 pub trait Mechanism: Send {
     fn name(&self) -> &'static str;
     /// Handles the next client response (`None` when AUTH carried no
     /// initial response and this is the start of the exchange).
-    async fn step(&mut self, auth: &Authenticator, response: Option<&[u8]>) -> Step;
+    async fn step(&mut self, ctx: &SaslContext<'_>, response: Option<&[u8]>) -> Step;
 }
 
-/// Mechanisms offered, in CAPA order.
-pub const MECHANISMS: &[&str] = &["PLAIN"];
+/// Mechanisms offered on a connection, in order of preference.
+pub fn mechanisms(tls_exporter: bool) -> Vec<&'static str> {
+    let mut m = Vec::with_capacity(3);
+    if tls_exporter {
+        m.push("SCRAM-SHA-256-PLUS");
+    }
+    m.extend(["SCRAM-SHA-256", "PLAIN"]);
+    m
+}
 
-/// Starts the named mechanism, if we have it.
-pub fn start(name: &str) -> Option<Box<dyn Mechanism>> {
+/// Starts the named mechanism if it is offered on this connection.
+pub fn start(name: &str, tls_exporter: bool) -> Option<Box<dyn Mechanism>> {
     match name {
         "PLAIN" => Some(Box::new(Plain)),
+        "SCRAM-SHA-256" => Some(Box::new(Scram { plus: false, state: ScramState::Start })),
+        "SCRAM-SHA-256-PLUS" if tls_exporter => Some(Box::new(Scram { plus: true, state: ScramState::Start })),
         _ => None,
     }
 }
@@ -53,7 +70,7 @@ impl Mechanism for Plain {
         "PLAIN"
     }
 
-    async fn step(&mut self, auth: &Authenticator, response: Option<&[u8]>) -> Step {
+    async fn step(&mut self, ctx: &SaslContext<'_>, response: Option<&[u8]>) -> Step {
         let Some(msg) = response else {
             return Step::Challenge(Vec::new());
         };
@@ -72,9 +89,85 @@ impl Mechanism for Plain {
         if !authz.is_empty() && !authz.eq_ignore_ascii_case(authc.as_bytes()) {
             return Step::Failure { reason: AuthFailure::BadPassword, user: Some(authc.to_owned()) };
         }
-        match auth.verify_password(authc, pass).await {
+        match ctx.auth.verify_password(authc, pass).await {
             Ok(user) => Step::Success(user),
             Err(reason) => Step::Failure { reason, user: Some(authc.to_owned()) },
+        }
+    }
+}
+
+enum ScramState {
+    Start,
+    /// server-first sent; `record` is `None` for unknown users.
+    AwaitFinal {
+        server: ScramServer,
+        record: Option<UserRecord>,
+    },
+    /// server-final sent; waiting for the client's empty response.
+    AwaitAck(Box<UserRecord>),
+    Done,
+}
+
+struct Scram {
+    plus: bool,
+    state: ScramState,
+}
+
+#[async_trait]
+impl Mechanism for Scram {
+    fn name(&self) -> &'static str {
+        if self.plus {
+            "SCRAM-SHA-256-PLUS"
+        } else {
+            "SCRAM-SHA-256"
+        }
+    }
+
+    async fn step(&mut self, ctx: &SaslContext<'_>, response: Option<&[u8]>) -> Step {
+        let cb = ChannelBinding { plus: self.plus, exporter: ctx.tls_exporter.map(<[u8]>::to_vec) };
+        match std::mem::replace(&mut self.state, ScramState::Done) {
+            ScramState::Start => {
+                let Some(first) = response else {
+                    self.state = ScramState::Start;
+                    return Step::Challenge(Vec::new());
+                };
+                let (gs2, bare, user, nonce) = match parse_client_first(first, &cb) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::debug!(error = ?e, "SCRAM client-first refused");
+                        return Step::Failure { reason: AuthFailure::BadPassword, user: None };
+                    }
+                };
+                let (record, creds) = match ctx.auth.scram_lookup(&user).await {
+                    Ok(x) => x,
+                    Err(reason) => return Step::Failure { reason, user: Some(user) },
+                };
+                let (server, server_first) = ScramServer::start(gs2, bare, user, &nonce, creds, &cb);
+                self.state = ScramState::AwaitFinal { server, record };
+                Step::Challenge(server_first)
+            }
+            ScramState::AwaitFinal { server, record } => {
+                let user = server.user.clone();
+                let Some(msg) = response else { return Step::Malformed("missing client-final") };
+                match (server.finish(msg), record) {
+                    (Ok(server_final), Some(r)) if !r.disabled && r.scram.is_some() => {
+                        self.state = ScramState::AwaitAck(Box::new(r));
+                        Step::Challenge(server_final)
+                    }
+                    (Ok(_), Some(r)) if r.disabled => Step::Failure { reason: AuthFailure::Disabled, user: Some(user) },
+                    (Ok(_), _) => Step::Failure { reason: AuthFailure::UnknownUser, user: Some(user) },
+                    (Err(e), record) => {
+                        tracing::debug!(error = ?e, "SCRAM client-final refused");
+                        let reason = if record.is_some() { AuthFailure::BadPassword } else { AuthFailure::UnknownUser };
+                        Step::Failure { reason, user: Some(user) }
+                    }
+                }
+            }
+            ScramState::AwaitAck(r) => match response {
+                Some([]) => Step::Success(*r),
+                _ => Step::Malformed("expected an empty response after server-final"),
+            },
+            ScramState::Done => Step::Malformed("exchange already finished"),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use pop3connex_core::crypto::random_id;
 use pop3connex_core::store::sqlite::SqliteStore;
-use pop3connex_core::store::{NewMessage, Store, StoreError};
+use pop3connex_core::store::{NewMessage, Store, StoreError, StoredCredentials};
 use pop3connex_core::types::UserName;
 
 struct TempDir(std::path::PathBuf);
@@ -32,25 +32,30 @@ fn msg(mailbox_id: i64, body: &[u8], import_key: Option<&str>) -> NewMessage {
     }
 }
 
+fn creds(hash: &str) -> StoredCredentials {
+    StoredCredentials { hash: hash.into(), scram: Some(format!("scram-of-{hash}")) }
+}
+
 async fn user(store: &Arc<dyn Store>, name: &str) -> i64 {
     let n = UserName::parse(name).unwrap();
-    store.create_user(&n, "hash", random_id(), vec![1, 2, 3]).await.unwrap();
+    store.create_user(&n, &creds("hash"), random_id(), vec![1, 2, 3]).await.unwrap();
     store.user(&n).await.unwrap().unwrap().mailbox.id
 }
 
 async fn users_and_accounts(store: Arc<dyn Store>) {
     let alice = UserName::parse("alice").unwrap();
     let mb = user(&store, "alice").await;
-    assert!(matches!(store.create_user(&alice, "h", random_id(), vec![]).await, Err(StoreError::UserExists)));
+    assert!(matches!(store.create_user(&alice, &creds("h"), random_id(), vec![]).await, Err(StoreError::UserExists)));
     let rec = store.user(&alice).await.unwrap().unwrap();
     assert_eq!(rec.mailbox.id, mb);
     assert_eq!(rec.mailbox.wrapped_key, vec![1, 2, 3]);
-    store.set_password(&alice, "new").await.unwrap();
+    store.set_password(&alice, &creds("new")).await.unwrap();
     store.set_disabled(&alice, true).await.unwrap();
     let rec = store.user(&alice).await.unwrap().unwrap();
     assert_eq!((rec.password_hash.as_str(), rec.disabled), ("new", true));
+    assert_eq!(rec.scram.as_deref(), Some("scram-of-new"));
     let ghost = UserName::parse("ghost").unwrap();
-    assert!(matches!(store.set_password(&ghost, "x").await, Err(StoreError::NoSuchUser)));
+    assert!(matches!(store.set_password(&ghost, &creds("x")).await, Err(StoreError::NoSuchUser)));
     assert!(store.user(&ghost).await.unwrap().is_none());
     assert_eq!(store.users().await.unwrap().len(), 1);
 }

@@ -70,7 +70,7 @@ impl Session<'_> {
             Command::Auth { mechanism: None, .. } => {
                 conn.reply(StatusLine::ok("Supported mechanisms follow"));
                 if self.credentials_allowed() {
-                    for m in sasl::MECHANISMS {
+                    for m in sasl::mechanisms(self.tls_exporter.is_some()) {
                         conn.raw().extend_from_slice(m.as_bytes());
                         conn.raw().extend_from_slice(b"\r\n");
                     }
@@ -106,7 +106,7 @@ impl Session<'_> {
         mech_name: &str,
         initial: Option<Zeroizing<Vec<u8>>>,
     ) -> Handled {
-        let Some(mut mech) = sasl::start(mech_name) else {
+        let Some(mut mech) = sasl::start(mech_name, self.tls_exporter.is_some()) else {
             conn.reply(StatusLine::err("Unsupported authentication mechanism"));
             return Ok((State::Authorization(a), Flow::Continue));
         };
@@ -123,7 +123,8 @@ impl Session<'_> {
             },
         };
         loop {
-            let step = mech.step(&self.ctx.auth, response.as_ref().map(|r| r.as_slice())).await;
+            let sasl_ctx = sasl::SaslContext { auth: &self.ctx.auth, tls_exporter: self.tls_exporter.as_deref() };
+            let step = mech.step(&sasl_ctx, response.as_ref().map(|r| r.as_slice())).await;
             match step {
                 Step::Challenge(challenge) => {
                     conn.raw().extend_from_slice(b"+ ");
@@ -249,7 +250,7 @@ impl Session<'_> {
             ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"].iter().map(|s| s.to_string()).collect();
         if authorization && self.credentials_allowed() {
             caps.push("USER".into());
-            caps.push(format!("SASL {}", sasl::MECHANISMS.join(" ")));
+            caps.push(format!("SASL {}", sasl::mechanisms(self.tls_exporter.is_some()).join(" ")));
         }
         if authorization && !self.tls {
             caps.push("STLS".into());

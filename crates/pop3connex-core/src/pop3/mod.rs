@@ -72,7 +72,7 @@ pub async fn serve<S>(
             ListenerKind::ImplicitTls => serve_tls(&ctx, stream, peer, shutdown, false).await,
             ListenerKind::StartTls => {
                 let mut conn = connection::Connection::new(stream);
-                let mut sess = session::Session::new(&ctx, peer, false, shutdown.clone());
+                let mut sess = session::Session::new(&ctx, peer, false, None, shutdown.clone());
                 match sess.run(&mut conn, true).await {
                     Ok(End::StartTls) => serve_tls(&ctx, conn.into_inner(), peer, shutdown, true).await,
                     other => other.map(drop),
@@ -111,9 +111,13 @@ where
     };
     let (_, conn_state) = tls.get_ref();
     let version = conn_state.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+    // RFC 9266: tls-exporter channel binding is defined for TLS 1.3.
+    let exporter = (conn_state.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3))
+        .then(|| conn_state.export_keying_material(vec![0u8; 32], b"EXPORTER-Channel-Binding", None).ok())
+        .flatten();
     tracing::Span::current().record("tls", version.as_str());
     let mut conn = connection::Connection::new(tls);
-    let mut sess = session::Session::new(ctx, peer, true, shutdown);
+    let mut sess = session::Session::new(ctx, peer, true, exporter, shutdown);
     // After STLS the greeting is not repeated (RFC 2595 section 4).
     sess.run(&mut conn, !after_stls).await.map(drop)
 }

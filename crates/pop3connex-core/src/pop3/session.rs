@@ -73,14 +73,22 @@ pub(crate) struct Session<'a> {
     pub ctx: &'a Pop3Context,
     pub peer: SocketAddr,
     pub tls: bool,
+    /// RFC 9266 `tls-exporter` value (TLS 1.3 only), for SCRAM -PLUS.
+    pub tls_exporter: Option<Vec<u8>>,
     pub bad_commands: u64,
     pub auth_failures: u64,
     pub shutdown: watch::Receiver<bool>,
 }
 
 impl<'a> Session<'a> {
-    pub fn new(ctx: &'a Pop3Context, peer: SocketAddr, tls: bool, shutdown: watch::Receiver<bool>) -> Self {
-        Self { ctx, peer, tls, bad_commands: 0, auth_failures: 0, shutdown }
+    pub fn new(
+        ctx: &'a Pop3Context,
+        peer: SocketAddr,
+        tls: bool,
+        tls_exporter: Option<Vec<u8>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self { ctx, peer, tls, tls_exporter, bad_commands: 0, auth_failures: 0, shutdown }
     }
 
     /// May credentials be sent on this connection?

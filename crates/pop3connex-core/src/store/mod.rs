@@ -35,11 +35,23 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// What is stored to verify a user's password: a password hash (PHC or
+/// `{SCHEME}` form) and SCRAM-SHA-256 keys (RFC 5803 form) derived from the
+/// same password. Neither allows recovering the password.
+#[derive(Clone, Default)]
+pub struct StoredCredentials {
+    pub hash: String,
+    pub scram: Option<String>,
+}
+
 /// A user with the mailbox key material needed to read or deliver mail.
 #[derive(Clone)]
 pub struct UserRecord {
     pub name: UserName,
     pub password_hash: String,
+    /// SCRAM-SHA-256 keys; `None` for users whose password was imported as
+    /// a hash (derived at their next password login).
+    pub scram: Option<String>,
     pub disabled: bool,
     pub mailbox: MailboxRef,
 }
@@ -111,13 +123,13 @@ pub trait Store: Send + Sync + 'static {
     async fn create_user(
         &self,
         name: &UserName,
-        password_hash: &str,
+        credentials: &StoredCredentials,
         mailbox_uid: RecordId,
         wrapped_key: Vec<u8>,
     ) -> StoreResult<()>;
     async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>>;
     async fn users(&self) -> StoreResult<Vec<UserSummary>>;
-    async fn set_password(&self, name: &UserName, password_hash: &str) -> StoreResult<()>;
+    async fn set_password(&self, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()>;
     async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()>;
     /// Deletes the user, the mailbox, its key and all its mail.
     async fn delete_user(&self, name: &UserName) -> StoreResult<()>;

@@ -8,22 +8,22 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::map_err;
 use crate::crypto::RecordId;
-use crate::store::{MailboxRef, MaildropLock, StoreError, StoreResult, UserRecord, UserSummary};
+use crate::store::{MailboxRef, MaildropLock, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary};
 use crate::types::{unix_now, UserName};
 
 pub(super) fn create_user(
     conn: &Connection,
     name: &UserName,
-    hash: &str,
+    credentials: &StoredCredentials,
     uid: &RecordId,
     wrapped_key: &[u8],
 ) -> StoreResult<()> {
     let now = unix_now();
     let inserted = conn
         .execute(
-            "INSERT INTO users(name, password_hash, disabled, created_at, password_changed_at)
-             VALUES(?1, ?2, 0, ?3, ?3) ON CONFLICT(name) DO NOTHING",
-            params![name.as_str(), hash, now],
+            "INSERT INTO users(name, password_hash, scram, disabled, created_at, password_changed_at)
+             VALUES(?1, ?2, ?3, 0, ?4, ?4) ON CONFLICT(name) DO NOTHING",
+            params![name.as_str(), credentials.hash, credentials.scram, now],
         )
         .map_err(map_err)?;
     if inserted == 0 {
@@ -41,7 +41,7 @@ pub(super) fn create_user(
 pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<StoreResult<Option<UserRecord>>> {
     let row = conn
         .query_row(
-            "SELECT u.password_hash, u.disabled, m.id, m.uid, m.wrapped_key
+            "SELECT u.password_hash, u.disabled, m.id, m.uid, m.wrapped_key, u.scram
              FROM users u JOIN mailboxes m ON m.user_id = u.id WHERE u.name = ?1",
             [name.as_str()],
             |r| {
@@ -51,11 +51,12 @@ pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<Store
                     r.get::<_, i64>(2)?,
                     r.get::<_, Vec<u8>>(3)?,
                     r.get::<_, Vec<u8>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
                 ))
             },
         )
         .optional()?;
-    let Some((password_hash, disabled, id, uid, wrapped_key)) = row else {
+    let Some((password_hash, disabled, id, uid, wrapped_key, scram)) = row else {
         return Ok(Ok(None));
     };
     let Ok(uid) = RecordId::try_from(uid.as_slice()) else {
@@ -64,6 +65,7 @@ pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<Store
     Ok(Ok(Some(UserRecord {
         name: name.clone(),
         password_hash,
+        scram,
         disabled,
         mailbox: MailboxRef { id, uid, wrapped_key },
     })))
@@ -90,11 +92,11 @@ pub(super) fn users(conn: &Connection) -> rusqlite::Result<StoreResult<Vec<UserS
     Ok(Ok(out))
 }
 
-pub(super) fn set_password(conn: &Connection, name: &UserName, hash: &str) -> StoreResult<()> {
+pub(super) fn set_password(conn: &Connection, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()> {
     let n = conn
         .execute(
-            "UPDATE users SET password_hash = ?2, password_changed_at = ?3 WHERE name = ?1",
-            params![name.as_str(), hash, unix_now()],
+            "UPDATE users SET password_hash = ?2, scram = ?3, password_changed_at = ?4 WHERE name = ?1",
+            params![name.as_str(), credentials.hash, credentials.scram, unix_now()],
         )
         .map_err(map_err)?;
     if n == 0 {

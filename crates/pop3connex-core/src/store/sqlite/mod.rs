@@ -24,7 +24,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
-use super::{MaildropLock, MessageMeta, NewMessage, Store, StoreError, StoreResult, UserRecord, UserSummary};
+use super::{
+    MaildropLock, MessageMeta, NewMessage, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
+};
 use crate::crypto::RecordId;
 use crate::types::UserName;
 
@@ -37,7 +39,7 @@ const MAX_IDLE_READERS: usize = 8;
 /// operation fails with a temporary error.
 const BUSY_TIMEOUT_MS: u64 = 5000;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -82,8 +84,8 @@ CREATE TABLE IF NOT EXISTS imports(
 /// A write, executed by the writer thread.
 enum WriteOp {
     SetKeyCheck(Vec<u8>),
-    CreateUser { name: UserName, hash: String, uid: RecordId, wrapped_key: Vec<u8> },
-    SetPassword { name: UserName, hash: String },
+    CreateUser { name: UserName, credentials: StoredCredentials, uid: RecordId, wrapped_key: Vec<u8> },
+    SetPassword { name: UserName, credentials: StoredCredentials },
     SetDisabled { name: UserName, disabled: bool },
     DeleteUser(UserName),
     Deliver(Vec<NewMessage>),
@@ -129,7 +131,7 @@ impl SqliteStore {
                 "database schema {version} is newer than this program understands ({SCHEMA_VERSION})"
             )));
         }
-        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(map_err)?;
+        migrate(&conn, version)?;
         let integrity: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(map_err)?;
         if integrity != "ok" {
             return Err(StoreError::Permanent(format!("database integrity check failed: {integrity}")));
@@ -175,6 +177,20 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Permanent(format!("reader task: {e}")))?
     }
+}
+
+/// Schema changes after version 1, applied in order in one transaction.
+const MIGRATIONS: &[(i64, &str)] = &[(2, "ALTER TABLE users ADD COLUMN scram TEXT;")];
+
+fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
+    let mut sql = String::from("BEGIN IMMEDIATE;");
+    for (version, step) in MIGRATIONS {
+        if *version > from.max(1) {
+            sql.push_str(step);
+        }
+    }
+    sql.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
+    conn.execute_batch(&sql).map_err(map_err)
 }
 
 fn open_connection(path: &Path, read_only: bool) -> StoreResult<Connection> {
@@ -241,10 +257,10 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
             .execute("INSERT OR REPLACE INTO meta(key, value) VALUES('key_check', ?1)", [v])
             .map(drop)
             .map_err(map_err),
-        WriteOp::CreateUser { name, hash, uid, wrapped_key } => {
-            mailbox::create_user(conn, name, hash, uid, wrapped_key)
+        WriteOp::CreateUser { name, credentials, uid, wrapped_key } => {
+            mailbox::create_user(conn, name, credentials, uid, wrapped_key)
         }
-        WriteOp::SetPassword { name, hash } => mailbox::set_password(conn, name, hash),
+        WriteOp::SetPassword { name, credentials } => mailbox::set_password(conn, name, credentials),
         WriteOp::SetDisabled { name, disabled } => mailbox::set_disabled(conn, name, *disabled),
         WriteOp::DeleteUser(name) => mailbox::delete_user(conn, name),
         WriteOp::Deliver(msgs) => message::deliver(conn, msgs),
@@ -280,8 +296,14 @@ impl Store for SqliteStore {
         self.write(WriteOp::SetKeyCheck(check)).await
     }
 
-    async fn create_user(&self, name: &UserName, hash: &str, uid: RecordId, wrapped_key: Vec<u8>) -> StoreResult<()> {
-        self.write(WriteOp::CreateUser { name: name.clone(), hash: hash.to_owned(), uid, wrapped_key }).await
+    async fn create_user(
+        &self,
+        name: &UserName,
+        credentials: &StoredCredentials,
+        uid: RecordId,
+        wrapped_key: Vec<u8>,
+    ) -> StoreResult<()> {
+        self.write(WriteOp::CreateUser { name: name.clone(), credentials: credentials.clone(), uid, wrapped_key }).await
     }
 
     async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
@@ -293,8 +315,8 @@ impl Store for SqliteStore {
         self.read(mailbox::users).await?
     }
 
-    async fn set_password(&self, name: &UserName, hash: &str) -> StoreResult<()> {
-        self.write(WriteOp::SetPassword { name: name.clone(), hash: hash.to_owned() }).await
+    async fn set_password(&self, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()> {
+        self.write(WriteOp::SetPassword { name: name.clone(), credentials: credentials.clone() }).await
     }
 
     async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()> {
