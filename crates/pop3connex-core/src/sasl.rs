@@ -100,7 +100,7 @@ enum ScramState {
     Start,
     /// server-first sent; `record` is `None` for unknown users.
     AwaitFinal {
-        server: ScramServer,
+        server: Box<ScramServer>,
         record: Option<UserRecord>,
     },
     /// server-final sent; waiting for the client's empty response.
@@ -143,7 +143,7 @@ impl Mechanism for Scram {
                     Err(reason) => return Step::Failure { reason, user: Some(user) },
                 };
                 let (server, server_first) = ScramServer::start(gs2, bare, user, &nonce, creds, &cb);
-                self.state = ScramState::AwaitFinal { server, record };
+                self.state = ScramState::AwaitFinal { server: Box::new(server), record };
                 Step::Challenge(server_first)
             }
             ScramState::AwaitFinal { server, record } => {
