@@ -33,6 +33,8 @@ pub struct Config {
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
+    pub abuse: AbuseConfig,
+    #[serde(default)]
     pub log: LogConfig,
     /// The file this was read from (for messages), not a config key.
     #[serde(skip)]
@@ -207,6 +209,61 @@ impl Default for AuthConfig {
     }
 }
 
+/// Brute-force and abuse protection (seed practice 5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AbuseConfig {
+    /// Networks never banned automatically (offices, load balancers, monitoring).
+    pub allowlist: Vec<Network>,
+    /// Optional file with more allowlisted networks, one CIDR per line.
+    pub allowlist_file: Option<PathBuf>,
+    /// Optional file of networks refused at accept, one CIDR per line.
+    pub blocklist_file: Option<PathBuf>,
+    #[serde(deserialize_with = "secs_60_86400")]
+    pub window_secs: u64,
+    #[serde(deserialize_with = "count_1_1000")]
+    pub ban_after_auth_failures: u64,
+    #[serde(deserialize_with = "count_1_1000")]
+    pub ban_after_protocol_abuse: u64,
+    #[serde(deserialize_with = "count_1_1m")]
+    pub ban_after_connections_per_minute: u64,
+    #[serde(deserialize_with = "secs_60_31536000")]
+    pub ban_secs: u64,
+    #[serde(deserialize_with = "secs_60_31536000")]
+    pub ban_max_secs: u64,
+    #[serde(deserialize_with = "count_1_1000")]
+    pub lockout_after_failures: u64,
+    #[serde(deserialize_with = "secs_60_31536000")]
+    pub lockout_secs: u64,
+    #[serde(deserialize_with = "secs_60_31536000")]
+    pub lockout_max_secs: u64,
+    #[serde(deserialize_with = "ms_0_60000")]
+    pub max_failure_delay_ms: u64,
+    #[serde(deserialize_with = "count_1_1m")]
+    pub max_commands_per_second: u64,
+}
+
+impl Default for AbuseConfig {
+    fn default() -> Self {
+        Self {
+            allowlist: Vec::new(),
+            allowlist_file: None,
+            blocklist_file: None,
+            window_secs: 600,
+            ban_after_auth_failures: 10,
+            ban_after_protocol_abuse: 5,
+            ban_after_connections_per_minute: 300,
+            ban_secs: 3600,
+            ban_max_secs: 7 * 86_400,
+            lockout_after_failures: 10,
+            lockout_secs: 900,
+            lockout_max_secs: 86_400,
+            max_failure_delay_ms: 8000,
+            max_commands_per_second: 200,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -292,6 +349,9 @@ bounded! {
     secs_600_86400: 600, 86_400, " seconds (RFC 1939 requires at least 10 minutes)";
     secs_5_3600: 5, 3600, " seconds";
     ms_0_10000: 0, 10_000, " milliseconds";
+    ms_0_60000: 0, 60_000, " milliseconds";
+    secs_60_86400: 60, 86_400, " seconds";
+    secs_60_31536000: 60, 31_536_000, " seconds";
     count_1_16: 1, 16, "";
     count_1_100: 1, 100, "";
     count_1_1000: 1, 1000, "";
@@ -338,6 +398,9 @@ impl Config {
         };
         abs(&mut cfg.store.path);
         abs(&mut cfg.tls.certificate);
+        for p in [&mut cfg.abuse.allowlist_file, &mut cfg.abuse.blocklist_file].into_iter().flatten() {
+            abs(p);
+        }
         cfg.store.master_key.resolve_against(&base);
         cfg.tls.private_key.resolve_against(&base);
         for l in &mut cfg.lmtp.listen {
@@ -424,6 +487,20 @@ mod tests {
             "argon2_parallelism",
             "failure_delay_ms",
             "scram_iterations",
+            "allowlist",
+            "allowlist_file",
+            "blocklist_file",
+            "window_secs",
+            "ban_after_auth_failures",
+            "ban_after_protocol_abuse",
+            "ban_after_connections_per_minute",
+            "ban_secs",
+            "ban_max_secs",
+            "lockout_after_failures",
+            "lockout_secs",
+            "lockout_max_secs",
+            "max_failure_delay_ms",
+            "max_commands_per_second",
             "format",
             "level",
         ] {

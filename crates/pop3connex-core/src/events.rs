@@ -54,6 +54,22 @@ pub enum SecurityEvent<'a> {
         user: &'a str,
         message: &'a str,
     },
+    /// An address was banned automatically.
+    Banned {
+        peer: IpAddr,
+        reason: &'a str,
+        seconds: u64,
+    },
+    /// An account name was locked after repeated failures.
+    AccountLocked {
+        user: &'a str,
+        seconds: u64,
+    },
+    /// A login was refused because the account name is locked.
+    LockedOut {
+        peer: IpAddr,
+        user: &'a str,
+    },
     TlsReloaded {
         ok: bool,
         detail: &'a str,
@@ -90,6 +106,15 @@ pub fn emit(event: SecurityEvent<'_>) {
         }
         IntegrityFailure { user, message } => tracing::error!(
             target: TARGET, event = "integrity_failure", user, message, "stored message failed its integrity check"
+        ),
+        Banned { peer, reason, seconds } => tracing::warn!(
+            target: TARGET, event = "ban", %peer, reason, seconds, "address banned"
+        ),
+        AccountLocked { user, seconds } => tracing::warn!(
+            target: TARGET, event = "account_locked", user, seconds, "account locked after repeated failures"
+        ),
+        LockedOut { peer, user } => tracing::warn!(
+            target: TARGET, event = "locked_out", %peer, user, "login refused: account locked"
         ),
         TlsReloaded { ok: true, detail } => {
             tracing::info!(target: TARGET, event = "tls_reloaded", detail, "TLS certificate reloaded")

@@ -117,8 +117,17 @@ pub async fn import_maildir(
     if !found {
         return Err(ImportError::NotMaildir(dir.to_owned()));
     }
-    // Maildir names start with the delivery time: name order is arrival order.
-    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    // Arrival order: Dovecot's uidlist when present, else the delivery time
+    // encoded in the name (seconds, then microseconds as a number: Dovecot
+    // does not zero-pad "M<usecs>", so plain name order is wrong).
+    let uids = read_dovecot_uidlist(&dir.join("dovecot-uidlist"));
+    files.sort_by_cached_key(|p| {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let base = name.split(':').next().unwrap_or(&name).to_owned();
+        let uid = uids.get(&base).copied().unwrap_or(u64::MAX);
+        let (secs, usecs) = maildir_time(&base);
+        (uid, secs, usecs, base)
+    });
     let total = files.len() as u64;
     let mut b = Batcher { mail, user, pending: Vec::new(), report: ImportReport::default() };
     for (i, path) in files.into_iter().enumerate() {
@@ -182,6 +191,33 @@ pub async fn import_mbox(
     Ok(b.report)
 }
 
+/// (seconds, microseconds) from a Maildir name like `1795945812.M73238P16692.host`.
+fn maildir_time(base: &str) -> (u64, u64) {
+    let mut parts = base.splitn(3, '.');
+    let secs = parts.next().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
+    let usecs = parts
+        .next()
+        .and_then(|p| p.split_once('M'))
+        .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect::<String>())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0);
+    (secs, usecs)
+}
+
+/// Dovecot's `dovecot-uidlist`: `<uid> [fields] :<base name>` per line after
+/// a header. Unreadable or absent: empty.
+fn read_dovecot_uidlist(path: &Path) -> std::collections::HashMap<String, u64> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Default::default() };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let (head, name) = line.split_once(':')?;
+            let uid = head.split_whitespace().next()?.parse().ok()?;
+            Some((name.to_owned(), uid))
+        })
+        .collect()
+}
+
 fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
 }
@@ -189,6 +225,13 @@ fn fnv1a(data: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maildir_times_order_numerically() {
+        assert!(maildir_time("1795945812.M73238P16692.vm") < maildir_time("1795945812.M251505P16692.vm"));
+        assert_eq!(maildir_time("1795945812.M73238P16692.vm"), (1795945812, 73238));
+        assert_eq!(maildir_time("1000.12345_1.host"), (1000, 0));
+    }
 
     #[test]
     fn crlf_conversion() {

@@ -22,6 +22,8 @@
 //! - [`types`]: newtypes shared by the layers.
 #![forbid(unsafe_code)]
 
+pub use ipnet;
+
 pub mod auth;
 pub mod config;
 pub mod crypto;

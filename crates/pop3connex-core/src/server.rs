@@ -23,7 +23,7 @@ use crate::lmtp::{self, LmtpContext};
 use crate::mailstore::{MailStore, MailStoreError};
 use crate::password::PasswordError;
 use crate::pop3::{self, ListenerKind, Pop3Context};
-use crate::security::MemorySecurityState;
+use crate::security::{system_clock, Guard};
 use crate::tls::{TlsAcceptor, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,8 @@ pub struct RunningServer {
     pop3_limiter: Arc<ConnectionLimiter>,
     lmtp_limiter: Arc<ConnectionLimiter>,
     tls: Arc<TlsAcceptor>,
+    guard: Arc<Guard>,
+    store: Arc<dyn crate::store::Store>,
     grace: Duration,
 }
 
@@ -59,15 +61,18 @@ pub async fn start(cfg: &Config) -> Result<RunningServer, ServerError> {
 /// Like [`start`], with an already opened store (tests, other backends).
 pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<RunningServer, ServerError> {
     let tls = Arc::new(TlsAcceptor::load(&cfg.tls)?);
+    let guard_store = mail.store().clone();
     let auth = Arc::new(Authenticator::new(mail, cfg.auth.clone())?);
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let guard = Guard::new(cfg.abuse.clone(), Duration::from_millis(cfg.auth.failure_delay_ms), system_clock())
+        .with_store(auth.mail().store().clone());
 
     let pop3_ctx = Arc::new(Pop3Context {
         cfg: cfg.pop3.clone(),
         auth: auth.clone(),
         tls: tls.clone(),
-        security: Arc::new(MemorySecurityState::default()),
-        failure_delay: Duration::from_millis(cfg.auth.failure_delay_ms),
+        security: guard.clone(),
+        max_commands_per_second: cfg.abuse.max_commands_per_second,
     });
     let pop3_limiter =
         ConnectionLimiter::new(cfg.pop3.max_connections as usize, cfg.pop3.max_connections_per_ip as usize);
@@ -181,6 +186,8 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
         pop3_limiter,
         lmtp_limiter,
         tls,
+        store: guard_store,
+        guard,
         grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
     })
 }
@@ -227,6 +234,13 @@ async fn accept_pop3(
             },
             _ = stopped(&mut shutdown) => break,
         };
+        // Bans and blocklists first: a refused address costs no TLS work.
+        if let Some(reason) = ctx.security.check_connection(peer.ip()) {
+            tracing::debug!(%peer, reason, "connection refused");
+            drop(sock);
+            continue;
+        }
+        ctx.security.record_connection(peer.ip());
         let permit = match limiter.try_acquire(peer.ip()) {
             Ok(p) => p,
             Err(why) => {
@@ -247,7 +261,14 @@ async fn accept_pop3(
 }
 
 impl RunningServer {
-    /// Re-reads the TLS certificate and key (SIGHUP).
+    /// SIGHUP: re-reads the TLS certificate and key, allow/block list files,
+    /// bans and lockouts.
+    pub async fn reload(&self) {
+        self.reload_tls();
+        self.guard.refresh(&*self.store).await;
+    }
+
+    /// Re-reads the TLS certificate and key.
     pub fn reload_tls(&self) {
         match self.tls.reload() {
             Ok(()) => emit(SecurityEvent::TlsReloaded { ok: true, detail: "certificate and key re-read" }),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use pop3connex_core::crypto::random_id;
 use pop3connex_core::store::sqlite::SqliteStore;
-use pop3connex_core::store::{NewMessage, Store, StoreError, StoredCredentials};
+use pop3connex_core::store::{BanRecord, LockoutRecord, NewMessage, Store, StoreError, StoredCredentials};
 use pop3connex_core::types::UserName;
 
 struct TempDir(std::path::PathBuf);
@@ -127,6 +127,26 @@ async fn concurrent_deliveries_all_land(store: Arc<dyn Store>) {
     assert_eq!(store.messages(a).await.unwrap().len(), 200);
 }
 
+async fn bans_and_lockouts(store: Arc<dyn Store>) {
+    let now = pop3connex_core::types::unix_now();
+    let net: pop3connex_core::ipnet::IpNet = "192.0.2.0/24".parse().unwrap();
+    let ban = BanRecord { network: net, reason: "manual".into(), created_at: now, expires_at: None, offences: 1 };
+    store.put_ban(ban.clone()).await.unwrap();
+    let expired = BanRecord { network: "198.51.100.1/32".parse().unwrap(), expires_at: Some(now - 1), ..ban.clone() };
+    store.put_ban(expired).await.unwrap();
+    assert_eq!(store.bans().await.unwrap(), vec![ban.clone()], "expired bans are not listed");
+    let longer = BanRecord { offences: 2, expires_at: Some(now + 100), ..ban };
+    store.put_ban(longer.clone()).await.unwrap();
+    assert_eq!(store.bans().await.unwrap(), vec![longer], "put replaces");
+    assert!(store.remove_ban(net).await.unwrap());
+    assert!(!store.remove_ban(net).await.unwrap());
+    let l = LockoutRecord { user: "alice".into(), since: now, until: now + 60, count: 1 };
+    store.put_lockout(l.clone()).await.unwrap();
+    assert_eq!(store.lockouts().await.unwrap(), vec![l]);
+    assert!(store.remove_lockout("ALICE").await.unwrap());
+    assert!(store.lockouts().await.unwrap().is_empty());
+}
+
 macro_rules! backends {
     ($($backend:ident),*) => {
         mod conformance {
@@ -148,6 +168,7 @@ macro_rules! backends {
                 case!(deleting_a_user_removes_everything);
                 case!(key_check_round_trip);
                 case!(concurrent_deliveries_all_land);
+                case!(bans_and_lockouts);
             }
             )*
         }

@@ -55,6 +55,27 @@ enum Cmd {
     /// Inspect mailboxes.
     #[command(subcommand)]
     Mailbox(MailboxCmd),
+    /// Manage address bans (shared with running servers through the store).
+    #[command(subcommand)]
+    Ban(BanCmd),
+}
+
+#[derive(Subcommand)]
+enum BanCmd {
+    /// List active bans.
+    List,
+    /// Ban an address or network (CIDR).
+    Add {
+        network: String,
+        /// Why (shown in `ban list` and logs).
+        #[arg(long, default_value = "manual")]
+        reason: String,
+        /// Seconds; without it the ban lasts until removed.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Remove a ban (takes effect in running servers within 15 seconds).
+    Remove { network: String },
 }
 
 #[derive(Subcommand)]
@@ -85,6 +106,8 @@ enum UserCmd {
     Disable { name: String },
     /// Undo `disable`.
     Enable { name: String },
+    /// Lift a lockout after repeated failed logins.
+    Unlock { name: String },
     /// Delete a user, the mailbox and its key: the mail is unrecoverable.
     Delete {
         name: String,
@@ -164,6 +187,11 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = load(&cli.config)?;
             runtime()?.block_on(import(cfg, cmd))
         }
+        Cmd::Ban(cmd) => {
+            init_logging(&LogConfig::default(), "warn");
+            let cfg = load(&cli.config)?;
+            runtime()?.block_on(ban(cfg, cmd))
+        }
         Cmd::Mailbox(MailboxCmd::Stat { name }) => {
             init_logging(&LogConfig::default(), "warn");
             let cfg = load(&cli.config)?;
@@ -242,7 +270,7 @@ fn serve(config: Option<PathBuf>) -> Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => running.reload_tls(),
+                _ = hup.recv() => running.reload().await,
             }
         }
         tracing::info!(sessions = running.active_sessions(), "shutting down");
@@ -317,6 +345,14 @@ async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
             store.set_disabled(&name, false).await.map_err(|e| account_err(e.into(), &name))?;
             println!("enabled {name}");
         }
+        UserCmd::Unlock { name } => {
+            let name = UserName::parse(&name)?;
+            if store.remove_lockout(name.as_str()).await? {
+                println!("unlocked {name}");
+            } else {
+                println!("{name} was not locked");
+            }
+        }
         UserCmd::Delete { name, yes } => {
             let name = UserName::parse(&name)?;
             if !yes {
@@ -324,6 +360,51 @@ async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
             }
             store.delete_user(&name).await.map_err(|e| account_err(e.into(), &name))?;
             println!("deleted {name} and all their mail");
+        }
+    }
+    Ok(())
+}
+
+async fn ban(cfg: Config, cmd: BanCmd) -> Result<()> {
+    let mail = MailStore::open(&cfg).await?;
+    let store = mail.store();
+    let parse = |s: &str| -> Result<pop3connex_core::ipnet::IpNet> {
+        s.parse::<pop3connex_core::ipnet::IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(pop3connex_core::ipnet::IpNet::from))
+            .map(|n| n.trunc())
+            .map_err(|_| anyhow::anyhow!("{s} is not an address or CIDR network"))
+    };
+    match cmd {
+        BanCmd::List => {
+            let now = pop3connex_core::types::unix_now();
+            println!("{:<42} {:>10} {:>8}  reason", "network", "expires in", "offences");
+            for b in store.bans().await? {
+                let left = b.expires_at.map_or("never".to_owned(), |e| format!("{}s", e - now));
+                println!("{:<42} {:>10} {:>8}  {}", b.network.to_string(), left, b.offences, b.reason);
+            }
+        }
+        BanCmd::Add { network, reason, seconds } => {
+            let network = parse(&network)?;
+            let now = pop3connex_core::types::unix_now();
+            let expires_at = seconds.map(|s| now + s as i64);
+            store
+                .put_ban(pop3connex_core::store::BanRecord {
+                    network,
+                    reason,
+                    created_at: now,
+                    expires_at,
+                    offences: 1,
+                })
+                .await?;
+            println!("banned {network}");
+        }
+        BanCmd::Remove { network } => {
+            let network = parse(&network)?;
+            if store.remove_ban(network).await? {
+                println!("removed ban on {network}");
+            } else {
+                bail!("no ban on {network}");
+            }
         }
     }
     Ok(())

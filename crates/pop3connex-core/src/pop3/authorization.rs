@@ -64,6 +64,13 @@ impl Session<'_> {
                 if !self.credentials_allowed() {
                     return Ok((State::Authorization(a), self.refuse_plaintext(conn)));
                 }
+                if self.ctx.security.account_locked(&user, self.peer.ip()) {
+                    // Refused before hashing: a locked name costs no CPU.
+                    let name = UserName::parse(&user).map(|u| u.to_string()).unwrap_or_default();
+                    emit(SecurityEvent::LockedOut { peer: self.peer.ip(), user: &name });
+                    let flow = self.login_failed(conn, Some(&name)).await;
+                    return Ok((State::Authorization(a), flow));
+                }
                 let result = self.ctx.auth.verify_password(&user, &password).await;
                 return self.finish_login(conn, a, result, Some(&user), "USER").await;
             }
@@ -189,14 +196,17 @@ impl Session<'_> {
                     conn.reply(StatusLine::err_code(RespCode::SysTemp, "Temporary authentication failure"));
                     return Ok((State::Authorization(a), Flow::Continue));
                 }
-                self.auth_failures += 1;
-                tokio::time::sleep(self.ctx.failure_delay).await;
-                conn.reply(StatusLine::err_code(RespCode::Auth, "Authentication failed"));
-                let flow =
-                    if self.auth_failures >= self.ctx.cfg.max_auth_failures { Flow::Close } else { Flow::Continue };
-                return Ok((State::Authorization(a), flow));
+                return Ok((
+                    State::Authorization(a),
+                    self.login_failed(conn, shown.as_ref().map(|u| u.as_str())).await,
+                ));
             }
         };
+        if self.ctx.security.account_locked(user.name.as_str(), peer) {
+            emit(SecurityEvent::LockedOut { peer, user: user.name.as_str() });
+            return Ok((State::Authorization(a), self.login_failed(conn, Some(user.name.as_str())).await));
+        }
+        self.ctx.security.record_auth_success(peer, &user.name);
         if let Some(delay) = self.ctx.cfg.login_delay_secs {
             if !self.ctx.security.try_login(&user.name, Duration::from_secs(delay)) {
                 conn.reply(StatusLine::err_code(RespCode::LoginDelay, "Logged in too recently, try later"));
@@ -241,6 +251,30 @@ impl Session<'_> {
         let (n, octets) = m.totals();
         conn.reply(StatusLine::ok(format!("Logged in, maildrop has {n} messages ({octets} octets)")));
         Ok((State::Transaction(Box::new(m)), Flow::Continue))
+    }
+
+    /// Counts a failed login: progressive delay, lockout and ban bookkeeping,
+    /// one reply for every cause. Closes the connection when the per-
+    /// connection limit is reached or the address has just been banned.
+    async fn login_failed<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        user: Option<&str>,
+    ) -> Flow {
+        let peer = self.peer.ip();
+        self.auth_failures += 1;
+        let outcome = self.ctx.security.record_auth_failure(peer, user);
+        tokio::time::sleep(outcome.delay).await;
+        let locked = user.is_some_and(|u| self.ctx.security.account_locked(u, peer));
+        conn.reply(StatusLine::err_code(
+            RespCode::Auth,
+            if locked { "Authentication failed; too many failures, try again later" } else { "Authentication failed" },
+        ));
+        if outcome.banned || self.auth_failures >= self.ctx.cfg.max_auth_failures {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }
     }
 
     /// CAPA (RFC 2449). Lists only what works on this connection now.

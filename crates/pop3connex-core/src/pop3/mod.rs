@@ -49,7 +49,8 @@ pub struct Pop3Context {
     pub auth: Arc<Authenticator>,
     pub tls: Arc<TlsAcceptor>,
     pub security: Arc<dyn SecurityState>,
-    pub failure_delay: Duration,
+    /// Command rate limit per connection.
+    pub max_commands_per_second: u64,
 }
 
 /// Serves one accepted connection to the end.

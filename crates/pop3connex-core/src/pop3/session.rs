@@ -77,6 +77,8 @@ pub(crate) struct Session<'a> {
     pub tls_exporter: Option<Vec<u8>>,
     pub bad_commands: u64,
     pub auth_failures: u64,
+    /// Command-rate token bucket: (tokens, last refill).
+    bucket: (f64, tokio::time::Instant),
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -88,7 +90,8 @@ impl<'a> Session<'a> {
         tls_exporter: Option<Vec<u8>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        Self { ctx, peer, tls, tls_exporter, bad_commands: 0, auth_failures: 0, shutdown }
+        let bucket = (ctx.max_commands_per_second as f64, tokio::time::Instant::now());
+        Self { ctx, peer, tls, tls_exporter, bad_commands: 0, auth_failures: 0, bucket, shutdown }
     }
 
     /// May credentials be sent on this connection?
@@ -113,11 +116,27 @@ impl<'a> Session<'a> {
         self.bad_commands += 1;
         if self.bad_commands >= self.ctx.cfg.max_bad_commands {
             emit(SecurityEvent::ProtocolAbuse { peer: &self.peer.ip().to_string(), protocol: "pop3", reason });
+            self.ctx.security.record_protocol_abuse(self.peer.ip());
             conn.reply(StatusLine::err("Too many bad commands, closing connection"));
             return Flow::Close;
         }
         conn.reply(reply);
         Flow::Continue
+    }
+
+    /// Command rate limit: a token bucket of `max_commands_per_second`
+    /// tokens refilled continuously; an empty bucket delays the command.
+    async fn throttle(&mut self) {
+        let rate = self.ctx.max_commands_per_second.max(1) as f64;
+        let now = tokio::time::Instant::now();
+        let elapsed = now.duration_since(self.bucket.1).as_secs_f64();
+        self.bucket = ((self.bucket.0 + elapsed * rate).min(rate), now);
+        if self.bucket.0 < 1.0 {
+            let wait = (1.0 - self.bucket.0) / rate;
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            self.bucket = (1.0, tokio::time::Instant::now());
+        }
+        self.bucket.0 -= 1.0;
     }
 
     /// Runs the session until QUIT, disconnect, timeout, shutdown or STLS.
@@ -150,6 +169,7 @@ impl<'a> Session<'a> {
                     break;
                 }
             };
+            self.throttle().await;
             let cmd = match parse_command(&line) {
                 Ok(c) => c,
                 Err(e) => match self.bad_command(conn, StatusLine::err(e.to_string()), "malformed command") {

@@ -103,6 +103,27 @@ pub struct UserSummary {
     pub octets: u64,
 }
 
+/// An address or network refused at accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BanRecord {
+    pub network: ipnet::IpNet,
+    pub reason: String,
+    pub created_at: i64,
+    /// `None`: until removed by an administrator.
+    pub expires_at: Option<i64>,
+    /// How many times this address has been banned (ban lengths grow).
+    pub offences: u32,
+}
+
+/// A temporarily locked account name (it need not exist).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockoutRecord {
+    pub user: String,
+    pub since: i64,
+    pub until: i64,
+    pub count: u32,
+}
+
 /// Held while a POP3 session owns a maildrop; dropping it releases the lock.
 pub struct MaildropLock {
     _guard: Box<dyn Send + Sync>,
@@ -146,4 +167,14 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_messages(&self, mailbox_id: i64, ids: Vec<i64>) -> StoreResult<()>;
     /// Which of `keys` were already imported into the mailbox.
     async fn imported(&self, mailbox_id: i64, keys: Vec<String>) -> StoreResult<Vec<String>>;
+
+    /// Bans and lockouts, shared by every process using the store.
+    async fn bans(&self) -> StoreResult<Vec<BanRecord>>;
+    async fn put_ban(&self, ban: BanRecord) -> StoreResult<()>;
+    /// Returns whether a ban for exactly `network` existed.
+    async fn remove_ban(&self, network: ipnet::IpNet) -> StoreResult<bool>;
+    async fn lockouts(&self) -> StoreResult<Vec<LockoutRecord>>;
+    async fn put_lockout(&self, lockout: LockoutRecord) -> StoreResult<()>;
+    /// Returns whether a lockout for `user` existed.
+    async fn remove_lockout(&self, user: &str) -> StoreResult<bool>;
 }

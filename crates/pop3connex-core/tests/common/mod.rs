@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pop3connex_core::auth::Authenticator;
-use pop3connex_core::config::{AuthConfig, LmtpConfig, Network, PasswordScheme, Pop3Config, TlsConfig};
+use pop3connex_core::config::{AbuseConfig, AuthConfig, LmtpConfig, Network, PasswordScheme, Pop3Config, TlsConfig};
 use pop3connex_core::crypto::MasterKey;
 use pop3connex_core::lmtp::LmtpContext;
 use pop3connex_core::mailstore::MailStore;
 use pop3connex_core::pop3::{ListenerKind, Pop3Context};
 use pop3connex_core::secret::SecretRef;
-use pop3connex_core::security::MemorySecurityState;
+use pop3connex_core::security::{system_clock, Guard};
 use pop3connex_core::store::sqlite::SqliteStore;
 use pop3connex_core::tls::TlsAcceptor;
 use pop3connex_core::types::UserName;
@@ -85,8 +85,8 @@ impl Fixture {
             cfg,
             auth: self.auth.clone(),
             tls: self.tls.clone(),
-            security: Arc::new(MemorySecurityState::default()),
-            failure_delay: Duration::ZERO,
+            security: Arc::new(Guard::new(AbuseConfig::default(), Duration::ZERO, system_clock())),
+            max_commands_per_second: 1000,
         })
     }
 

@@ -14,6 +14,7 @@
 
 mod mailbox;
 mod message;
+mod security;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -25,7 +26,8 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use super::{
-    MaildropLock, MessageMeta, NewMessage, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
+    BanRecord, LockoutRecord, MaildropLock, MessageMeta, NewMessage, Store, StoreError, StoreResult, StoredCredentials,
+    UserRecord, UserSummary,
 };
 use crate::crypto::RecordId;
 use crate::types::UserName;
@@ -39,7 +41,7 @@ const MAX_IDLE_READERS: usize = 8;
 /// operation fails with a temporary error.
 const BUSY_TIMEOUT_MS: u64 = 5000;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -90,6 +92,10 @@ enum WriteOp {
     DeleteUser(UserName),
     Deliver(Vec<NewMessage>),
     Delete { mailbox_id: i64, ids: Vec<i64> },
+    PutBan(BanRecord),
+    RemoveBan(String),
+    PutLockout(LockoutRecord),
+    RemoveLockout(String),
 }
 
 struct Job {
@@ -154,6 +160,15 @@ impl SqliteStore {
         rx.await.map_err(|_| StoreError::Permanent("store writer stopped".into()))?
     }
 
+    /// A delete that reports `NoSuchUser` when nothing matched.
+    async fn write_existed(&self, op: WriteOp) -> StoreResult<bool> {
+        match self.write(op).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::NoSuchUser) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -180,7 +195,16 @@ impl SqliteStore {
 }
 
 /// Schema changes after version 1, applied in order in one transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(2, "ALTER TABLE users ADD COLUMN scram TEXT;")];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (2, "ALTER TABLE users ADD COLUMN scram TEXT;"),
+    (
+        3,
+        "CREATE TABLE bans(network TEXT PRIMARY KEY, reason TEXT NOT NULL, created_at INTEGER NOT NULL,
+                           expires_at INTEGER, offences INTEGER NOT NULL);
+         CREATE TABLE lockouts(user TEXT PRIMARY KEY, since INTEGER NOT NULL, until INTEGER NOT NULL,
+                               count INTEGER NOT NULL);",
+    ),
+];
 
 fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
     let mut sql = String::from("BEGIN IMMEDIATE;");
@@ -265,6 +289,10 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
         WriteOp::DeleteUser(name) => mailbox::delete_user(conn, name),
         WriteOp::Deliver(msgs) => message::deliver(conn, msgs),
         WriteOp::Delete { mailbox_id, ids } => message::delete(conn, *mailbox_id, ids),
+        WriteOp::PutBan(b) => security::put_ban(conn, b),
+        WriteOp::RemoveBan(n) => security::remove(conn, "DELETE FROM bans WHERE network = ?1", n),
+        WriteOp::PutLockout(l) => security::put_lockout(conn, l),
+        WriteOp::RemoveLockout(u) => security::remove(conn, "DELETE FROM lockouts WHERE user = ?1", u),
     }
 }
 
@@ -355,5 +383,29 @@ impl Store for SqliteStore {
 
     async fn imported(&self, mailbox_id: i64, keys: Vec<String>) -> StoreResult<Vec<String>> {
         self.read(move |c| message::imported(c, mailbox_id, keys)).await
+    }
+
+    async fn bans(&self) -> StoreResult<Vec<BanRecord>> {
+        self.read(security::bans).await
+    }
+
+    async fn put_ban(&self, ban: BanRecord) -> StoreResult<()> {
+        self.write(WriteOp::PutBan(ban)).await
+    }
+
+    async fn remove_ban(&self, network: ipnet::IpNet) -> StoreResult<bool> {
+        self.write_existed(WriteOp::RemoveBan(network.to_string())).await
+    }
+
+    async fn lockouts(&self) -> StoreResult<Vec<LockoutRecord>> {
+        self.read(security::lockouts).await
+    }
+
+    async fn put_lockout(&self, lockout: LockoutRecord) -> StoreResult<()> {
+        self.write(WriteOp::PutLockout(lockout)).await
+    }
+
+    async fn remove_lockout(&self, user: &str) -> StoreResult<bool> {
+        self.write_existed(WriteOp::RemoveLockout(user.to_ascii_lowercase())).await
     }
 }
