@@ -3,14 +3,15 @@
 # Installs what the tests need (Debian packages, pytest), builds, runs:
 #   1. format and lint checks,
 #   2. unit, in-process session and store conformance tests (cargo test),
-#   3. system tests against the real binary with real clients
-#      (curl, mpop, fetchmail, Python poplib, swaks, testssl.sh), abuse
-#      and kill -9 crash tests (pytest, tests/system).
+#   3. system tests against the real binary with real clients and peers
+#      (curl, mpop, fetchmail, Python poplib, swaks, testssl.sh, Postfix,
+#      Dovecot for migration), abuse and kill -9 crash tests (pytest,
+#      tests/system).
 # Everything listens on 127.0.0.1 only and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(curl mpop fetchmail swaks testssl.sh openssl ca-certificates python3)
+DEBIAN_PACKAGES=(curl mpop fetchmail swaks testssl.sh openssl ca-certificates python3 postfix dovecot-core dovecot-lmtpd)
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,6 +21,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     echo "==> installing Debian packages: ${missing[*]}"
     $SUDO apt-get update -q
+    # The tests run their own private Postfix; keep the package from
+    # configuring (and on a normal init system starting) a system-wide one.
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 python3 -c 'import pytest' 2>/dev/null || python3 -m pip install --quiet 'pytest>=7,<9'
