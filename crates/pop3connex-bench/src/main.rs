@@ -200,8 +200,13 @@ fn main() -> Result<()> {
             let m = procfs::tree_mem(a.pid)?;
             let cpu = procfs::tree_cpu_secs(a.pid)?;
             println!(
-                "RESULT mode=proc pid={} procs={} rss_kib={} pss_kib={} uss_kib={} cpu_s={cpu:.2}",
-                a.pid, m.procs, m.rss_kib, m.pss_kib, m.uss_kib
+                "RESULT mode=proc pid={} procs={} rss_kib={} pss_kib={} uss_kib={} cpu_s={cpu:.2} pss_by_comm={}",
+                a.pid,
+                m.procs,
+                m.rss_kib,
+                m.pss_kib,
+                m.uss_kib,
+                m.by_comm_field()
             );
             Ok(())
         }
@@ -419,6 +424,7 @@ async fn run_sessions(a: SessionArgs, full: bool) -> Result<()> {
     let w = window_s.as_secs_f64();
     total.print_errors();
     let rate = total.ok as f64 / w;
+    let latency = total.latency_fields();
     eprintln!("{mode}: {} sessions in {w:.1}s = {rate:.1}/s with {conc} clients, {} errors", total.ok, total.errors);
     println!(
         "RESULT mode={mode} concurrency={conc} window_s={w:.3} sessions={} rate={rate:.2} errors={} errors_total={} messages={} octets={} {} {} tls={}",
@@ -427,7 +433,7 @@ async fn run_sessions(a: SessionArgs, full: bool) -> Result<()> {
         total.errors_total,
         total.messages,
         total.octets,
-        total.latency_fields(),
+        latency,
         cpu0.fields_until(&cpu1),
         total.tls.as_deref().unwrap_or("none"),
     );
@@ -514,6 +520,7 @@ async fn run_idle(a: IdleArgs) -> Result<()> {
             m0.procs, m1.procs, m0.rss_kib, m1.rss_kib, m0.pss_kib, m1.pss_kib, m0.uss_kib, m1.uss_kib,
             per(m0.rss_kib, m1.rss_kib), per(m0.pss_kib, m1.pss_kib), per(m0.uss_kib, m1.uss_kib),
         ));
+        line.push_str(&format!(" pss_by_comm_after={}", m1.by_comm_field()));
     }
     println!("{line}");
     std::io::stdout().flush()?;
@@ -617,7 +624,7 @@ async fn lmtp_worker(ctx: Arc<LmtpCtx>) -> Tally {
                 t.latencies_us.push(started.elapsed().as_micros().min(u64::MAX as u128) as u64);
             }
             Err(e) => {
-                t.error(&e.context(format!("transaction {i}")), true);
+                t.error(&e, true);
                 conn = None;
                 sleep(Duration::from_millis(20)).await;
             }
@@ -670,6 +677,7 @@ async fn run_lmtp(a: LmtpArgs) -> Result<()> {
     total.print_errors();
     let deliveries = total.messages;
     let rate = deliveries as f64 / w;
+    let latency = total.latency_fields();
     eprintln!(
         "lmtp: {} transactions, {deliveries} deliveries in {w:.1}s = {rate:.1} deliveries/s with {conc} connections, {} errors",
         total.ok, total.errors
@@ -681,7 +689,7 @@ async fn run_lmtp(a: LmtpArgs) -> Result<()> {
         total.errors_total,
         total.octets,
         ctx.k,
-        total.latency_fields(),
+        latency,
         cpu0.fields_until(&cpu1),
     );
     Ok(())

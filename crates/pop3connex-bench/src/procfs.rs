@@ -3,7 +3,7 @@
 //! Everything here is plain file parsing; no `unsafe` and no libc.
 
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 
 /// Linux reports process times in USER_HZ clock ticks. USER_HZ is part of the kernel ABI and is
@@ -102,13 +102,27 @@ pub fn tree_cpu_secs(root: u32) -> Result<f64> {
 }
 
 /// Memory of a process tree, summed from `/proc/PID/smaps_rollup` (KiB).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct TreeMem {
     pub procs: u64,
     pub rss_kib: u64,
     pub pss_kib: u64,
     /// Private_Clean + Private_Dirty (USS).
     pub uss_kib: u64,
+    /// Per command name (`/proc/PID/comm`): (processes, PSS KiB).
+    pub by_comm: BTreeMap<String, (u64, u64)>,
+}
+
+impl TreeMem {
+    /// "pop3:2000:1068000,pop3-login:2000:2700000" (name:processes:PSS KiB).
+    pub fn by_comm_field(&self) -> String {
+        let parts: Vec<String> = self
+            .by_comm
+            .iter()
+            .map(|(name, (n, pss))| format!("{}:{n}:{pss}", name.replace([' ', ',', ':', '='], "_")))
+            .collect();
+        parts.join(",")
+    }
 }
 
 pub fn tree_mem(root: u32) -> Result<TreeMem> {
@@ -121,6 +135,9 @@ pub fn tree_mem(root: u32) -> Result<TreeMem> {
             continue;
         };
         m.procs += 1;
+        let comm =
+            fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim().to_owned()).unwrap_or_else(|_| "?".into());
+        let mut pss = 0;
         for line in text.lines() {
             let mut it = line.split_whitespace();
             let (Some(key), Some(val)) = (it.next(), it.next()) else {
@@ -129,11 +146,15 @@ pub fn tree_mem(root: u32) -> Result<TreeMem> {
             let val: u64 = val.parse().unwrap_or(0);
             match key {
                 "Rss:" => m.rss_kib += val,
-                "Pss:" => m.pss_kib += val,
+                "Pss:" => pss += val,
                 "Private_Clean:" | "Private_Dirty:" => m.uss_kib += val,
                 _ => {}
             }
         }
+        m.pss_kib += pss;
+        let e = m.by_comm.entry(comm).or_default();
+        e.0 += 1;
+        e.1 += pss;
     }
     Ok(m)
 }

@@ -24,6 +24,10 @@ pub enum AuthFailure {
     UnknownUser,
     BadPassword,
     Disabled,
+    /// The password is older than the policy's maximum age.
+    Expired,
+    /// The account accepts only SCRAM, OAuth or app passwords.
+    ModernAuthRequired,
     /// Storage trouble: the client gets `[SYS/TEMP]`, not `[AUTH]`.
     Temporary,
 }
@@ -34,6 +38,8 @@ impl AuthFailure {
             AuthFailure::UnknownUser => "unknown user",
             AuthFailure::BadPassword => "bad password",
             AuthFailure::Disabled => "account disabled",
+            AuthFailure::Expired => "password expired",
+            AuthFailure::ModernAuthRequired => "password mechanism not allowed for account",
             AuthFailure::Temporary => "temporary failure",
         }
     }
@@ -47,6 +53,8 @@ pub enum AccountError {
     Password(#[from] PasswordError),
     #[error("no such user")]
     NoSuchUser,
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyViolation),
     #[error("user already exists")]
     UserExists,
     #[error("password must be 1 to 1024 bytes of UTF-8 without NUL, CR or LF")]
@@ -70,6 +78,8 @@ pub struct Authenticator {
     dummy: String,
     /// Server secret for SCRAM's fake salts of unknown users.
     scram_secret: [u8; 32],
+    /// Key for app-password hashes.
+    app_secret: [u8; 32],
     hashing: Semaphore,
 }
 
@@ -81,11 +91,58 @@ impl Authenticator {
     pub fn new(mail: Arc<MailStore>, cfg: AuthConfig) -> Result<Self, PasswordError> {
         let dummy = dummy_hash(&cfg)?;
         let scram_secret = mail.derived_secret(b"scram-unknown-user-salt");
-        Ok(Self { mail, cfg, dummy, scram_secret, hashing: Semaphore::new(MAX_PARALLEL_HASHES) })
+        let app_secret = mail.derived_secret(b"app-passwords");
+        Ok(Self { mail, cfg, dummy, scram_secret, app_secret, hashing: Semaphore::new(MAX_PARALLEL_HASHES) })
     }
 
     pub fn mail(&self) -> &Arc<MailStore> {
         &self.mail
+    }
+
+    /// Keyed hash under which an app password is stored and looked up.
+    fn app_password_key(&self, password: &[u8]) -> Vec<u8> {
+        use hmac::Mac;
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.app_secret).expect("HMAC takes any key length");
+        mac.update(password);
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    /// Whether the account password is older than the policy allows.
+    pub fn password_expired(&self, user: &UserRecord) -> bool {
+        let days = self.cfg.password_policy.max_age_days;
+        days > 0 && crate::types::unix_now() - user.password_changed_at > (days * 86_400) as i64
+    }
+
+    /// Creates an app password for `name`; returns (id, the password). The
+    /// password is shown once and stored only as a keyed hash: it is random
+    /// (about 100 bits), so a fast keyed hash is as safe as a slow one and
+    /// lets logins find it with one indexed lookup.
+    pub async fn add_app_password(
+        &self,
+        name: &UserName,
+        label: &str,
+        expires_at: Option<i64>,
+    ) -> Result<(i64, Zeroizing<String>), AccountError> {
+        const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
+        // 20 characters from 31 (~99 bits); rejection sampling avoids bias.
+        let mut chars = Vec::with_capacity(20);
+        while chars.len() < 20 {
+            let mut raw = [0u8; 32];
+            getrandom::getrandom(&mut raw).map_err(|_| AccountError::Password(PasswordError::Hash))?;
+            let limit = 256 - 256 % ALPHABET.len();
+            chars.extend(raw.iter().filter(|b| (**b as usize) < limit).map(|b| ALPHABET[*b as usize % ALPHABET.len()]));
+        }
+        chars.truncate(20);
+        let password = Zeroizing::new(
+            chars.chunks(5).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-"),
+        );
+        let id = self
+            .mail
+            .store()
+            .add_app_password(name, label, self.app_password_key(password.as_bytes()), expires_at)
+            .await?;
+        Ok((id, password))
     }
 
     /// Checks a user name and password. A successful login with a hash of
@@ -97,6 +154,18 @@ impl Authenticator {
             Some(n) => self.mail.store().user(n).await.map_err(|_| AuthFailure::Temporary)?,
             None => None,
         };
+        // App passwords first: one keyed hash and an indexed lookup.
+        if let Some(r) = &record {
+            let owner = self
+                .mail
+                .store()
+                .use_app_password(self.app_password_key(password))
+                .await
+                .map_err(|_| AuthFailure::Temporary)?;
+            if owner.as_ref() == Some(&r.name) {
+                return if r.disabled { Err(AuthFailure::Disabled) } else { Ok(r.clone()) };
+            }
+        }
         let stored = record.as_ref().map_or(self.dummy.clone(), |r| r.password_hash.clone());
         let password = Zeroizing::new(password.to_vec());
         let ok = {
@@ -110,6 +179,8 @@ impl Authenticator {
             None => Err(AuthFailure::UnknownUser),
             Some(_) if !ok => Err(AuthFailure::BadPassword),
             Some(r) if r.disabled => Err(AuthFailure::Disabled),
+            Some(r) if r.require_modern_auth => Err(AuthFailure::ModernAuthRequired),
+            Some(r) if self.password_expired(&r) => Err(AuthFailure::Expired),
             Some(r) => {
                 if r.scram.is_none() || !is_scheme(&r.password_hash, self.cfg.password_scheme) {
                     match self.credentials_for(&password).await {
@@ -169,8 +240,35 @@ impl Authenticator {
         .map_err(AccountError::from)
     }
 
+    /// Applies the password policy, including reuse of the current and
+    /// recent passwords.
+    async fn check_policy(
+        &self,
+        name: &UserName,
+        password: &[u8],
+        current: Option<String>,
+    ) -> Result<(), AccountError> {
+        let policy = &self.cfg.password_policy;
+        let text = std::str::from_utf8(password).map_err(|_| AccountError::BadPassword)?;
+        policy.check(text, name.as_str())?;
+        if policy.history == 0 {
+            return Ok(());
+        }
+        let mut previous: Vec<String> = current.into_iter().collect();
+        previous.extend(self.mail.store().password_history(name).await?.into_iter().take(policy.history - 1));
+        let password = Zeroizing::new(password.to_vec());
+        let reused = tokio::task::spawn_blocking(move || previous.iter().any(|h| verify_password(h, &password)))
+            .await
+            .map_err(|_| AccountError::Password(PasswordError::Hash))?;
+        if reused {
+            return Err(crate::policy::PolicyViolation::Reused.into());
+        }
+        Ok(())
+    }
+
     pub async fn add_user(&self, name: &UserName, password: &[u8]) -> Result<(), AccountError> {
         Self::check_password(password)?;
+        self.check_policy(name, password, None).await?;
         let credentials = self.credentials_for(password).await?;
         match self.mail.create_user(name, &credentials).await {
             Err(MailStoreError::Store(StoreError::UserExists)) => Err(AccountError::UserExists),
@@ -180,6 +278,8 @@ impl Authenticator {
 
     pub async fn set_password(&self, name: &UserName, password: &[u8]) -> Result<(), AccountError> {
         Self::check_password(password)?;
+        let current = self.mail.store().user(name).await?.ok_or(AccountError::NoSuchUser)?;
+        self.check_policy(name, password, Some(current.password_hash)).await?;
         let credentials = self.credentials_for(password).await?;
         Ok(self.mail.store().set_password(name, &credentials).await?)
     }

@@ -194,6 +194,8 @@ pub struct AuthConfig {
     pub failure_delay_ms: u64,
     #[serde(deserialize_with = "scram_iterations")]
     pub scram_iterations: u64,
+    /// `[auth.password_policy]`.
+    pub password_policy: crate::policy::PasswordPolicy,
 }
 
 impl Default for AuthConfig {
@@ -205,6 +207,7 @@ impl Default for AuthConfig {
             argon2_parallelism: 1,
             failure_delay_ms: 1000,
             scram_iterations: 4096,
+            password_policy: crate::policy::PasswordPolicy::default(),
         }
     }
 }
@@ -398,7 +401,14 @@ impl Config {
         };
         abs(&mut cfg.store.path);
         abs(&mut cfg.tls.certificate);
-        for p in [&mut cfg.abuse.allowlist_file, &mut cfg.abuse.blocklist_file].into_iter().flatten() {
+        for p in [
+            &mut cfg.abuse.allowlist_file,
+            &mut cfg.abuse.blocklist_file,
+            &mut cfg.auth.password_policy.breached_hashes_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
             abs(p);
         }
         cfg.store.master_key.resolve_against(&base);
@@ -487,6 +497,11 @@ mod tests {
             "argon2_parallelism",
             "failure_delay_ms",
             "scram_iterations",
+            "min_length",
+            "min_strength",
+            "breached_hashes_file",
+            "history",
+            "max_age_days",
             "allowlist",
             "allowlist_file",
             "blocklist_file",

@@ -34,6 +34,7 @@ pub mod limits;
 pub mod lmtp;
 pub mod mailstore;
 pub mod password;
+pub mod policy;
 pub mod pop3;
 pub mod sasl;
 pub mod scram;

@@ -150,6 +150,9 @@ impl Mechanism for Scram {
                 let user = server.user.clone();
                 let Some(msg) = response else { return Step::Malformed("missing client-final") };
                 match (server.finish(msg), record) {
+                    (Ok(_), Some(r)) if ctx.auth.password_expired(&r) => {
+                        Step::Failure { reason: AuthFailure::Expired, user: Some(user) }
+                    }
                     (Ok(server_final), Some(r)) if !r.disabled && r.scram.is_some() => {
                         self.state = ScramState::AwaitAck(Box::new(r));
                         Step::Challenge(server_final)

@@ -108,12 +108,40 @@ enum UserCmd {
     Enable { name: String },
     /// Lift a lockout after repeated failed logins.
     Unlock { name: String },
+    /// Per-device POP3 passwords (shown once, revocable, optional expiry).
+    #[command(subcommand)]
+    AppPassword(AppPasswordCmd),
+    /// Require SCRAM, OAuth or app passwords (refuse the account password over PLAIN/USER).
+    RequireModernAuth {
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Delete a user, the mailbox and its key: the mail is unrecoverable.
     Delete {
         name: String,
         /// Confirm the deletion.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppPasswordCmd {
+    /// Create one; the password is printed once and never again.
+    Add {
+        name: String,
+        /// What it is for, e.g. "Thunderbird on laptop".
+        label: String,
+        #[arg(long)]
+        expires_days: Option<u64>,
+    },
+    List {
+        name: String,
+    },
+    Revoke {
+        name: String,
+        id: i64,
     },
 }
 
@@ -344,6 +372,41 @@ async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
             let name = UserName::parse(&name)?;
             store.set_disabled(&name, false).await.map_err(|e| account_err(e.into(), &name))?;
             println!("enabled {name}");
+        }
+        UserCmd::AppPassword(AppPasswordCmd::Add { name, label, expires_days }) => {
+            let name = UserName::parse(&name)?;
+            let expires = expires_days.map(|d| pop3connex_core::types::unix_now() + (d * 86_400) as i64);
+            let (id, pw) = auth.add_app_password(&name, &label, expires).await.map_err(|e| account_err(e, &name))?;
+            println!("app password {id} for {name} ({label}): {}", *pw);
+            println!("It is shown only now. Use it instead of the account password in one POP3 client.");
+        }
+        UserCmd::AppPassword(AppPasswordCmd::List { name }) => {
+            let name = UserName::parse(&name)?;
+            let now = pop3connex_core::types::unix_now();
+            println!("{:>5}  {:<30} {:>12} {:>14}", "id", "label", "expires in", "last used ago");
+            for a in store.app_passwords(&name).await? {
+                let exp = a.expires_at.map_or("never".into(), |e| {
+                    if e > now {
+                        format!("{}d", (e - now) / 86_400)
+                    } else {
+                        "expired".into()
+                    }
+                });
+                let used = a.last_used_at.map_or("never".into(), |t| format!("{}s", now - t));
+                println!("{:>5}  {:<30} {:>12} {:>14}", a.id, a.label, exp, used);
+            }
+        }
+        UserCmd::AppPassword(AppPasswordCmd::Revoke { name, id }) => {
+            let name = UserName::parse(&name)?;
+            if !store.revoke_app_password(&name, id).await? {
+                bail!("{name} has no app password {id}");
+            }
+            println!("revoked app password {id} of {name}");
+        }
+        UserCmd::RequireModernAuth { name, state } => {
+            let name = UserName::parse(&name)?;
+            store.set_require_modern_auth(&name, state == "on").await.map_err(|e| account_err(e.into(), &name))?;
+            println!("{name}: modern authentication required: {state}");
         }
         UserCmd::Unlock { name } => {
             let name = UserName::parse(&name)?;

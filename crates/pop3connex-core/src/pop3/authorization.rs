@@ -68,7 +68,7 @@ impl Session<'_> {
                     // Refused before hashing: a locked name costs no CPU.
                     let name = UserName::parse(&user).map(|u| u.to_string()).unwrap_or_default();
                     emit(SecurityEvent::LockedOut { peer: self.peer.ip(), user: &name });
-                    let flow = self.login_failed(conn, Some(&name)).await;
+                    let flow = self.login_failed(conn, Some(&name), "Authentication failed").await;
                     return Ok((State::Authorization(a), flow));
                 }
                 let result = self.ctx.auth.verify_password(&user, &password).await;
@@ -196,15 +196,22 @@ impl Session<'_> {
                     conn.reply(StatusLine::err_code(RespCode::SysTemp, "Temporary authentication failure"));
                     return Ok((State::Authorization(a), Flow::Continue));
                 }
-                return Ok((
-                    State::Authorization(a),
-                    self.login_failed(conn, shown.as_ref().map(|u| u.as_str())).await,
-                ));
+                let text = match reason {
+                    // Said only after the password was verified.
+                    AuthFailure::Expired => "Password expired; ask your administrator for a new one",
+                    AuthFailure::ModernAuthRequired => {
+                        "This account requires SCRAM, OAuth or an app password; update your client settings"
+                    }
+                    _ => "Authentication failed",
+                };
+                let flow = self.login_failed(conn, shown.as_ref().map(|u| u.as_str()), text).await;
+                return Ok((State::Authorization(a), flow));
             }
         };
         if self.ctx.security.account_locked(user.name.as_str(), peer) {
             emit(SecurityEvent::LockedOut { peer, user: user.name.as_str() });
-            return Ok((State::Authorization(a), self.login_failed(conn, Some(user.name.as_str())).await));
+            let flow = self.login_failed(conn, Some(user.name.as_str()), "Authentication failed").await;
+            return Ok((State::Authorization(a), flow));
         }
         self.ctx.security.record_auth_success(peer, &user.name);
         if let Some(delay) = self.ctx.cfg.login_delay_secs {
@@ -260,6 +267,7 @@ impl Session<'_> {
         &mut self,
         conn: &mut Connection<S>,
         user: Option<&str>,
+        text: &str,
     ) -> Flow {
         let peer = self.peer.ip();
         self.auth_failures += 1;
@@ -268,7 +276,7 @@ impl Session<'_> {
         let locked = user.is_some_and(|u| self.ctx.security.account_locked(u, peer));
         conn.reply(StatusLine::err_code(
             RespCode::Auth,
-            if locked { "Authentication failed; too many failures, try again later" } else { "Authentication failed" },
+            if locked { "Authentication failed; too many failures, try again later" } else { text },
         ));
         if outcome.banned || self.auth_failures >= self.ctx.cfg.max_auth_failures {
             Flow::Close

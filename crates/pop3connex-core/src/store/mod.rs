@@ -53,6 +53,11 @@ pub struct UserRecord {
     /// a hash (derived at their next password login).
     pub scram: Option<String>,
     pub disabled: bool,
+    /// Unix time of the last password change (for maximum age).
+    pub password_changed_at: i64,
+    /// Refuse the account password over PLAIN/USER: SCRAM, OAuth or app
+    /// passwords only.
+    pub require_modern_auth: bool,
     pub mailbox: MailboxRef,
 }
 
@@ -101,6 +106,16 @@ pub struct UserSummary {
     pub disabled: bool,
     pub messages: u64,
     pub octets: u64,
+}
+
+/// A per-device POP3 password, listed without its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppPasswordInfo {
+    pub id: i64,
+    pub label: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub last_used_at: Option<i64>,
 }
 
 /// An address or network refused at accept.
@@ -152,6 +167,23 @@ pub trait Store: Send + Sync + 'static {
     async fn users(&self) -> StoreResult<Vec<UserSummary>>;
     async fn set_password(&self, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()>;
     async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()>;
+    async fn set_require_modern_auth(&self, name: &UserName, required: bool) -> StoreResult<()>;
+    /// Previous password hashes, newest first (`set_password` records them).
+    async fn password_history(&self, name: &UserName) -> StoreResult<Vec<String>>;
+
+    /// Stores an app password by its keyed hash; returns its id.
+    async fn add_app_password(
+        &self,
+        name: &UserName,
+        label: &str,
+        keyed_hash: Vec<u8>,
+        expires_at: Option<i64>,
+    ) -> StoreResult<i64>;
+    async fn app_passwords(&self, name: &UserName) -> StoreResult<Vec<AppPasswordInfo>>;
+    async fn revoke_app_password(&self, name: &UserName, id: i64) -> StoreResult<bool>;
+    /// The owner of an unexpired app password with this keyed hash; marks
+    /// it used.
+    async fn use_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<UserName>>;
     /// Deletes the user, the mailbox, its key and all its mail.
     async fn delete_user(&self, name: &UserName) -> StoreResult<()>;
 

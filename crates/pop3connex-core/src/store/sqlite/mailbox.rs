@@ -41,7 +41,8 @@ pub(super) fn create_user(
 pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<StoreResult<Option<UserRecord>>> {
     let row = conn
         .query_row(
-            "SELECT u.password_hash, u.disabled, m.id, m.uid, m.wrapped_key, u.scram
+            "SELECT u.password_hash, u.disabled, m.id, m.uid, m.wrapped_key, u.scram,
+                    u.password_changed_at, u.require_modern_auth
              FROM users u JOIN mailboxes m ON m.user_id = u.id WHERE u.name = ?1",
             [name.as_str()],
             |r| {
@@ -52,11 +53,14 @@ pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<Store
                     r.get::<_, Vec<u8>>(3)?,
                     r.get::<_, Vec<u8>>(4)?,
                     r.get::<_, Option<String>>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, bool>(7)?,
                 ))
             },
         )
         .optional()?;
-    let Some((password_hash, disabled, id, uid, wrapped_key, scram)) = row else {
+    let Some((password_hash, disabled, id, uid, wrapped_key, scram, password_changed_at, require_modern_auth)) = row
+    else {
         return Ok(Ok(None));
     };
     let Ok(uid) = RecordId::try_from(uid.as_slice()) else {
@@ -67,6 +71,8 @@ pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<Store
         password_hash,
         scram,
         disabled,
+        password_changed_at,
+        require_modern_auth,
         mailbox: MailboxRef { id, uid, wrapped_key },
     })))
 }
@@ -93,6 +99,20 @@ pub(super) fn users(conn: &Connection) -> rusqlite::Result<StoreResult<Vec<UserS
 }
 
 pub(super) fn set_password(conn: &Connection, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()> {
+    // Keep the previous hash for the reuse check (last 24 at most).
+    conn.execute(
+        "INSERT INTO password_history(user_id, hash, changed_at)
+         SELECT id, password_hash, password_changed_at FROM users WHERE name = ?1",
+        [name.as_str()],
+    )
+    .map_err(map_err)?;
+    conn.execute(
+        "DELETE FROM password_history WHERE user_id = (SELECT id FROM users WHERE name = ?1)
+         AND rowid NOT IN (SELECT h.rowid FROM password_history h JOIN users u ON u.id = h.user_id
+                           WHERE u.name = ?1 ORDER BY h.changed_at DESC, h.rowid DESC LIMIT 24)",
+        [name.as_str()],
+    )
+    .map_err(map_err)?;
     let n = conn
         .execute(
             "UPDATE users SET password_hash = ?2, scram = ?3, password_changed_at = ?4 WHERE name = ?1",
@@ -145,4 +165,85 @@ pub(super) fn lock(dir: &Path, mailbox_id: i64) -> StoreResult<MaildropLock> {
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked),
         Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Temporary(format!("lock {}: {e}", path.display()))),
     }
+}
+
+fn changed(n: usize) -> StoreResult<()> {
+    if n == 0 {
+        Err(StoreError::NoSuchUser)
+    } else {
+        Ok(())
+    }
+}
+
+pub(super) fn set_require_modern(conn: &Connection, name: &UserName, required: bool) -> StoreResult<()> {
+    changed(
+        conn.execute("UPDATE users SET require_modern_auth = ?2 WHERE name = ?1", params![name.as_str(), required])
+            .map_err(map_err)?,
+    )
+}
+
+pub(super) fn password_history(conn: &Connection, name: &UserName) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT h.hash FROM password_history h JOIN users u ON u.id = h.user_id
+         WHERE u.name = ?1 ORDER BY h.changed_at DESC, h.rowid DESC",
+    )?;
+    let rows = stmt.query_map([name.as_str()], |r| r.get(0))?;
+    rows.collect()
+}
+
+pub(super) fn add_app_password(
+    conn: &Connection,
+    name: &UserName,
+    label: &str,
+    hash: &[u8],
+    expires_at: Option<i64>,
+) -> StoreResult<()> {
+    changed(
+        conn.execute(
+            "INSERT INTO app_passwords(user_id, label, hash, created_at, expires_at)
+             SELECT id, ?2, ?3, ?4, ?5 FROM users WHERE name = ?1",
+            params![name.as_str(), label, hash, unix_now(), expires_at],
+        )
+        .map_err(map_err)?,
+    )
+}
+
+pub(super) fn app_passwords(
+    conn: &Connection,
+    name: &UserName,
+) -> rusqlite::Result<Vec<crate::store::AppPasswordInfo>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT a.id, a.label, a.created_at, a.expires_at, a.last_used_at FROM app_passwords a
+         JOIN users u ON u.id = a.user_id WHERE u.name = ?1 ORDER BY a.id",
+    )?;
+    let rows = stmt.query_map([name.as_str()], |r| {
+        Ok(crate::store::AppPasswordInfo {
+            id: r.get(0)?,
+            label: r.get(1)?,
+            created_at: r.get(2)?,
+            expires_at: r.get(3)?,
+            last_used_at: r.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
+pub(super) fn revoke_app_password(conn: &Connection, name: &UserName, id: i64) -> StoreResult<()> {
+    changed(
+        conn.execute(
+            "DELETE FROM app_passwords WHERE id = ?2 AND user_id = (SELECT id FROM users WHERE name = ?1)",
+            params![name.as_str(), id],
+        )
+        .map_err(map_err)?,
+    )
+}
+
+pub(super) fn find_app_password(conn: &Connection, hash: &[u8]) -> rusqlite::Result<Option<(i64, String)>> {
+    conn.query_row(
+        "SELECT a.id, u.name FROM app_passwords a JOIN users u ON u.id = a.user_id
+         WHERE a.hash = ?1 AND (a.expires_at IS NULL OR a.expires_at > ?2)",
+        params![hash, unix_now()],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
 }

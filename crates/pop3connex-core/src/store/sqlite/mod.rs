@@ -41,7 +41,7 @@ const MAX_IDLE_READERS: usize = 8;
 /// operation fails with a temporary error.
 const BUSY_TIMEOUT_MS: u64 = 5000;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -89,6 +89,10 @@ enum WriteOp {
     CreateUser { name: UserName, credentials: StoredCredentials, uid: RecordId, wrapped_key: Vec<u8> },
     SetPassword { name: UserName, credentials: StoredCredentials },
     SetDisabled { name: UserName, disabled: bool },
+    SetRequireModern { name: UserName, required: bool },
+    AddAppPassword { name: UserName, label: String, hash: Vec<u8>, expires_at: Option<i64> },
+    RevokeAppPassword { name: UserName, id: i64 },
+    UseAppPassword { id: i64 },
     DeleteUser(UserName),
     Deliver(Vec<NewMessage>),
     Delete { mailbox_id: i64, ids: Vec<i64> },
@@ -204,6 +208,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
          CREATE TABLE lockouts(user TEXT PRIMARY KEY, since INTEGER NOT NULL, until INTEGER NOT NULL,
                                count INTEGER NOT NULL);",
     ),
+    (
+        4,
+        "ALTER TABLE users ADD COLUMN require_modern_auth INTEGER NOT NULL DEFAULT 0;
+         CREATE TABLE password_history(user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+                                       hash TEXT NOT NULL, changed_at INTEGER NOT NULL);
+         CREATE INDEX password_history_by_user ON password_history(user_id, changed_at);
+         CREATE TABLE app_passwords(id INTEGER PRIMARY KEY AUTOINCREMENT,
+                                    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+                                    label TEXT NOT NULL, hash BLOB NOT NULL UNIQUE, created_at INTEGER NOT NULL,
+                                    expires_at INTEGER, last_used_at INTEGER);",
+    ),
 ];
 
 fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
@@ -286,6 +301,18 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
         }
         WriteOp::SetPassword { name, credentials } => mailbox::set_password(conn, name, credentials),
         WriteOp::SetDisabled { name, disabled } => mailbox::set_disabled(conn, name, *disabled),
+        WriteOp::SetRequireModern { name, required } => mailbox::set_require_modern(conn, name, *required),
+        WriteOp::AddAppPassword { name, label, hash, expires_at } => {
+            mailbox::add_app_password(conn, name, label, hash, *expires_at)
+        }
+        WriteOp::RevokeAppPassword { name, id } => mailbox::revoke_app_password(conn, name, *id),
+        WriteOp::UseAppPassword { id } => conn
+            .execute(
+                "UPDATE app_passwords SET last_used_at = ?2 WHERE id = ?1",
+                rusqlite::params![id, crate::types::unix_now()],
+            )
+            .map(drop)
+            .map_err(map_err),
         WriteOp::DeleteUser(name) => mailbox::delete_user(conn, name),
         WriteOp::Deliver(msgs) => message::deliver(conn, msgs),
         WriteOp::Delete { mailbox_id, ids } => message::delete(conn, *mailbox_id, ids),
@@ -349,6 +376,49 @@ impl Store for SqliteStore {
 
     async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()> {
         self.write(WriteOp::SetDisabled { name: name.clone(), disabled }).await
+    }
+
+    async fn set_require_modern_auth(&self, name: &UserName, required: bool) -> StoreResult<()> {
+        self.write(WriteOp::SetRequireModern { name: name.clone(), required }).await
+    }
+
+    async fn password_history(&self, name: &UserName) -> StoreResult<Vec<String>> {
+        let name = name.clone();
+        self.read(move |c| mailbox::password_history(c, &name)).await
+    }
+
+    async fn add_app_password(
+        &self,
+        name: &UserName,
+        label: &str,
+        keyed_hash: Vec<u8>,
+        expires_at: Option<i64>,
+    ) -> StoreResult<i64> {
+        let op = WriteOp::AddAppPassword {
+            name: name.clone(),
+            label: label.to_owned(),
+            hash: keyed_hash.clone(),
+            expires_at,
+        };
+        self.write(op).await?;
+        self.read(move |c| c.query_row("SELECT id FROM app_passwords WHERE hash = ?1", [keyed_hash], |r| r.get(0)))
+            .await
+    }
+
+    async fn app_passwords(&self, name: &UserName) -> StoreResult<Vec<crate::store::AppPasswordInfo>> {
+        let name = name.clone();
+        self.read(move |c| mailbox::app_passwords(c, &name)).await
+    }
+
+    async fn revoke_app_password(&self, name: &UserName, id: i64) -> StoreResult<bool> {
+        self.write_existed(WriteOp::RevokeAppPassword { name: name.clone(), id }).await
+    }
+
+    async fn use_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<UserName>> {
+        let found = self.read(move |c| mailbox::find_app_password(c, &keyed_hash)).await?;
+        let Some((id, name)) = found else { return Ok(None) };
+        self.write(WriteOp::UseAppPassword { id }).await?;
+        Ok(UserName::parse(&name).ok())
     }
 
     async fn delete_user(&self, name: &UserName) -> StoreResult<()> {

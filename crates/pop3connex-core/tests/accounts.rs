@@ -1,0 +1,117 @@
+//! Password policy, history, expiry, app passwords and per-account
+//! "modern authentication only", through the account API and POP3 sessions.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Fixture, PASSWORD};
+use pop3connex_core::auth::{AccountError, Authenticator};
+use pop3connex_core::config::AuthConfig;
+use pop3connex_core::policy::{PasswordPolicy, PolicyViolation};
+use pop3connex_core::pop3::ListenerKind;
+use pop3connex_core::types::UserName;
+
+fn name(s: &str) -> UserName {
+    UserName::parse(s).unwrap()
+}
+
+fn auth_with(f: &Fixture, policy: PasswordPolicy) -> Authenticator {
+    Authenticator::new(f.mail.clone(), AuthConfig { password_policy: policy, ..common::cheap_auth() }).unwrap()
+}
+
+#[tokio::test]
+async fn policy_is_enforced_when_setting_passwords_including_reuse() {
+    let f = Fixture::new("policy").await;
+    let auth = auth_with(&f, PasswordPolicy { history: 3, ..PasswordPolicy::default() });
+    let alice = name("alice");
+    assert!(matches!(auth.add_user(&alice, b"short").await, Err(AccountError::Policy(PolicyViolation::TooShort(12)))));
+    assert!(matches!(
+        auth.add_user(&alice, b"alicealice12345").await,
+        Err(AccountError::Policy(PolicyViolation::TooWeak { .. }))
+    ));
+    auth.add_user(&alice, PASSWORD.as_bytes()).await.unwrap();
+    let second = "plum orbit canyon seventeen";
+    let third = "violet harbor glacier wrench";
+    assert!(matches!(
+        auth.set_password(&alice, PASSWORD.as_bytes()).await,
+        Err(AccountError::Policy(PolicyViolation::Reused))
+    ));
+    auth.set_password(&alice, second.as_bytes()).await.unwrap();
+    auth.set_password(&alice, third.as_bytes()).await.unwrap();
+    assert!(
+        matches!(
+            auth.set_password(&alice, PASSWORD.as_bytes()).await,
+            Err(AccountError::Policy(PolicyViolation::Reused))
+        ),
+        "within the last 3"
+    );
+    auth.set_password(&alice, "quartz meadow lantern ferry".as_bytes()).await.unwrap();
+    auth.set_password(&alice, PASSWORD.as_bytes()).await.expect("4 changes ago is outside a history of 3");
+}
+
+#[tokio::test]
+async fn expired_password_is_refused_with_a_clear_reason() {
+    let f = Fixture::new("expiry").await;
+    f.add_user("alice").await;
+    let db = rusqlite::Connection::open(f.dir.join("t.db")).unwrap();
+    db.execute("UPDATE users SET password_changed_at = password_changed_at - 3 * 86400", []).unwrap();
+    let auth = Arc::new(auth_with(&f, PasswordPolicy { max_age_days: 2, ..PasswordPolicy::default() }));
+    let mut ctx = Arc::try_unwrap(f.pop3_ctx(Fixture::trusting_cfg())).ok().unwrap();
+    ctx.auth = auth;
+    let mut c = f.connect_pop3(Arc::new(ctx), ListenerKind::StartTls);
+    c.line().await;
+    c.cmd("USER alice").await;
+    assert_eq!(c.cmd("PASS wrong").await, "-ERR [AUTH] Authentication failed", "no hint without the password");
+    c.cmd("USER alice").await;
+    assert_eq!(
+        c.cmd(&format!("PASS {PASSWORD}")).await,
+        "-ERR [AUTH] Password expired; ask your administrator for a new one"
+    );
+}
+
+#[tokio::test]
+async fn app_passwords_and_modern_auth_only_accounts() {
+    let f = Fixture::new("apppw").await;
+    f.add_user("alice").await;
+    let alice = name("alice");
+    let (id, app_pw) = f.auth.add_app_password(&alice, "phone", None).await.unwrap();
+    let (_, expired_pw) =
+        f.auth.add_app_password(&alice, "old", Some(pop3connex_core::types::unix_now() - 1)).await.unwrap();
+    assert_eq!(app_pw.len(), 23, "four groups of five, dash-separated: {}", *app_pw);
+    let ctx = f.pop3_ctx(Fixture::trusting_cfg());
+    let login = |pw: String| {
+        let ctx = ctx.clone();
+        let f = &f;
+        async move {
+            let mut c = f.connect_pop3(ctx, ListenerKind::StartTls);
+            c.line().await;
+            c.cmd("USER alice").await;
+            c.cmd(&format!("PASS {pw}")).await
+        }
+    };
+    assert!(login(app_pw.to_string()).await.starts_with("+OK"));
+    assert!(login(expired_pw.to_string()).await.starts_with("-ERR [AUTH]"), "expired app password");
+    let listed = f.mail.store().app_passwords(&alice).await.unwrap();
+    assert!(listed.iter().any(|a| a.id == id && a.label == "phone" && a.last_used_at.is_some()));
+
+    f.mail.store().set_require_modern_auth(&alice, true).await.unwrap();
+    assert_eq!(
+        login(PASSWORD.to_string()).await,
+        "-ERR [AUTH] This account requires SCRAM, OAuth or an app password; update your client settings"
+    );
+    assert!(login(app_pw.to_string()).await.starts_with("+OK"), "app passwords still work");
+
+    assert!(f.mail.store().revoke_app_password(&alice, id).await.unwrap());
+    assert!(login(app_pw.to_string()).await.starts_with("-ERR [AUTH]"), "revoked");
+    // The stored form is a keyed hash, never the password.
+    let db = rusqlite::Connection::open(f.dir.join("t.db")).unwrap();
+    let stored: Vec<Vec<u8>> = db
+        .prepare("SELECT hash FROM app_passwords")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(stored.iter().all(|h| h.len() == 32 && !h.windows(4).any(|w| expired_pw.as_bytes().starts_with(w))));
+}
