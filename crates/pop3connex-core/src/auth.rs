@@ -55,6 +55,8 @@ pub enum AccountError {
     NoSuchUser,
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyViolation),
+    #[error("unsupported password hash scheme (supported: SHA512-CRYPT, BLF-CRYPT, ARGON2ID)")]
+    UnsupportedHash,
     #[error("user already exists")]
     UserExists,
     #[error("password must be 1 to 1024 bytes of UTF-8 without NUL, CR or LF")]
@@ -270,6 +272,20 @@ impl Authenticator {
         Self::check_password(password)?;
         self.check_policy(name, password, None).await?;
         let credentials = self.credentials_for(password).await?;
+        match self.mail.create_user(name, &credentials).await {
+            Err(MailStoreError::Store(StoreError::UserExists)) => Err(AccountError::UserExists),
+            other => Ok(other?),
+        }
+    }
+
+    /// Creates a user from a hash exported by another server (Dovecot
+    /// passwd-file). No SCRAM keys exist until the first password login,
+    /// which also re-hashes with the configured scheme.
+    pub async fn import_user(&self, name: &UserName, hash: &str) -> Result<(), AccountError> {
+        if !crate::password::is_supported_hash(hash) {
+            return Err(AccountError::UnsupportedHash);
+        }
+        let credentials = StoredCredentials { hash: hash.to_owned(), scram: None };
         match self.mail.create_user(name, &credentials).await {
             Err(MailStoreError::Store(StoreError::UserExists)) => Err(AccountError::UserExists),
             other => Ok(other?),

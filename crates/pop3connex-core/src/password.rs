@@ -1,8 +1,10 @@
 //! Password hashing and verification.
 //!
 //! New hashes are Argon2id (PHC string) by default, or `{SHA512-CRYPT}` when
-//! an operator needs Dovecot-compatible cost. Verification accepts both, so
-//! hashes imported from Dovecot keep working. Hashing is CPU- and
+//! an operator needs Dovecot-compatible cost. Verification also accepts
+//! Dovecot's `{SHA512-CRYPT}`, `{BLF-CRYPT}` and `{ARGON2ID}`, so hashes
+//! imported from Dovecot keep working; they are replaced by the configured
+//! scheme at the user's next successful login. Hashing is CPU- and
 //! memory-heavy: callers run it on the blocking pool.
 
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -46,6 +48,14 @@ fn argon2_for(cfg: &AuthConfig) -> Result<Argon2<'static>, PasswordError> {
     Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
 }
 
+/// Whether `hash` is in a form [`verify_password`] understands (used to
+/// validate imported hashes).
+pub fn is_supported_hash(hash: &str) -> bool {
+    ["{SHA512-CRYPT}$6$", "$6$", "{BLF-CRYPT}$2", "{ARGON2ID}$argon2id$", "$argon2id$"]
+        .iter()
+        .any(|p| hash.starts_with(p))
+}
+
 /// Checks `password` against a stored hash of any supported scheme.
 /// Unknown or malformed hashes never verify.
 pub fn verify_password(stored: &str, password: &[u8]) -> bool {
@@ -53,6 +63,10 @@ pub fn verify_password(stored: &str, password: &[u8]) -> bool {
     if let Some(crypt) = stored.strip_prefix("{SHA512-CRYPT}").or_else(|| stored.strip_prefix("$6$").map(|_| stored)) {
         let Ok(pw) = std::str::from_utf8(password) else { return false };
         return sha_crypt::sha512_check(pw, crypt).is_ok();
+    }
+    if let Some(bcrypt_hash) = stored.strip_prefix("{BLF-CRYPT}") {
+        let Ok(pw) = std::str::from_utf8(password) else { return false };
+        return bcrypt::verify(pw, bcrypt_hash).unwrap_or(false);
     }
     if stored.starts_with("$argon2id$") {
         let Ok(parsed) = PasswordHash::new(stored) else { return false };
@@ -95,7 +109,8 @@ mod tests {
         // Both generated with `doveadm pw -s SCHEME -p test` (Dovecot 2.3).
         let sha = "{SHA512-CRYPT}$6$DAEBdnbM6x1qs1Zp$61UH.TYqGe1o4wPuELC1PJHFGN.eczraTrksAeTWd3Gpnaim7hyGbXA9b1rP4wGtu.AQHqM8B1R0wQa3Hyamc1";
         let argon = "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$NlT2VO6jUfKoLbL89cUmiA$tc6AOu37+6LQifp8HGtMMgeKfbyETSqJA6Jo0s649PU";
-        for h in [sha, argon] {
+        let blf = "{BLF-CRYPT}$2y$05$9EEIy.4MYOsRqqq3U3lQ8uLOysSjbXYfEbyLOa3Gk8.I5O2n64.cu";
+        for h in [sha, argon, blf] {
             assert!(verify_password(h, b"test"), "{h}");
             assert!(!verify_password(h, b"Test"), "{h}");
         }

@@ -108,6 +108,9 @@ enum UserCmd {
     Enable { name: String },
     /// Lift a lockout after repeated failed logins.
     Unlock { name: String },
+    /// Create users from a Dovecot passwd-file (`user:{SCHEME}hash:...`);
+    /// hashes are kept and upgraded at each user's next login.
+    ImportPasswd { file: PathBuf },
     /// Per-device POP3 passwords (shown once, revocable, optional expiry).
     #[command(subcommand)]
     AppPassword(AppPasswordCmd),
@@ -407,6 +410,30 @@ async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
             let name = UserName::parse(&name)?;
             store.set_require_modern_auth(&name, state == "on").await.map_err(|e| account_err(e.into(), &name))?;
             println!("{name}: modern authentication required: {state}");
+        }
+        UserCmd::ImportPasswd { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let (mut added, mut skipped) = (0, 0);
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let mut fields = line.splitn(3, ':');
+                let (Some(user), Some(hash)) = (fields.next(), fields.next()) else { continue };
+                let outcome = match UserName::parse(user) {
+                    Ok(name) => auth.import_user(&name, hash).await.map_err(|e| account_err(e, &name)),
+                    Err(e) => Err(e.into()),
+                };
+                match outcome {
+                    Ok(()) => added += 1,
+                    Err(e) => {
+                        skipped += 1;
+                        eprintln!("{}:{}: {user}: {e}", file.display(), i + 1);
+                    }
+                }
+            }
+            println!("imported {added} users, skipped {skipped}");
         }
         UserCmd::Unlock { name } => {
             let name = UserName::parse(&name)?;

@@ -208,3 +208,38 @@ fn users_delivery_retrieval_reload_and_graceful_shutdown() {
     let stat = pop3connex(&d.0, &["mailbox", "stat", "alice"], "");
     assert!(String::from_utf8_lossy(&stat.stdout).contains("messages: 1"), "nothing deleted without QUIT");
 }
+
+#[test]
+fn dovecot_hashes_import_log_in_and_are_upgraded() {
+    let d = data_dir("passwd");
+    // Hashes made by `doveadm pw -s SCHEME -p test` (Dovecot 2.3).
+    let passwd = d.0.join("passwd");
+    std::fs::write(
+        &passwd,
+        "sha:{SHA512-CRYPT}$6$DAEBdnbM6x1qs1Zp$61UH.TYqGe1o4wPuELC1PJHFGN.eczraTrksAeTWd3Gpnaim7hyGbXA9b1rP4wGtu.AQHqM8B1R0wQa3Hyamc1::::::\n\
+         blf:{BLF-CRYPT}$2y$05$9EEIy.4MYOsRqqq3U3lQ8uLOysSjbXYfEbyLOa3Gk8.I5O2n64.cu::::::\n\
+         arg:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$NlT2VO6jUfKoLbL89cUmiA$tc6AOu37+6LQifp8HGtMMgeKfbyETSqJA6Jo0s649PU\n\
+         bad:{PLAIN}test\n",
+    )
+    .unwrap();
+    let out = pop3connex(&d.0, &["user", "import-passwd", passwd.to_str().unwrap()], "");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("imported 3 users, skipped 1"), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let srv = serve(&d.0);
+    for user in ["sha", "blf", "arg"] {
+        let mut c = Conn::open(&srv.pop3);
+        c.line();
+        c.cmd(&format!("USER {user}"));
+        assert!(c.cmd("PASS test").starts_with("+OK"), "{user}");
+        c.cmd("QUIT");
+    }
+    let db = d.0.join("pop3connex.db");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; print('\\n'.join(h[:10] + ' ' + str(s is not None) for h, s in sqlite3.connect(sys.argv[1]).execute('select password_hash, scram from users')))")
+        .arg(&db)
+        .output()
+        .unwrap();
+    let rows = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(rows.lines().filter(|l| l.starts_with("$argon2id$") && l.ends_with("True")).count(), 3, "{rows}");
+}
