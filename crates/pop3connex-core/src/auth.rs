@@ -82,19 +82,37 @@ pub struct Authenticator {
     scram_secret: [u8; 32],
     /// Key for app-password hashes.
     app_secret: [u8; 32],
+    /// Key for the verified-credential cache.
+    cache_secret: [u8; 32],
+    /// Verified-credential cache: keyed hash → expiry (unix seconds).
+    cache: std::sync::Mutex<std::collections::HashMap<[u8; 32], i64>>,
     hashing: Semaphore,
 }
 
 /// Parallel hash computations; beyond this, logins queue.
 const MAX_PARALLEL_HASHES: usize = 4;
 const MAX_PASSWORD_LEN: usize = 1024;
+/// Bound on the verified-credential cache.
+const MAX_CACHED_CREDENTIALS: usize = 100_000;
 
 impl Authenticator {
     pub fn new(mail: Arc<MailStore>, cfg: AuthConfig) -> Result<Self, PasswordError> {
         let dummy = dummy_hash(&cfg)?;
         let scram_secret = mail.derived_secret(b"scram-unknown-user-salt");
         let app_secret = mail.derived_secret(b"app-passwords");
-        Ok(Self { mail, cfg, dummy, scram_secret, app_secret, hashing: Semaphore::new(MAX_PARALLEL_HASHES) })
+        // A fresh random key per process: cache entries mean nothing elsewhere.
+        let mut cache_secret = [0u8; 32];
+        getrandom::getrandom(&mut cache_secret).map_err(|_| PasswordError::Hash)?;
+        Ok(Self {
+            mail,
+            cfg,
+            dummy,
+            scram_secret,
+            app_secret,
+            cache_secret,
+            cache: std::sync::Mutex::new(std::collections::HashMap::new()),
+            hashing: Semaphore::new(MAX_PARALLEL_HASHES),
+        })
     }
 
     pub fn mail(&self) -> &Arc<MailStore> {
@@ -108,6 +126,49 @@ impl Authenticator {
             <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.app_secret).expect("HMAC takes any key length");
         mac.update(password);
         mac.finalize().into_bytes().to_vec()
+    }
+
+    /// Key of the verified-credential cache: a keyed hash of the name, the
+    /// stored hash and the password. The password itself is never kept,
+    /// and a password change (new stored hash) invalidates the entry.
+    fn cache_key(&self, user: &str, stored: &str, password: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.cache_secret).expect("HMAC takes any key length");
+        for part in [user.to_ascii_lowercase().as_bytes(), stored.as_bytes(), password] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    fn cache_hit(&self, key: &[u8; 32]) -> bool {
+        if self.cfg.credential_cache_secs == 0 {
+            return false;
+        }
+        let now = crate::types::unix_now();
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(key).is_some_and(|until| *until > now)
+    }
+
+    fn cache_insert(&self, key: [u8; 32]) {
+        if self.cfg.credential_cache_secs == 0 {
+            return;
+        }
+        let now = crate::types::unix_now();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED_CREDENTIALS {
+            cache.retain(|_, until| *until > now);
+            if cache.len() >= MAX_CACHED_CREDENTIALS {
+                cache.clear();
+            }
+        }
+        cache.insert(key, now + self.cfg.credential_cache_secs as i64);
+    }
+
+    /// Forgets every cached credential (e.g. after an administrator action).
+    pub fn clear_credential_cache(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Whether the account password is older than the policy allows.
@@ -156,27 +217,35 @@ impl Authenticator {
             Some(n) => self.mail.store().user(n).await.map_err(|_| AuthFailure::Temporary)?,
             None => None,
         };
-        // App passwords first: one keyed hash and an indexed lookup.
+        // App passwords first: one keyed hash and an indexed lookup, done
+        // for unknown names too so both take the same path.
+        let owner = self
+            .mail
+            .store()
+            .use_app_password(self.app_password_key(password))
+            .await
+            .map_err(|_| AuthFailure::Temporary)?;
         if let Some(r) = &record {
-            let owner = self
-                .mail
-                .store()
-                .use_app_password(self.app_password_key(password))
-                .await
-                .map_err(|_| AuthFailure::Temporary)?;
             if owner.as_ref() == Some(&r.name) {
                 return if r.disabled { Err(AuthFailure::Disabled) } else { Ok(r.clone()) };
             }
         }
         let stored = record.as_ref().map_or(self.dummy.clone(), |r| r.password_hash.clone());
         let password = Zeroizing::new(password.to_vec());
-        let ok = {
+        // Verified-credential cache: only successes are cached, so failed
+        // attempts always pay the full hash (and time like unknown users).
+        let cache_key = self.cache_key(user, &stored, &password);
+        let cached = record.is_some() && self.cache_hit(&cache_key);
+        let ok = cached || {
             let _permit = self.hashing.acquire().await.map_err(|_| AuthFailure::Temporary)?;
             let pw = password.clone();
             tokio::task::spawn_blocking(move || verify_password(&stored, &pw))
                 .await
                 .map_err(|_| AuthFailure::Temporary)?
         };
+        if ok && !cached && record.is_some() {
+            self.cache_insert(cache_key);
+        }
         match record {
             None => Err(AuthFailure::UnknownUser),
             Some(_) if !ok => Err(AuthFailure::BadPassword),

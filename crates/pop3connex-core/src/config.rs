@@ -194,6 +194,9 @@ pub struct AuthConfig {
     pub failure_delay_ms: u64,
     #[serde(deserialize_with = "scram_iterations")]
     pub scram_iterations: u64,
+    /// Seconds a successful password verification is remembered (0: off).
+    #[serde(deserialize_with = "secs_0_3600")]
+    pub credential_cache_secs: u64,
     /// `[auth.password_policy]`.
     pub password_policy: crate::policy::PasswordPolicy,
 }
@@ -207,6 +210,7 @@ impl Default for AuthConfig {
             argon2_parallelism: 1,
             failure_delay_ms: 1000,
             scram_iterations: 4096,
+            credential_cache_secs: 300,
             password_policy: crate::policy::PasswordPolicy::default(),
         }
     }
@@ -347,6 +351,7 @@ macro_rules! bounded {
 
 bounded! {
     secs_1_300: 1, 300, " seconds";
+    secs_0_3600: 0, 3600, " seconds";
     secs_5_600: 5, 600, " seconds";
     // RFC 1939 section 3: the autologout timer MUST be at least 10 minutes.
     secs_600_86400: 600, 86_400, " seconds (RFC 1939 requires at least 10 minutes)";
@@ -497,6 +502,7 @@ mod tests {
             "argon2_parallelism",
             "failure_delay_ms",
             "scram_iterations",
+            "credential_cache_secs",
             "min_length",
             "min_strength",
             "breached_hashes_file",

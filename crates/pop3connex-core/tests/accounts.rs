@@ -115,3 +115,17 @@ async fn app_passwords_and_modern_auth_only_accounts() {
         .collect();
     assert!(stored.iter().all(|h| h.len() == 32 && !h.windows(4).any(|w| expired_pw.as_bytes().starts_with(w))));
 }
+
+#[tokio::test]
+async fn credential_cache_never_outlives_a_password_change() {
+    let f = Fixture::new("cache").await;
+    f.add_user("alice").await;
+    assert!(f.auth.verify_password("alice", PASSWORD.as_bytes()).await.is_ok());
+    assert!(f.auth.verify_password("alice", PASSWORD.as_bytes()).await.is_ok(), "served from the cache");
+    assert!(f.auth.verify_password("alice", b"wrong").await.is_err());
+    f.auth.set_password(&name("alice"), "plum orbit canyon seventeen".as_bytes()).await.unwrap();
+    assert!(f.auth.verify_password("alice", PASSWORD.as_bytes()).await.is_err(), "old password rejected at once");
+    assert!(f.auth.verify_password("alice", b"plum orbit canyon seventeen").await.is_ok());
+    f.mail.store().set_disabled(&name("alice"), true).await.unwrap();
+    assert!(f.auth.verify_password("alice", b"plum orbit canyon seventeen").await.is_err(), "disabled despite cache");
+}
