@@ -35,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub abuse: AbuseConfig,
     #[serde(default)]
+    pub oauth: crate::oauth::OAuthConfig,
+    #[serde(default)]
     pub log: LogConfig,
     /// The file this was read from (for messages), not a config key.
     #[serde(skip)]
@@ -423,12 +425,14 @@ impl Config {
                 abs(p);
             }
         }
+        cfg.oauth.resolve_paths(&base);
         cfg.check()?;
         Ok(cfg)
     }
 
     fn check(&self) -> Result<(), ConfigError> {
         let err = |message: String| ConfigError::Semantic { path: self.source.clone(), message };
+        self.oauth.check().map_err(err)?;
         if self.pop3.implicit_tls.is_empty() && self.pop3.starttls.is_empty() {
             return Err(err("[pop3] has no listener: set implicit_tls and/or starttls".into()));
         }
@@ -522,6 +526,19 @@ mod tests {
             "lockout_max_secs",
             "max_failure_delay_ms",
             "max_commands_per_second",
+            "issuer",
+            "audiences",
+            "jwks_url",
+            "jwks_file",
+            "ca_file",
+            "algorithms",
+            "username_claim",
+            "leeway_secs",
+            "introspection_url",
+            "introspection_client_id",
+            "introspection_client_secret",
+            "scope",
+            "openid_configuration",
             "format",
             "level",
         ] {

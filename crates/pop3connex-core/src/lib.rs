@@ -33,6 +33,7 @@ pub mod init;
 pub mod limits;
 pub mod lmtp;
 pub mod mailstore;
+pub mod oauth;
 pub mod password;
 pub mod policy;
 pub mod pop3;

@@ -3,8 +3,8 @@
 //! A mechanism is a small state machine fed the client's decoded responses.
 //! It either asks for another round, finishes with an authenticated user,
 //! or fails. Implemented: PLAIN (RFC 4616), SCRAM-SHA-256 and
-//! SCRAM-SHA-256-PLUS (RFC 5802/7677/9266). OAUTHBEARER and XOAUTH2 plug in
-//! as further implementations of [`Mechanism`].
+//! SCRAM-SHA-256-PLUS (RFC 5802/7677/9266), and with `[oauth]` configured
+//! OAUTHBEARER (RFC 7628) and XOAUTH2 (in [`crate::oauth`]).
 
 use async_trait::async_trait;
 use zeroize::Zeroizing;
@@ -41,22 +41,29 @@ pub trait Mechanism: Send {
 }
 
 /// Mechanisms offered on a connection, in order of preference.
-pub fn mechanisms(tls_exporter: bool) -> Vec<&'static str> {
-    let mut m = Vec::with_capacity(3);
+pub fn mechanisms(tls_exporter: bool, oauth: bool) -> Vec<&'static str> {
+    let mut m = Vec::with_capacity(5);
     if tls_exporter {
         m.push("SCRAM-SHA-256-PLUS");
     }
     m.extend(["SCRAM-SHA-256", "PLAIN"]);
+    if oauth {
+        m.extend(crate::oauth::MECHANISMS);
+    }
     m
 }
 
 /// Starts the named mechanism if it is offered on this connection.
-pub fn start(name: &str, tls_exporter: bool) -> Option<Box<dyn Mechanism>> {
+pub fn start(
+    name: &str,
+    tls_exporter: bool,
+    oauth: Option<&std::sync::Arc<crate::oauth::TokenValidator>>,
+) -> Option<Box<dyn Mechanism>> {
     match name {
         "PLAIN" => Some(Box::new(Plain)),
         "SCRAM-SHA-256" => Some(Box::new(Scram { plus: false, state: ScramState::Start })),
         "SCRAM-SHA-256-PLUS" if tls_exporter => Some(Box::new(Scram { plus: true, state: ScramState::Start })),
-        _ => None,
+        _ => oauth.and_then(|v| crate::oauth::start(name, v)),
     }
 }
 

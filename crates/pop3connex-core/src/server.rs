@@ -34,6 +34,8 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("password hashing: {0}")]
     Password(#[from] PasswordError),
+    #[error(transparent)]
+    OAuth(#[from] crate::oauth::OAuthError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
 }
@@ -67,12 +69,21 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
     let guard = Guard::new(cfg.abuse.clone(), Duration::from_millis(cfg.auth.failure_delay_ms), system_clock())
         .with_store(auth.mail().store().clone());
 
+    let oauth = if cfg.oauth.enabled() {
+        let v = Arc::new(crate::oauth::TokenValidator::new(&cfg.oauth)?);
+        let warm = v.clone();
+        tokio::spawn(async move { warm.prefetch().await });
+        Some(v)
+    } else {
+        None
+    };
     let pop3_ctx = Arc::new(Pop3Context {
         cfg: cfg.pop3.clone(),
         auth: auth.clone(),
         tls: tls.clone(),
         security: guard.clone(),
         max_commands_per_second: cfg.abuse.max_commands_per_second,
+        oauth,
     });
     let pop3_limiter =
         ConnectionLimiter::new(cfg.pop3.max_connections as usize, cfg.pop3.max_connections_per_ip as usize);

@@ -20,6 +20,7 @@ fn ctx_with(f: &Fixture, abuse: AbuseConfig, clock: Arc<AtomicI64>) -> (Arc<Pop3
         tls: f.tls.clone(),
         security: guard.clone(),
         max_commands_per_second: 1000,
+        oauth: None,
     });
     (ctx, guard)
 }
@@ -97,6 +98,7 @@ async fn command_rate_is_limited() {
         tls: f.tls.clone(),
         security: guard,
         max_commands_per_second: 10,
+        oauth: None,
     });
     let mut c = f.connect_pop3(ctx, ListenerKind::StartTls);
     c.line().await;

@@ -77,7 +77,7 @@ impl Session<'_> {
             Command::Auth { mechanism: None, .. } => {
                 conn.reply(StatusLine::ok("Supported mechanisms follow"));
                 if self.credentials_allowed() {
-                    for m in sasl::mechanisms(self.tls_exporter.is_some()) {
+                    for m in sasl::mechanisms(self.tls_exporter.is_some(), self.ctx.oauth.is_some()) {
                         conn.raw().extend_from_slice(m.as_bytes());
                         conn.raw().extend_from_slice(b"\r\n");
                     }
@@ -113,7 +113,7 @@ impl Session<'_> {
         mech_name: &str,
         initial: Option<Zeroizing<Vec<u8>>>,
     ) -> Handled {
-        let Some(mut mech) = sasl::start(mech_name, self.tls_exporter.is_some()) else {
+        let Some(mut mech) = sasl::start(mech_name, self.tls_exporter.is_some(), self.ctx.oauth.as_ref()) else {
             conn.reply(StatusLine::err("Unsupported authentication mechanism"));
             return Ok((State::Authorization(a), Flow::Continue));
         };
@@ -292,7 +292,8 @@ impl Session<'_> {
             ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"].iter().map(|s| s.to_string()).collect();
         if authorization && self.credentials_allowed() {
             caps.push("USER".into());
-            caps.push(format!("SASL {}", sasl::mechanisms(self.tls_exporter.is_some()).join(" ")));
+            let mechanisms = sasl::mechanisms(self.tls_exporter.is_some(), self.ctx.oauth.is_some());
+            caps.push(format!("SASL {}", mechanisms.join(" ")));
         }
         if authorization && !self.tls {
             caps.push("STLS".into());

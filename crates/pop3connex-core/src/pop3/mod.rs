@@ -51,6 +51,8 @@ pub struct Pop3Context {
     pub security: Arc<dyn SecurityState>,
     /// Command rate limit per connection.
     pub max_commands_per_second: u64,
+    /// Bearer-token validator; `None` when `[oauth]` has no issuer.
+    pub oauth: Option<Arc<crate::oauth::TokenValidator>>,
 }
 
 /// Serves one accepted connection to the end.

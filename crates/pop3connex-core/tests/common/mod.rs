@@ -87,6 +87,7 @@ impl Fixture {
             tls: self.tls.clone(),
             security: Arc::new(Guard::new(AbuseConfig::default(), Duration::ZERO, system_clock())),
             max_commands_per_second: 1000,
+            oauth: None,
         })
     }
 
