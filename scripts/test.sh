@@ -26,7 +26,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-python3 -c 'import pytest, scramp' 2>/dev/null || python3 -m pip install --quiet 'pytest>=7,<9' 'scramp>=1.4,<2'
+python3 -c 'import pytest, scramp, jwt, cryptography' 2>/dev/null \
+    || python3 -m pip install --quiet 'pytest>=7,<9' 'scramp>=1.4,<2' 'pyjwt[crypto]>=2.8,<3'
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
