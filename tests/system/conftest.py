@@ -44,7 +44,7 @@ def require_tool(name: str) -> str:
 
 @pytest.fixture(scope="session")
 def binary() -> Path:
-    b = Path(os.environ.get("POP3CONNEX_BIN", REPO / "target" / "release" / "pop3connex"))
+    b = Path(os.environ.get("POP3CONNEX_BIN", REPO / "target" / "release" / "pop3connex")).resolve()
     if not b.is_file() or not os.access(b, os.X_OK):
         pytest.fail(f"server binary not found at {b}: build it with "
                     f"`cargo build --release -p pop3connex` or set POP3CONNEX_BIN", pytrace=False)

@@ -323,18 +323,48 @@ class Server:
         with self.lmtp() as l:
             return l.send_mail(sender, rcpts, msg)
 
-    def fetch_all(self, user: str, password: str) -> list[bytes]:
-        """All messages of user, via POP3S, without deleting."""
+    def fetch_all(self, user: str, password: str, strip: bool = True) -> list[bytes]:
+        """All messages of user, via POP3S, without deleting; with the
+        delivery trace headers removed (and checked) unless strip=False."""
         with self.pop3s() as p:
             p.login(user, password)
             n, _ = p.stat()
-            msgs = [p.retr(i) for i in range(1, n + 1)]
+            msgs = p.retr_many(range(1, n + 1))
             p.quit()
-        return msgs
+        return [strip_trace(m, rcpt=addr(user)) for m in msgs] if strip else msgs
 
 
 def addr(user: str) -> str:
     return f"{user}@localhost"
+
+
+# The server, as the final delivery agent, may prepend trace headers
+# (RFC 5321 4.4: Return-Path; Delivered-To; Received). Everything after them
+# must be the delivered message byte for byte.
+TRACE_HEADERS = ("return-path", "delivered-to", "received")
+_HEADER_RE = re.compile(rb"([A-Za-z0-9-]+):([^\r\n]*)\r\n((?:[ \t][^\r\n]*\r\n)*)")
+
+
+def trace_headers(got: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """Splits leading trace headers off a stored message."""
+    rest = got
+    found = []
+    while True:
+        m = _HEADER_RE.match(rest)
+        if not m or m.group(1).decode().lower() not in TRACE_HEADERS:
+            return found, rest
+        found.append((m.group(1).decode().lower(), (m.group(2) + m.group(3)).decode(errors="replace").strip()))
+        rest = rest[m.end():]
+
+
+def strip_trace(got: bytes, sender: str | None = "sender@example.org", rcpt: str | None = None) -> bytes:
+    found, rest = trace_headers(got)
+    for name, value in found:
+        if name == "return-path" and sender is not None:
+            assert value == f"<{sender}>", f"Return-Path {value!r} does not match MAIL FROM <{sender}>"
+        if name == "delivered-to" and rcpt is not None:
+            assert rcpt.lower() in value.lower(), f"Delivered-To {value!r} does not name {rcpt}"
+    return rest
 
 
 # --------------------------------------------------------------------------
@@ -557,6 +587,18 @@ class Pop3:
     def retr(self, n: int) -> bytes:
         self.cmd(f"RETR {n}")
         return self.multiline_raw()
+
+    def retr_many(self, nums, batch: int = 32) -> list[bytes]:
+        """RETR pipelined in batches (RFC 2449 PIPELINING)."""
+        nums = list(nums)
+        out = []
+        for i in range(0, len(nums), batch):
+            chunk = nums[i:i + batch]
+            self.send(b"".join(b"RETR %d\r\n" % n for n in chunk))
+            for _ in chunk:
+                self.status(expect_ok=True)
+                out.append(self.multiline_raw())
+        return out
 
     def top(self, n: int, lines: int) -> bytes:
         self.cmd(f"TOP {n} {lines}")

@@ -208,8 +208,36 @@ async fn preauth_timeout_closes_the_connection() {
     let mut c = f.connect_pop3(f.pop3_ctx(cfg), ListenerKind::StartTls);
     c.line().await;
     tokio::time::sleep(Duration::from_secs(31)).await;
-    assert_eq!(c.line().await, "-ERR Disconnected for inactivity");
+    assert_eq!(c.line().await, "-ERR Disconnected: no login in time");
     assert_eq!(c.line().await, "");
+}
+
+/// Regression: the pre-auth limit used to restart on every read, so a
+/// client trickling bytes (slow-loris) could stay unauthenticated forever.
+#[tokio::test(start_paused = true)]
+async fn preauth_deadline_counts_from_accept_not_from_the_last_byte() {
+    let f = Fixture::new("slowloris").await;
+    let cfg = Pop3Config { preauth_timeout_secs: 30, max_bad_commands: 100, ..Pop3Config::default() };
+    let mut c = f.connect_pop3(f.pop3_ctx(cfg), ListenerKind::StartTls);
+    c.line().await;
+    let start = tokio::time::Instant::now();
+    let mut closed = false;
+    for _ in 0..60 {
+        // Writes fail once the server has hung up; the goodbye is still
+        // waiting to be read.
+        let _ = c.io.get_mut().write_all(b"C").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = c.io.get_mut().write_all(b"APA\r\n").await;
+        let l = c.line().await;
+        if l == "-ERR Disconnected: no login in time" {
+            closed = true;
+            break;
+        }
+        assert!(l.starts_with("+OK"), "{l}");
+        c.body().await;
+    }
+    assert!(closed, "still connected after a minute of trickling");
+    assert!(start.elapsed() <= Duration::from_secs(32), "{:?}", start.elapsed());
 }
 
 #[tokio::test]

@@ -137,7 +137,7 @@ impl Session<'_> {
                     conn.raw().extend_from_slice(b"+ ");
                     conn.raw().extend_from_slice(B64.encode(&challenge).as_bytes());
                     conn.raw().extend_from_slice(b"\r\n");
-                    let idle = Duration::from_secs(self.ctx.cfg.preauth_timeout_secs);
+                    let idle = self.preauth_deadline.saturating_duration_since(tokio::time::Instant::now());
                     let line = match conn.read_line(idle, &mut self.shutdown).await? {
                         Input::Line(l) => Zeroizing::new(l),
                         Input::TooLong => {

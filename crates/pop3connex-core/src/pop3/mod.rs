@@ -71,13 +71,14 @@ pub async fn serve<S>(
         tracing::info_span!("pop3", session = id, %peer, tls = tracing::field::Empty, user = tracing::field::Empty);
     async move {
         tracing::debug!(listener = ?kind, "connected");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.cfg.preauth_timeout_secs);
         let result = match kind {
-            ListenerKind::ImplicitTls => serve_tls(&ctx, stream, peer, shutdown, false).await,
+            ListenerKind::ImplicitTls => serve_tls(&ctx, stream, peer, shutdown, false, deadline).await,
             ListenerKind::StartTls => {
                 let mut conn = connection::Connection::new(stream);
-                let mut sess = session::Session::new(&ctx, peer, false, None, shutdown.clone());
+                let mut sess = session::Session::new(&ctx, peer, false, None, deadline, shutdown.clone());
                 match sess.run(&mut conn, true).await {
-                    Ok(End::StartTls) => serve_tls(&ctx, conn.into_inner(), peer, shutdown, true).await,
+                    Ok(End::StartTls) => serve_tls(&ctx, conn.into_inner(), peer, shutdown, true, deadline).await,
                     other => other.map(drop),
                 }
             }
@@ -97,11 +98,13 @@ async fn serve_tls<S>(
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     after_stls: bool,
+    deadline: tokio::time::Instant,
 ) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, ctx.tls.accept(stream)).await {
+    let limit = TLS_HANDSHAKE_TIMEOUT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    let tls = match tokio::time::timeout(limit, ctx.tls.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
@@ -120,7 +123,7 @@ where
         .flatten();
     tracing::Span::current().record("tls", version.as_str());
     let mut conn = connection::Connection::new(tls);
-    let mut sess = session::Session::new(ctx, peer, true, exporter, shutdown);
+    let mut sess = session::Session::new(ctx, peer, true, exporter, deadline, shutdown);
     // After STLS the greeting is not repeated (RFC 2595 section 4).
     sess.run(&mut conn, !after_stls).await.map(drop)
 }

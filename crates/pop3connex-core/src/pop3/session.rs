@@ -77,6 +77,8 @@ pub(crate) struct Session<'a> {
     pub tls_exporter: Option<Vec<u8>>,
     pub bad_commands: u64,
     pub auth_failures: u64,
+    /// When the connection must have logged in (set at accept).
+    pub preauth_deadline: tokio::time::Instant,
     /// Command-rate token bucket: (tokens, last refill).
     bucket: (f64, tokio::time::Instant),
     pub shutdown: watch::Receiver<bool>,
@@ -88,10 +90,11 @@ impl<'a> Session<'a> {
         peer: SocketAddr,
         tls: bool,
         tls_exporter: Option<Vec<u8>>,
+        preauth_deadline: tokio::time::Instant,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let bucket = (ctx.max_commands_per_second as f64, tokio::time::Instant::now());
-        Self { ctx, peer, tls, tls_exporter, bad_commands: 0, auth_failures: 0, bucket, shutdown }
+        Self { ctx, peer, tls, tls_exporter, bad_commands: 0, auth_failures: 0, preauth_deadline, bucket, shutdown }
     }
 
     /// May credentials be sent on this connection?
@@ -99,9 +102,13 @@ impl<'a> Session<'a> {
         self.tls || self.ctx.cfg.plaintext_auth_networks.iter().any(|n| n.contains(self.peer.ip()))
     }
 
+    /// How long the next read may wait. Before login this is bounded by the
+    /// connection's pre-authentication deadline as a whole, so a client
+    /// that trickles bytes (slow-loris) cannot stay unauthenticated longer
+    /// than `preauth_timeout_secs` from accept.
     pub fn idle_timeout(&self, state: &State) -> Duration {
         match state {
-            State::Authorization(_) => Duration::from_secs(self.ctx.cfg.preauth_timeout_secs),
+            State::Authorization(_) => self.preauth_deadline.saturating_duration_since(tokio::time::Instant::now()),
             State::Transaction(_) => Duration::from_secs(self.ctx.cfg.idle_timeout_secs),
         }
     }
@@ -161,7 +168,10 @@ impl<'a> Session<'a> {
                 Input::Eof => return Ok(End::Closed),
                 Input::Timeout => {
                     // RFC 1939 autologout: close without entering UPDATE.
-                    conn.reply(StatusLine::err("Disconnected for inactivity"));
+                    conn.reply(StatusLine::err(match state {
+                        State::Authorization(_) => "Disconnected: no login in time",
+                        State::Transaction(_) => "Disconnected for inactivity",
+                    }));
                     break;
                 }
                 Input::Shutdown => {

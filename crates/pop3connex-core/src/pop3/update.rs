@@ -40,9 +40,14 @@ impl Session<'_> {
         let ids: Vec<i64> = m.messages.iter().zip(&m.deleted).filter(|(_, d)| **d).map(|(meta, _)| meta.id).collect();
         let count = ids.len();
         let store = self.ctx.auth.mail().store();
-        match store.delete_messages(m.user.mailbox.id, ids).await {
+        let result = store.delete_messages(m.user.mailbox.id, ids).await;
+        let (left, _) = m.totals();
+        // The update is committed (or failed): release the maildrop before
+        // answering, so a client that reconnects at once never meets its
+        // own lock ([IN-USE]).
+        drop(m);
+        match result {
             Ok(()) => {
-                let (left, _) = m.totals();
                 if count > 0 {
                     tracing::info!(deleted = count, "maildrop updated");
                 }
@@ -53,9 +58,7 @@ impl Session<'_> {
                 conn.reply(StatusLine::err_code(RespCode::SysTemp, "Deleted messages were not removed, try again"));
             }
         }
-        // Keep the lock until the reply has been written.
         conn.flush().await?;
-        drop(m);
         Ok((State::Authorization(Default::default()), Flow::Close))
     }
 }
