@@ -250,6 +250,12 @@ pub struct AbuseConfig {
     pub max_failure_delay_ms: u64,
     #[serde(deserialize_with = "count_1_1m")]
     pub max_commands_per_second: u64,
+    /// DNS blocklist zones queried at accept (empty: none).
+    pub dnsbl: Vec<String>,
+    /// Resolver for DNSBL queries (`IP:PORT`); default: /etc/resolv.conf.
+    pub dnsbl_resolver: Option<SocketAddr>,
+    #[serde(deserialize_with = "ms_50_10000")]
+    pub dnsbl_timeout_ms: u64,
 }
 
 impl Default for AbuseConfig {
@@ -269,6 +275,9 @@ impl Default for AbuseConfig {
             lockout_max_secs: 86_400,
             max_failure_delay_ms: 8000,
             max_commands_per_second: 200,
+            dnsbl: Vec::new(),
+            dnsbl_resolver: None,
+            dnsbl_timeout_ms: 1000,
         }
     }
 }
@@ -360,6 +369,7 @@ bounded! {
     secs_5_3600: 5, 3600, " seconds";
     ms_0_10000: 0, 10_000, " milliseconds";
     ms_0_60000: 0, 60_000, " milliseconds";
+    ms_50_10000: 50, 10_000, " milliseconds";
     secs_60_86400: 60, 86_400, " seconds";
     secs_60_31536000: 60, 31_536_000, " seconds";
     count_1_16: 1, 16, "";
@@ -433,6 +443,14 @@ impl Config {
     fn check(&self) -> Result<(), ConfigError> {
         let err = |message: String| ConfigError::Semantic { path: self.source.clone(), message };
         self.oauth.check().map_err(err)?;
+        for zone in &self.abuse.dnsbl {
+            let ok = !zone.is_empty()
+                && zone.len() < 200
+                && zone.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+            if !ok {
+                return Err(err(format!("[abuse] dnsbl: `{zone}` is not a DNS zone name")));
+            }
+        }
         if self.pop3.implicit_tls.is_empty() && self.pop3.starttls.is_empty() {
             return Err(err("[pop3] has no listener: set implicit_tls and/or starttls".into()));
         }
@@ -526,6 +544,9 @@ mod tests {
             "lockout_max_secs",
             "max_failure_delay_ms",
             "max_commands_per_second",
+            "dnsbl",
+            "dnsbl_resolver",
+            "dnsbl_timeout_ms",
             "issuer",
             "audiences",
             "jwks_url",

@@ -54,6 +54,11 @@ pub enum SecurityEvent<'a> {
         user: &'a str,
         message: &'a str,
     },
+    /// A connection was refused because a DNS blocklist lists its address.
+    DnsblListed {
+        peer: IpAddr,
+        zone: &'a str,
+    },
     /// An address was banned automatically.
     Banned {
         peer: IpAddr,
@@ -106,6 +111,9 @@ pub fn emit(event: SecurityEvent<'_>) {
         }
         IntegrityFailure { user, message } => tracing::error!(
             target: TARGET, event = "integrity_failure", user, message, "stored message failed its integrity check"
+        ),
+        DnsblListed { peer, zone } => tracing::warn!(
+            target: TARGET, event = "dnsbl_listed", %peer, zone, "connection refused: address on a DNS blocklist"
         ),
         Banned { peer, reason, seconds } => tracing::warn!(
             target: TARGET, event = "ban", %peer, reason, seconds, "address banned"

@@ -27,6 +27,7 @@ pub use ipnet;
 pub mod auth;
 pub mod config;
 pub mod crypto;
+pub mod dnsbl;
 pub mod events;
 pub mod import;
 pub mod init;

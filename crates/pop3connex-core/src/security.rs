@@ -56,6 +56,9 @@ pub struct FailureOutcome {
 pub trait SecurityState: Send + Sync + 'static {
     /// Called at accept, before TLS: `Some(reason)` refuses the connection.
     fn check_connection(&self, ip: IpAddr) -> Option<&'static str>;
+    /// Whether `ip` is in an allowlisted network (never banned, never
+    /// looked up in DNSBLs).
+    fn is_allowlisted(&self, ip: IpAddr) -> bool;
     /// Counts a new connection (flood detection).
     fn record_connection(&self, ip: IpAddr);
     /// Whether logins for `user` from `ip` are refused by a lockout.
@@ -289,6 +292,10 @@ impl SecurityState for Guard {
             return Some("banned");
         }
         None
+    }
+
+    fn is_allowlisted(&self, ip: IpAddr) -> bool {
+        Self::allowlisted(&self.lock(), ip)
     }
 
     fn record_connection(&self, ip: IpAddr) {

@@ -36,6 +36,8 @@ pub enum ServerError {
     Password(#[from] PasswordError),
     #[error(transparent)]
     OAuth(#[from] crate::oauth::OAuthError),
+    #[error("{0}")]
+    Dnsbl(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
 }
@@ -77,6 +79,7 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
     } else {
         None
     };
+    let dnsbl = crate::dnsbl::Dnsbl::new(&cfg.abuse).map_err(ServerError::Dnsbl)?.map(Arc::new);
     let pop3_ctx = Arc::new(Pop3Context {
         cfg: cfg.pop3.clone(),
         auth: auth.clone(),
@@ -135,7 +138,14 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
     }
 
     for (listener, kind) in listeners {
-        tokio::spawn(accept_pop3(listener, kind, pop3_ctx.clone(), pop3_limiter.clone(), shutdown_rx.clone()));
+        tokio::spawn(accept_pop3(
+            listener,
+            kind,
+            pop3_ctx.clone(),
+            pop3_limiter.clone(),
+            dnsbl.clone(),
+            shutdown_rx.clone(),
+        ));
     }
     for listener in lmtp_tcp {
         let (ctx, limiter, mut sd) = (lmtp_ctx.clone(), lmtp_limiter.clone(), shutdown_rx.clone());
@@ -231,6 +241,7 @@ async fn accept_pop3(
     kind: ListenerKind,
     ctx: Arc<Pop3Context>,
     limiter: Arc<ConnectionLimiter>,
+    dnsbl: Option<Arc<crate::dnsbl::Dnsbl>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let name = match kind {
@@ -263,9 +274,22 @@ async fn accept_pop3(
             }
         };
         let _ = sock.set_nodelay(true);
-        let (ctx, sd) = (ctx.clone(), shutdown.clone());
+        let (ctx, sd, dnsbl) = (ctx.clone(), shutdown.clone(), dnsbl.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            // In the connection's own task, so a slow lookup never holds up
+            // the accept loop; bounded by the DNSBL timeout.
+            if let Some(d) = dnsbl.filter(|_| !ctx.security.is_allowlisted(peer.ip())) {
+                if let Some(zone) = d.listed(peer.ip()).await {
+                    emit(SecurityEvent::DnsblListed { peer: peer.ip(), zone: &zone });
+                    if kind == ListenerKind::StartTls {
+                        let mut sock = sock;
+                        let msg = format!("-ERR Connection refused: your address is listed in {zone}\r\n");
+                        let _ = tokio::time::timeout(Duration::from_secs(2), sock.write_all(msg.as_bytes())).await;
+                    }
+                    return;
+                }
+            }
             pop3::serve(ctx, sock, peer, kind, sd).await;
         });
     }
