@@ -173,7 +173,7 @@ impl Authenticator {
 
     /// Whether the account password is older than the policy allows.
     pub fn password_expired(&self, user: &UserRecord) -> bool {
-        let days = self.cfg.password_policy.max_age_days;
+        let days = self.cfg.password_policy.max_age_for(user.class.as_deref());
         days > 0 && crate::types::unix_now() - user.password_changed_at > (days * 86_400) as i64
     }
 

@@ -530,6 +530,7 @@ mod tests {
             "breached_hashes_file",
             "history",
             "max_age_days",
+            "max_age_days_by_class",
             "allowlist",
             "allowlist_file",
             "blocklist_file",

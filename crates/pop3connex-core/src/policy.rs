@@ -31,11 +31,28 @@ pub struct PasswordPolicy {
     /// Days after which a password expires and logins are refused until it
     /// is changed; 0 disables expiry.
     pub max_age_days: u64,
+    /// Per account class (`pop3connex user set-class`), overriding
+    /// `max_age_days`, e.g. `{ staff = 90, service = 365 }`.
+    pub max_age_days_by_class: std::collections::BTreeMap<String, u64>,
+}
+
+impl PasswordPolicy {
+    /// The maximum password age in days for an account class (0: none).
+    pub fn max_age_for(&self, class: Option<&str>) -> u64 {
+        class.and_then(|c| self.max_age_days_by_class.get(c)).copied().unwrap_or(self.max_age_days)
+    }
 }
 
 impl Default for PasswordPolicy {
     fn default() -> Self {
-        Self { min_length: 12, min_strength: 3, breached_hashes_file: None, history: 5, max_age_days: 0 }
+        Self {
+            min_length: 12,
+            min_strength: 3,
+            breached_hashes_file: None,
+            history: 5,
+            max_age_days: 0,
+            max_age_days_by_class: Default::default(),
+        }
     }
 }
 

@@ -129,3 +129,29 @@ async fn credential_cache_never_outlives_a_password_change() {
     f.mail.store().set_disabled(&name("alice"), true).await.unwrap();
     assert!(f.auth.verify_password("alice", b"plum orbit canyon seventeen").await.is_err(), "disabled despite cache");
 }
+
+#[tokio::test]
+async fn maximum_age_per_account_class() {
+    let f = Fixture::new("classes").await;
+    f.add_user("alice").await;
+    f.add_user("svc").await;
+    let db = rusqlite::Connection::open(f.dir.join("t.db")).unwrap();
+    db.execute("UPDATE users SET password_changed_at = password_changed_at - 30 * 86400", []).unwrap();
+    let policy = PasswordPolicy {
+        max_age_days: 20,
+        max_age_days_by_class: [("service".to_owned(), 365), ("staff".to_owned(), 7)].into(),
+        ..PasswordPolicy::default()
+    };
+    let auth = auth_with(&f, policy);
+    assert!(matches!(
+        auth.verify_password("alice", PASSWORD.as_bytes()).await,
+        Err(pop3connex_core::auth::AuthFailure::Expired)
+    ));
+    f.mail.store().set_class(&name("svc"), Some("service".into())).await.unwrap();
+    assert!(auth.verify_password("svc", PASSWORD.as_bytes()).await.is_ok(), "service accounts: 365 days");
+    f.mail.store().set_class(&name("svc"), Some("staff".into())).await.unwrap();
+    assert!(matches!(
+        auth.verify_password("svc", PASSWORD.as_bytes()).await,
+        Err(pop3connex_core::auth::AuthFailure::Expired)
+    ));
+}

@@ -114,6 +114,8 @@ enum UserCmd {
     /// Per-device POP3 passwords (shown once, revocable, optional expiry).
     #[command(subcommand)]
     AppPassword(AppPasswordCmd),
+    /// Put a user in an account class (per-class password policy); "-" clears it.
+    SetClass { name: String, class: String },
     /// Require SCRAM, OAuth or app passwords (refuse the account password over PLAIN/USER).
     RequireModernAuth {
         name: String,
@@ -405,6 +407,17 @@ async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
                 bail!("{name} has no app password {id}");
             }
             println!("revoked app password {id} of {name}");
+        }
+        UserCmd::SetClass { name, class } => {
+            let name = UserName::parse(&name)?;
+            let class = (class != "-").then_some(class);
+            if class.as_deref().is_some_and(|c| {
+                c.is_empty() || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+            }) {
+                bail!("class names use letters, digits, - and _");
+            }
+            store.set_class(&name, class.clone()).await.map_err(|e| account_err(e.into(), &name))?;
+            println!("{name}: class {}", class.as_deref().unwrap_or("(none)"));
         }
         UserCmd::RequireModernAuth { name, state } => {
             let name = UserName::parse(&name)?;

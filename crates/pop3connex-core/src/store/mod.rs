@@ -58,6 +58,8 @@ pub struct UserRecord {
     /// Refuse the account password over PLAIN/USER: SCRAM, OAuth or app
     /// passwords only.
     pub require_modern_auth: bool,
+    /// Account class, selecting per-class policy such as password age.
+    pub class: Option<String>,
     pub mailbox: MailboxRef,
 }
 
@@ -168,6 +170,7 @@ pub trait Store: Send + Sync + 'static {
     async fn set_password(&self, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()>;
     async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()>;
     async fn set_require_modern_auth(&self, name: &UserName, required: bool) -> StoreResult<()>;
+    async fn set_class(&self, name: &UserName, class: Option<String>) -> StoreResult<()>;
     /// Previous password hashes, newest first (`set_password` records them).
     async fn password_history(&self, name: &UserName) -> StoreResult<Vec<String>>;
 

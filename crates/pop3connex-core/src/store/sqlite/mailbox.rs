@@ -42,7 +42,7 @@ pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<Store
     let row = conn
         .query_row(
             "SELECT u.password_hash, u.disabled, m.id, m.uid, m.wrapped_key, u.scram,
-                    u.password_changed_at, u.require_modern_auth
+                    u.password_changed_at, u.require_modern_auth, u.class
              FROM users u JOIN mailboxes m ON m.user_id = u.id WHERE u.name = ?1",
             [name.as_str()],
             |r| {
@@ -55,11 +55,13 @@ pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<Store
                     r.get::<_, Option<String>>(5)?,
                     r.get::<_, i64>(6)?,
                     r.get::<_, bool>(7)?,
+                    r.get::<_, Option<String>>(8)?,
                 ))
             },
         )
         .optional()?;
-    let Some((password_hash, disabled, id, uid, wrapped_key, scram, password_changed_at, require_modern_auth)) = row
+    let Some((password_hash, disabled, id, uid, wrapped_key, scram, password_changed_at, require_modern_auth, class)) =
+        row
     else {
         return Ok(Ok(None));
     };
@@ -73,6 +75,7 @@ pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<Store
         disabled,
         password_changed_at,
         require_modern_auth,
+        class,
         mailbox: MailboxRef { id, uid, wrapped_key },
     })))
 }
@@ -246,4 +249,10 @@ pub(super) fn find_app_password(conn: &Connection, hash: &[u8]) -> rusqlite::Res
         |r| Ok((r.get(0)?, r.get(1)?)),
     )
     .optional()
+}
+
+pub(super) fn set_class(conn: &Connection, name: &UserName, class: Option<&str>) -> StoreResult<()> {
+    changed(
+        conn.execute("UPDATE users SET class = ?2 WHERE name = ?1", params![name.as_str(), class]).map_err(map_err)?,
+    )
 }

@@ -41,7 +41,7 @@ const MAX_IDLE_READERS: usize = 8;
 /// operation fails with a temporary error.
 const BUSY_TIMEOUT_MS: u64 = 5000;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -90,6 +90,7 @@ enum WriteOp {
     SetPassword { name: UserName, credentials: StoredCredentials },
     SetDisabled { name: UserName, disabled: bool },
     SetRequireModern { name: UserName, required: bool },
+    SetClass { name: UserName, class: Option<String> },
     AddAppPassword { name: UserName, label: String, hash: Vec<u8>, expires_at: Option<i64> },
     RevokeAppPassword { name: UserName, id: i64 },
     UseAppPassword { id: i64 },
@@ -219,6 +220,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
                                     label TEXT NOT NULL, hash BLOB NOT NULL UNIQUE, created_at INTEGER NOT NULL,
                                     expires_at INTEGER, last_used_at INTEGER);",
     ),
+    (5, "ALTER TABLE users ADD COLUMN class TEXT;"),
 ];
 
 fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
@@ -302,6 +304,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
         WriteOp::SetPassword { name, credentials } => mailbox::set_password(conn, name, credentials),
         WriteOp::SetDisabled { name, disabled } => mailbox::set_disabled(conn, name, *disabled),
         WriteOp::SetRequireModern { name, required } => mailbox::set_require_modern(conn, name, *required),
+        WriteOp::SetClass { name, class } => mailbox::set_class(conn, name, class.as_deref()),
         WriteOp::AddAppPassword { name, label, hash, expires_at } => {
             mailbox::add_app_password(conn, name, label, hash, *expires_at)
         }
@@ -380,6 +383,10 @@ impl Store for SqliteStore {
 
     async fn set_require_modern_auth(&self, name: &UserName, required: bool) -> StoreResult<()> {
         self.write(WriteOp::SetRequireModern { name: name.clone(), required }).await
+    }
+
+    async fn set_class(&self, name: &UserName, class: Option<String>) -> StoreResult<()> {
+        self.write(WriteOp::SetClass { name: name.clone(), class }).await
     }
 
     async fn password_history(&self, name: &UserName) -> StoreResult<Vec<String>> {
