@@ -327,3 +327,25 @@ async fn stls_discards_pipelined_plaintext_and_is_refused_under_tls() {
 }
 
 use rustls_pki_types::pem::PemObject;
+
+/// Regression: a line trickled one byte at a time, never completed, must not
+/// keep the connection open past the pre-auth deadline either.
+#[tokio::test(start_paused = true)]
+async fn preauth_deadline_holds_within_an_unfinished_line() {
+    let f = Fixture::new("slowline").await;
+    let cfg = Pop3Config { preauth_timeout_secs: 10, ..Pop3Config::default() };
+    let mut c = f.connect_pop3(f.pop3_ctx(cfg), ListenerKind::StartTls);
+    c.line().await;
+    let start = tokio::time::Instant::now();
+    for _ in 0..40 {
+        if c.io.get_mut().write_all(b"a").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if start.elapsed() > Duration::from_secs(11) {
+            break;
+        }
+    }
+    assert_eq!(c.line().await, "-ERR Disconnected: no login in time");
+    assert!(start.elapsed() <= Duration::from_secs(12), "{:?}", start.elapsed());
+}

@@ -80,7 +80,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Returns the next command line. Queued replies are flushed only when
     /// no further pipelined command is already buffered (RFC 2449
     /// PIPELINING: one write for a batch of replies).
+    /// `idle` bounds the time until a complete line has arrived, not the gap
+    /// between bytes: a client trickling one byte at a time cannot hold the
+    /// connection open past it (slow-loris).
     pub async fn read_line(&mut self, idle: Duration, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<Input> {
+        let deadline = tokio::time::Instant::now() + idle;
         loop {
             match self.lines.next_line() {
                 Ok(Some(line)) => return Ok(Input::Line(line)),
@@ -93,7 +97,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.flush().await?;
             let mut buf = [0u8; 1024];
             tokio::select! {
-                r = tokio::time::timeout(idle, self.stream.read(&mut buf)) => match r {
+                r = tokio::time::timeout_at(deadline, self.stream.read(&mut buf)) => match r {
                     Err(_) => return Ok(Input::Timeout),
                     Ok(Ok(0)) => return Ok(Input::Eof),
                     Ok(Ok(n)) => self.lines.extend(&buf[..n]),
