@@ -1,0 +1,550 @@
+#!/usr/bin/env bash
+# POP3conneX vs Dovecot 2.3 load benchmark, on this machine, loopback only.
+#
+#   bench/run.sh                      # full run (< 15 min), writes docs/BENCHMARKS.md
+#   SERVERS=dovecot bench/run.sh      # harness check against Dovecot alone (report in bench/work)
+#
+# Knobs (environment): USERS=200 MSGS=20 SIZE=4400 DURATION=20 WARMUP=2 ROUNDS=2
+#   CONCURRENCIES="8 32" LOGIN_CONCURRENCY=8 IDLE_SESSIONS=2000 IDLE_MSGS=2
+#   LMTP_COUNT=3000 LMTP_CONCURRENCY=8 LMTP_PER_CONN=100 LMTP_SINKS=100
+#   ARGON2=1 ARGON2_METRICS="sessions-8 sessions-32" (add "logins" for Argon2id TLS logins too)
+#   ARGON2_CACHED_METRICS="sessions-8" (Argon2id with POP3conneX's default credential cache; "" = skip)
+#   SERVERS="pop3connex dovecot" WORK=bench/work OUT=docs/BENCHMARKS.md
+#   WAIT_QUIET=0 (seconds to wait for other work on the machine to stop before starting)
+#
+# Everything listens on 127.0.0.1 only; every load step is bounded in time. Needs root (installs
+# Dovecot with apt-get if missing, starts a private Dovecot instance, raises RLIMIT_NOFILE).
+set -euo pipefail
+
+# The whole script is one brace group: bash parses it completely before running any of it, so
+# editing this file during a run cannot break the run.
+{
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+USERS=${USERS:-200}
+MSGS=${MSGS:-20}
+SIZE=${SIZE:-4400}
+DURATION=${DURATION:-20}
+WARMUP=${WARMUP:-2}
+ROUNDS=${ROUNDS:-2}
+CONCURRENCIES=${CONCURRENCIES:-8 32}
+LOGIN_CONCURRENCY=${LOGIN_CONCURRENCY:-8}
+IDLE_SESSIONS=${IDLE_SESSIONS:-2000}
+IDLE_MSGS=${IDLE_MSGS:-2}
+LMTP_COUNT=${LMTP_COUNT:-3000}
+LMTP_CONCURRENCY=${LMTP_CONCURRENCY:-8}
+LMTP_PER_CONN=${LMTP_PER_CONN:-100}
+LMTP_SINKS=${LMTP_SINKS:-100}
+ARGON2=${ARGON2:-1}
+ARGON2_METRICS=${ARGON2_METRICS:-$(for c in $CONCURRENCIES; do printf 'sessions-%s ' "$c"; done)}
+ARGON2_CACHED_METRICS=${ARGON2_CACHED_METRICS-sessions-8}
+SERVERS=${SERVERS:-pop3connex dovecot}
+WORK=${WORK:-$ROOT/bench/work}
+OUT=${OUT:-$ROOT/docs/BENCHMARKS.md}
+
+# Loopback ports (fixed, so that the configs are readable).
+DV_POP3S=${DV_POP3S:-27995}
+DV_LMTP=${DV_LMTP:-27024}
+PX_POP3S=${PX_POP3S:-28995}
+PX_STARTTLS=${PX_STARTTLS:-28110}
+PX_LMTP=${PX_LMTP:-28024}
+
+BENCH=$ROOT/target/release/pop3connex-bench
+PX=$ROOT/target/release/pop3connex
+DV=$WORK/dovecot
+PXD=$WORK/pop3connex
+RES=$WORK/results
+CMDLINE="$(printf '%q ' "$0" "$@")"
+T_START=$(date +%s)
+
+log() { printf '[%4ss] %s\n' "$(($(date +%s) - T_START))" "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+has_server() { [[ " $SERVERS " == *" $1 "* ]]; }
+
+[[ $(id -u) == 0 ]] || die "run as root (Dovecot setup, RLIMIT_NOFILE)"
+[[ $IDLE_SESSIONS -ge 1 && $USERS -ge 1 && $MSGS -ge 1 ]] || die "bad USERS/MSGS/IDLE_SESSIONS"
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: stop what this script started, by PID.
+PX_PID=""
+DV_PID=""
+IDLE_PID=""
+stop_pop3connex() {
+    if [[ -n $PX_PID ]] && kill -0 "$PX_PID" 2>/dev/null; then
+        kill -TERM "$PX_PID" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$PX_PID" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$PX_PID" 2>/dev/null || true
+        wait "$PX_PID" 2>/dev/null || true
+    fi
+    PX_PID=""
+}
+stop_dovecot() {
+    if [[ -n $DV_PID ]] && kill -0 "$DV_PID" 2>/dev/null; then
+        kill -TERM "$DV_PID" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$DV_PID" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$DV_PID" 2>/dev/null || true
+    fi
+    DV_PID=""
+}
+cleanup() {
+    [[ -n $IDLE_PID ]] && kill -TERM "$IDLE_PID" 2>/dev/null || true
+    stop_pop3connex
+    stop_dovecot
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------
+log "preflight"
+ulimit -Hn 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)"
+[[ $(ulimit -n) -ge $((IDLE_SESSIONS * 2 + 1000)) ]] || die "RLIMIT_NOFILE $(ulimit -n) too low"
+
+if ! command -v dovecot >/dev/null || ! dpkg -s dovecot-pop3d dovecot-lmtpd >/dev/null 2>&1; then
+    log "installing dovecot (apt-get)"
+    # Keep the package scripts from starting the system-wide Dovecot on 0.0.0.0:110/995.
+    POLICY_CREATED=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        POLICY_CREATED=1
+    fi
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y dovecot-core dovecot-pop3d dovecot-lmtpd openssl
+    [[ $POLICY_CREATED == 1 ]] && rm -f /usr/sbin/policy-rc.d
+fi
+command -v openssl >/dev/null || die "openssl missing"
+
+for port in $DV_POP3S $DV_LMTP $PX_POP3S $PX_STARTTLS $PX_LMTP; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port already in use"; fi
+done
+
+# Share of the machine's CPU that is busy while this script does nothing (other users' work).
+busy_pct() { # seconds
+    local a b
+    a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+    sleep "$1"
+    b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.1f\n", (d > 0 ? 100 * (y[1] - x[1]) / d : 0) }'
+}
+BG_BEFORE=$(busy_pct 5)
+# WAIT_QUIET=SECS: on a shared machine, wait up to SECS for other work to stop first.
+WAIT_QUIET=${WAIT_QUIET:-0}
+while awk -v l="$BG_BEFORE" 'BEGIN { exit !(l > 5) }' && (($(date +%s) - T_START < WAIT_QUIET)); do
+    log "waiting for a quiet machine (background CPU busy: $BG_BEFORE%)"
+    sleep 25
+    BG_BEFORE=$(busy_pct 5)
+done
+log "background CPU busy before start: $BG_BEFORE%"
+T_RUN=$(date +%s) # after any WAIT_QUIET wait: the report states the benchmark's own duration
+if awk -v l="$BG_BEFORE" 'BEGIN { exit !(l > 5) }'; then
+    log "WARNING: other work is using $BG_BEFORE% of the CPU: results will be skewed"
+fi
+
+log "building (release)"
+cd "$ROOT"
+if has_server pop3connex; then
+    cargo build --release -p pop3connex-bench -p pop3connex 2>&1 | tail -n 3 >&2
+    [[ -x $PX ]] || die "$PX missing"
+else
+    cargo build --release -p pop3connex-bench 2>&1 | tail -n 3 >&2
+fi
+
+rm -rf "$WORK"
+mkdir -p "$WORK" "$RES"
+chmod 755 "$WORK"
+
+# ---------------------------------------------------------------------------------------------
+log "TLS: one ECDSA P-256 CA and one ECDSA P-256 leaf (localhost, 127.0.0.1) for both servers"
+TLS=$WORK/tls
+mkdir -p "$TLS"
+(
+    cd "$TLS"
+    openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem 2>/dev/null
+    openssl req -x509 -new -key ca-key.pem -sha256 -days 30 -subj "/CN=pop3bench CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -out ca.pem 2>/dev/null
+    openssl ecparam -name prime256v1 -genkey -noout -out leaf.pem 2>/dev/null
+    openssl pkcs8 -topk8 -nocrypt -in leaf.pem -out key.pem
+    openssl req -new -key key.pem -subj "/CN=localhost" -out leaf.csr 2>/dev/null
+    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n' >leaf.ext
+    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 30 -sha256 \
+        -extfile leaf.ext -out cert.pem 2>/dev/null
+    chmod 600 key.pem ca-key.pem leaf.pem
+)
+
+log "accounts: $USERS corpus users, $IDLE_SESSIONS idle users, $LMTP_SINKS LMTP sink users"
+mkdir -p "$WORK/accounts"
+gen_accounts() { # prefix count width -> name:password lines (random 20-hex-digit passwords)
+    openssl rand -hex $((10 * $2)) | fold -w 20 |
+        awk -v p="$1" -v w="$3" '{ printf "%s" "%0" w "d" ":pw-%s\n", p, NR, $0 }'
+}
+gen_accounts user "$USERS" 4 >"$WORK/accounts/users.txt"
+gen_accounts idle "$IDLE_SESSIONS" 5 >"$WORK/accounts/idle.txt"
+gen_accounts sink "$LMTP_SINKS" 3 >"$WORK/accounts/sinks.txt"
+cat "$WORK"/accounts/{users,idle,sinks}.txt >"$WORK/accounts/all.txt"
+rcpts() { cut -d: -f1 "$1" | sed 's/$/@localhost/'; }
+rcpts "$WORK/accounts/users.txt" >"$WORK/accounts/users.rcpt"
+rcpts "$WORK/accounts/idle.txt" >"$WORK/accounts/idle.rcpt"
+rcpts "$WORK/accounts/sinks.txt" >"$WORK/accounts/sinks.rcpt"
+chmod 600 "$WORK"/accounts/*
+
+log "corpus: $MSGS messages of $SIZE octets"
+"$BENCH" corpus --out "$WORK/corpus" --count "$MSGS" --size "$SIZE" >/dev/null
+mkdir -p "$WORK/corpus-idle"
+for ((i = 0; i < IDLE_MSGS; i++)); do cp "$WORK/corpus/$(printf 'msg-%05d.eml' "$((i % MSGS))")" "$WORK/corpus-idle/$(printf 'msg-%05d.eml' "$i")"; done
+
+# Largest batch size from this list that divides the number of idle users: one LMTP
+# transaction then delivers the same message to K users.
+IDLE_K=1
+for k in 50 40 25 20 10 8 5 4 2; do
+    if ((IDLE_SESSIONS % k == 0)); then IDLE_K=$k; break; fi
+done
+
+LIMIT=$((IDLE_SESSIONS + 500))
+
+# ---------------------------------------------------------------------------------------------
+setup_dovecot() {
+    log "dovecot: configuring private instance in $DV"
+    mkdir -p "$DV/run" "$DV/state" "$DV/log" "$DV/mail"
+    chown nobody:nogroup "$DV/mail"
+    # {SHA512-CRYPT}: glibc crypt $6$ with the default 5000 rounds (openssl passwd -6).
+    cut -d: -f2- "$WORK/accounts/all.txt" | openssl passwd -6 -stdin >"$DV/hashes"
+    # name:{SHA512-CRYPT}hash:uid:gid:gecos:home:shell:extra
+    paste -d: <(cut -d: -f1 "$WORK/accounts/all.txt") <(sed 's/^/{SHA512-CRYPT}/' "$DV/hashes") |
+        awk -F: -v uid="$(id -u nobody)" -v gid="$(getent group nogroup | cut -d: -f3)" -v mail="$DV/mail" \
+            '{ printf "%s:%s:%s:%s::%s/%s::\n", $1, $2, uid, gid, mail, $1 }' >"$DV/passwd"
+    rm -f "$DV/hashes"
+    chown root:dovecot "$DV/passwd"
+    chmod 640 "$DV/passwd"
+    cat >"$DV/dovecot.conf" <<EOF
+# Generated by bench/run.sh: private Dovecot instance for the benchmark, loopback only.
+# Only what is needed differs from the Debian defaults: paths, listeners, TLS files, accounts,
+# and the limits that allow $IDLE_SESSIONS+ concurrent sessions. Login processes run in the
+# default high-security mode (one pop3-login process per connection, service_count = 1), one
+# pop3 process per session, auth cache off (default), mail_fsync = optimized (default).
+base_dir = $DV/run
+state_dir = $DV/state
+instance_name = pop3bench
+protocols = pop3 lmtp
+listen = 127.0.0.1
+log_path = $DV/log/dovecot.log
+
+ssl = required
+ssl_cert = <$TLS/cert.pem
+ssl_key = <$TLS/key.pem
+
+disable_plaintext_auth = yes
+auth_mechanisms = plain
+auth_username_format = %Ln
+passdb {
+  driver = passwd-file
+  args = scheme=SHA512-CRYPT username_format=%n $DV/passwd
+}
+userdb {
+  driver = passwd-file
+  args = username_format=%n $DV/passwd
+}
+mail_location = maildir:~/Maildir
+first_valid_uid = 500
+
+mail_max_userip_connections = $LIMIT
+default_client_limit = $((LIMIT * 3))
+default_vsz_limit = 256M
+
+service pop3-login {
+  inet_listener pop3 {
+    port = 0
+  }
+  inet_listener pop3s {
+    address = 127.0.0.1
+    port = $DV_POP3S
+    ssl = yes
+  }
+  process_limit = $LIMIT
+}
+service pop3 {
+  process_limit = $LIMIT
+}
+service lmtp {
+  inet_listener lmtp {
+    address = 127.0.0.1
+    port = $DV_LMTP
+  }
+}
+EOF
+    doveconf -c "$DV/dovecot.conf" -n >"$DV/doveconf-n.txt" 2>"$DV/doveconf.err" || {
+        cat "$DV/doveconf.err" >&2
+        die "dovecot config invalid"
+    }
+}
+
+start_dovecot() {
+    dovecot -c "$DV/dovecot.conf"
+    for _ in $(seq 100); do
+        [[ -s $DV/run/master.pid ]] && (exec 3<>"/dev/tcp/127.0.0.1/$DV_POP3S") 2>/dev/null && break
+        sleep 0.1
+    done
+    DV_PID=$(cat "$DV/run/master.pid")
+    kill -0 "$DV_PID" || die "dovecot did not start"
+    (exec 3<>"/dev/tcp/127.0.0.1/$DV_LMTP") 2>/dev/null || die "dovecot LMTP not listening"
+    log "dovecot: master pid $DV_PID"
+}
+
+# ---------------------------------------------------------------------------------------------
+px() { "$PX" --config "$PXD/pop3connex.toml" "$@"; }
+
+write_px_config() { # scheme credential_cache_secs
+    cat >"$PXD/pop3connex.toml" <<EOF
+# Generated by bench/run.sh. Same certificate and key files as the Dovecot instance.
+[server]
+hostname = "localhost"
+
+[store]
+backend = "sqlite"
+path = "pop3connex.db"
+master_key = "file:master.key"
+
+[tls]
+certificate = "$TLS/cert.pem"
+private_key = "file:$TLS/key.pem"
+
+[pop3]
+implicit_tls = ["127.0.0.1:$PX_POP3S"]
+starttls = ["127.0.0.1:$PX_STARTTLS"]
+max_connections = $LIMIT
+max_connections_per_ip = $LIMIT
+plaintext_auth_networks = []
+preauth_timeout_secs = 60
+idle_timeout_secs = 600
+
+[lmtp]
+listen = ["127.0.0.1:$PX_LMTP"]
+max_message_size = 26214400
+
+[auth]
+password_scheme = "$1"
+# 0 = every login verifies the password hash, like Dovecot with its default auth_cache_size = 0.
+credential_cache_secs = $2
+
+[log]
+format = "human"
+level = "info"
+
+# The load generator is many clients behind one address (like a load balancer or NAT): without
+# this, the default flood protection bans 127.0.0.1 after 300 connections in a minute.
+# Allowlisted addresses are still counted, just never banned.
+[abuse]
+allowlist = ["127.0.0.1/32"]
+EOF
+}
+
+setup_pop3connex() {
+    log "pop3connex: init + config in $PXD"
+    "$PX" init --data-dir "$PXD" --hostname localhost >"$PXD.init.log" 2>&1 || {
+        cat "$PXD.init.log" >&2
+        die "pop3connex init failed"
+    }
+    write_px_config sha512-crypt 0
+    px config check || die "pop3connex config check failed"
+    log "pop3connex: adding $(wc -l <"$WORK/accounts/all.txt") users (sha512-crypt)"
+    local name pw
+    while IFS=: read -r name pw; do
+        printf '%s\n' "$pw" | px user add "$name" --password-stdin >/dev/null 2>>"$PXD/useradd.err" ||
+            die "pop3connex user add $name failed: $(tail -n 2 "$PXD/useradd.err")"
+    done <"$WORK/accounts/all.txt"
+}
+
+start_pop3connex() {
+    # Started directly (not through a function or subshell) so that $! is the server itself.
+    "$PX" --config "$PXD/pop3connex.toml" serve >>"$PXD/serve.log" 2>&1 &
+    PX_PID=$!
+    for _ in $(seq 150); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$PX_POP3S") 2>/dev/null &&
+            (exec 3<>"/dev/tcp/127.0.0.1/$PX_LMTP") 2>/dev/null && break
+        kill -0 "$PX_PID" 2>/dev/null || { tail -n 20 "$PXD/serve.log" >&2; die "pop3connex serve exited"; }
+        sleep 0.1
+    done
+    (exec 3<>"/dev/tcp/127.0.0.1/$PX_POP3S") 2>/dev/null || die "pop3connex not listening on $PX_POP3S"
+    log "pop3connex: serve pid $PX_PID"
+}
+
+# ---------------------------------------------------------------------------------------------
+pop3s_port() { if [[ $1 == dovecot ]]; then echo "$DV_POP3S"; else echo "$PX_POP3S"; fi; }
+lmtp_port() { if [[ $1 == dovecot ]]; then echo "$DV_LMTP"; else echo "$PX_LMTP"; fi; }
+server_pid() { if [[ $1 == dovecot ]]; then echo "$DV_PID"; else echo "$PX_PID"; fi; }
+
+# run_bench SERVER TAG -- bench args...: runs the load tool, keeps its RESULT line.
+run_bench() {
+    local server=$1 tag=$2
+    shift 3
+    local out=$RES/$tag.$server.out err=$RES/$tag.$server.err
+    "$BENCH" "$@" --server-pid "$(server_pid "$server")" >"$out" 2>"$err" || {
+        tail -n 20 "$err" >&2
+        die "$tag on $server failed"
+    }
+    local line
+    line=$(grep '^RESULT ' "$out" | tail -n 1)
+    [[ -n $line ]] || die "$tag on $server: no RESULT"
+    printf '%s\t%s\t%s\n' "$tag" "$server" "$line" >>"$RES/results.tsv"
+    log "$tag $server: $(field rate "$line")$(field pss_per_session_kib "$line") errors=$(field errors "$line")"
+    grep -q 'error x' "$err" && sed -n 's/^/    /p' "$err" | grep 'error x' | head -n 5 >&2
+    return 0
+}
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
+
+load_corpus() { # server
+    local s=$1 port
+    port=$(lmtp_port "$s")
+    log "$s: delivering corpus over LMTP ($((USERS * MSGS)) + $((IDLE_SESSIONS * IDLE_MSGS)) deliveries)"
+    run_bench "$s" load-users -- lmtp --addr "127.0.0.1:$port" --recipients-file "$WORK/accounts/users.rcpt" \
+        --corpus "$WORK/corpus" --count $((USERS * MSGS)) --concurrency 4 --max-duration 300
+    run_bench "$s" load-idle -- lmtp --addr "127.0.0.1:$port" --recipients-file "$WORK/accounts/idle.rcpt" \
+        --corpus "$WORK/corpus-idle" --rcpts-per-msg "$IDLE_K" \
+        --count $((IDLE_SESSIONS * IDLE_MSGS / IDLE_K)) --concurrency 4 --max-duration 300
+    for tag in load-users load-idle; do
+        [[ $(field errors "$(grep "^$tag	$s	" "$RES/results.tsv")") == 0 ]] || die "$s: corpus delivery errors"
+    done
+    log "$s: priming + verifying every mailbox (one full session per user)"
+    run_bench "$s" verify-users -- pop3s-sessions --addr "127.0.0.1:$(pop3s_port "$s")" --ca "$TLS/ca.pem" \
+        --users-file "$WORK/accounts/users.txt" --concurrency 8 --once --expect-messages "$MSGS"
+    run_bench "$s" verify-idle -- pop3s-sessions --addr "127.0.0.1:$(pop3s_port "$s")" --ca "$TLS/ca.pem" \
+        --users-file "$WORK/accounts/idle.txt" --concurrency 8 --once --expect-messages "$IDLE_MSGS"
+    for tag in verify-users verify-idle; do
+        [[ $(field errors "$(grep "^$tag	$s	" "$RES/results.tsv")") == 0 ]] || die "$s: mailbox verification errors"
+    done
+}
+
+# One measurement of one metric on one server.
+# Result tags are "${TAG_PREFIX}METRIC.rROUND".
+TAG_PREFIX=""
+USERS_FILE=$WORK/accounts/users.txt
+measure() { # metric server round
+    local m=$1 s=$2 r=$3 addr tag=$TAG_PREFIX$1.r$3
+    addr=127.0.0.1:$(pop3s_port "$s")
+    case $m in
+    sessions-*)
+        run_bench "$s" "$tag" -- pop3s-sessions --addr "$addr" --ca "$TLS/ca.pem" \
+            --users-file "$USERS_FILE" --concurrency "${m#sessions-}" \
+            --duration "$DURATION" --warmup "$WARMUP" --expect-messages "$MSGS"
+        ;;
+    logins)
+        run_bench "$s" "$tag" -- logins --addr "$addr" --ca "$TLS/ca.pem" \
+            --users-file "$USERS_FILE" --concurrency "$LOGIN_CONCURRENCY" \
+            --duration "$DURATION" --warmup "$WARMUP"
+        ;;
+    lmtp)
+        run_bench "$s" "$tag" -- lmtp --addr "127.0.0.1:$(lmtp_port "$s")" \
+            --recipients-file "$WORK/accounts/sinks.rcpt" --corpus "$WORK/corpus" --count "$LMTP_COUNT" \
+            --concurrency "$LMTP_CONCURRENCY" --msgs-per-conn "$LMTP_PER_CONN" --max-duration 120
+        ;;
+    idle)
+        measure_idle "$s" "$r"
+        ;;
+    esac
+}
+
+measure_idle() { # server round
+    local s=$1 r=$2 out=$RES/idle.r$2.$1.out err=$RES/idle.r$2.$1.err line
+    # Fresh server for every idle measurement: a long-running single process keeps the heap it
+    # grew during earlier load (and the previous idle round) and would show almost no growth.
+    # A few logins after the restart put lazily initialised state into the baseline.
+    if [[ $s == dovecot ]]; then stop_dovecot; start_dovecot; else stop_pop3connex; start_pop3connex; fi
+    "$BENCH" logins --addr "127.0.0.1:$(pop3s_port "$s")" --ca "$TLS/ca.pem" \
+        --users-file "$WORK/accounts/users.txt" --concurrency 8 --once >/dev/null 2>"$err.warm" ||
+        die "idle warm-up logins on $s failed"
+    sleep 2
+    : >"$out"
+    "$BENCH" idle --addr "127.0.0.1:$(pop3s_port "$s")" --ca "$TLS/ca.pem" \
+        --users-file "$WORK/accounts/idle.txt" --sessions "$IDLE_SESSIONS" --connect-concurrency 16 \
+        --settle 3 --hold 240 --timeout 60 --server-pid "$(server_pid "$s")" >"$out" 2>"$err" &
+    IDLE_PID=$!
+    for _ in $(seq 2400); do
+        grep -qs '^RESULT ' "$out" && break
+        kill -0 "$IDLE_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    line=$(grep '^RESULT ' "$out" | tail -n 1 || true)
+    kill -TERM "$IDLE_PID" 2>/dev/null || true
+    wait "$IDLE_PID" || true
+    IDLE_PID=""
+    [[ -n $line ]] || { tail -n 20 "$err" >&2; die "idle on $s: no RESULT"; }
+    printf '%s\t%s\t%s\n' "idle.r$r" "$s" "$line" >>"$RES/results.tsv"
+    log "idle.r$r $s: sessions=$(field sessions "$line") failed=$(field failed "$line") pss/session=$(field pss_per_session_kib "$line") KiB rss/session=$(field rss_per_session_kib "$line") KiB"
+    grep 'error x' "$err" | head -n 5 >&2 || true
+    # Let the server reap the closed sessions before the next measurement.
+    sleep 3
+}
+
+# ---------------------------------------------------------------------------------------------
+if has_server dovecot; then
+    setup_dovecot
+    start_dovecot
+    load_corpus dovecot
+fi
+if has_server pop3connex; then
+    mkdir -p "$PXD"
+    setup_pop3connex
+    start_pop3connex
+    load_corpus pop3connex
+fi
+
+METRICS=""
+for c in $CONCURRENCIES; do METRICS+="sessions-$c "; done
+METRICS+="logins lmtp idle"
+for m in $METRICS; do
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for s in $SERVERS; do measure "$m" "$s" "$r"; done
+    done
+done
+
+if has_server pop3connex && [[ $ARGON2 == 1 ]]; then
+    # The password history policy refuses re-setting the same password: new passwords.
+    log "pop3connex: new passwords for the $USERS corpus users, hashed with the default scheme (argon2id)"
+    stop_pop3connex
+    write_px_config argon2id 0
+    px config check || die "pop3connex config check failed (argon2id)"
+    gen_accounts user "$USERS" 4 >"$WORK/accounts/users-argon2.txt"
+    chmod 600 "$WORK/accounts/users-argon2.txt"
+    while IFS=: read -r name pw; do
+        printf '%s\n' "$pw" | px user passwd "$name" --password-stdin >/dev/null 2>>"$PXD/passwd.err" ||
+            die "pop3connex user passwd $name failed: $(tail -n 2 "$PXD/passwd.err")"
+    done <"$WORK/accounts/users-argon2.txt"
+    USERS_FILE=$WORK/accounts/users-argon2.txt
+    start_pop3connex
+    for m in $ARGON2_METRICS; do
+        for ((r = 1; r <= ROUNDS; r++)); do
+            TAG_PREFIX=argon2- measure "$m" pop3connex "$r"
+        done
+    done
+    if [[ -n $ARGON2_CACHED_METRICS ]]; then
+        log "pop3connex: argon2id with the default verified-credential cache"
+        stop_pop3connex
+        write_px_config argon2id 300
+        start_pop3connex
+        for m in $ARGON2_CACHED_METRICS; do
+            for ((r = 1; r <= ROUNDS; r++)); do
+                TAG_PREFIX=argon2cache- measure "$m" pop3connex "$r"
+            done
+        done
+    fi
+    USERS_FILE=$WORK/accounts/users.txt
+fi
+
+cleanup
+BG_AFTER=$(busy_pct 5)
+log "measurements done (background CPU busy after: $BG_AFTER%); writing report"
+T_END=$(date +%s)
+export ROOT WORK RES OUT SERVERS USERS MSGS SIZE DURATION WARMUP ROUNDS CONCURRENCIES LOGIN_CONCURRENCY \
+    IDLE_SESSIONS IDLE_MSGS LMTP_COUNT LMTP_CONCURRENCY LMTP_PER_CONN LMTP_SINKS ARGON2 ARGON2_METRICS ARGON2_CACHED_METRICS CMDLINE \
+    BG_BEFORE BG_AFTER
+export ELAPSED=$((T_END - T_RUN)) WAITED=$((T_RUN - T_START))
+if [[ " $SERVERS " == *" pop3connex "* && " $SERVERS " == *" dovecot "* ]]; then
+    "$ROOT/bench/report.sh" >"$OUT"
+    log "wrote $OUT"
+else
+    "$ROOT/bench/report.sh" >"$WORK/BENCHMARKS-partial.md"
+    log "wrote $WORK/BENCHMARKS-partial.md (partial run: docs/BENCHMARKS.md left alone)"
+fi
+log "total $((T_END - T_START)) s"
+exit 0
+}
