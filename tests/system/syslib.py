@@ -36,6 +36,21 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """n distinct ports that were free a moment ago: all bound at once, so
+    the kernel cannot hand out the same one twice."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def wait_until(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Polls pred() until it returns a truthy value; bounded by timeout."""
     deadline = time.monotonic() + timeout
@@ -194,7 +209,8 @@ class Server:
     def configure(self, **extra):
         """Rewrites listener addresses to fresh loopback ports and applies
         settings: {("section", "key"): value}."""
-        self.ports = Ports(pop3s=free_port(), pop3=free_port(), lmtp=free_port())
+        pop3s, pop3, lmtp = free_ports(3)
+        self.ports = Ports(pop3s=pop3s, pop3=pop3, lmtp=lmtp)
         text = self.config.read_text()
         text = toml_set(text, "pop3", "implicit_tls", [f"{LOOPBACK}:{self.ports.pop3s}"])
         text = toml_set(text, "pop3", "starttls", [f"{LOOPBACK}:{self.ports.pop3}"])
