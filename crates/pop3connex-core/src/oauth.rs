@@ -1154,24 +1154,13 @@ fn bearer_token(auth: &str) -> Result<&str, &'static str> {
     Ok(token)
 }
 
-/// RFC 5801 saslname: `=2C` is `,`, `=3D` is `=`, no other `=`.
+/// RFC 5801 saslname (shared with SCRAM); an empty name is refused.
 fn decode_saslname(s: &str) -> Result<String, &'static str> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(p) = rest.find('=') {
-        out.push_str(&rest[..p]);
-        match rest.get(p..p + 3) {
-            Some("=2C") => out.push(','),
-            Some("=3D") => out.push('='),
-            _ => return Err("bad escape in authzid"),
-        }
-        rest = &rest[p + 3..];
+    match crate::scram::unescape_saslname(s) {
+        Some(name) if !name.is_empty() => Ok(name),
+        Some(_) => Err("empty authzid"),
+        None => Err("bad escape in authzid"),
     }
-    out.push_str(rest);
-    if out.is_empty() {
-        return Err("empty authzid");
-    }
-    Ok(out)
 }
 
 /// Parses an OAUTHBEARER client response: `gs2-header ^A *(kv ^A) ^A`.

@@ -139,8 +139,9 @@ pub struct ScramServer {
     pub user: String,
 }
 
-/// Parses `n=...` user names (RFC 5802 saslname: "=2C" is ",", "=3D" is "=").
-fn unescape_saslname(s: &str) -> Option<String> {
+/// Decodes a saslname (RFC 5801/5802: "=2C" is ",", "=3D" is "=", no
+/// other "="); `None` for a bad escape.
+pub(crate) fn unescape_saslname(s: &str) -> Option<String> {
     let mut out = String::new();
     let mut rest = s;
     while let Some(p) = rest.find('=') {
