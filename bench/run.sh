@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # POP3conneX vs Dovecot 2.3 load benchmark, on this machine, loopback only.
 #
-#   bench/run.sh                      # full run (< 15 min), writes docs/BENCHMARKS.md
+#   bench/run.sh                      # full run (PHASES="main auth": < 15 min + the auth phases), writes docs/BENCHMARKS.md
+#   PHASES=auth bench/run.sh          # authentication phases only (< 10 min), rewrites only their section
 #   SERVERS=dovecot bench/run.sh      # harness check against Dovecot alone (report in bench/work)
 #
 # Knobs (environment): USERS=200 MSGS=20 SIZE=4400 DURATION=20 WARMUP=2 ROUNDS=2
@@ -10,6 +11,12 @@
 #   ARGON2=1 ARGON2_METRICS="sessions-8 sessions-32" (add "logins" for Argon2id TLS logins too)
 #   ARGON2_CACHED_METRICS="sessions-8" (Argon2id with POP3conneX's default credential cache; "" = skip)
 #   SERVERS="pop3connex dovecot" WORK=bench/work OUT=docs/BENCHMARKS.md
+#   PHASES="main auth": "main" = the sessions/logins/LMTP/idle/Argon2id measurements above;
+#     "auth" = authentication phases (SCRAM-SHA-256 logins, Argon2id PLAIN logins cold/warm, Dovecot
+#     SHA512-CRYPT logins, brute-force flood cost). PHASES=auth alone takes < 10 min, uses
+#     IDLE_SESSIONS=10 unless set, and only replaces the "Authentication" section of OUT.
+#   SCRAM_USERS=50 FLOOD_CONCURRENCY=8 ATTACK_ATTEMPTS=10000 ATTACK_CONCURRENCY=64 ATTACK_PER_CONN=50
+#   ATTACK_SOURCE=127.0.0.2 (attacker's loopback address: not allowlisted in POP3conneX)
 #   WAIT_QUIET=0 (seconds to wait for other work on the machine to stop before starting)
 #
 # Everything listens on 127.0.0.1 only; every load step is bounded in time. Needs root (installs
@@ -20,6 +27,15 @@ set -euo pipefail
 # editing this file during a run cannot break the run.
 {
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PHASES=${PHASES:-main auth}
+has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
+has_phase main || IDLE_SESSIONS=${IDLE_SESSIONS:-10}
+SCRAM_USERS=${SCRAM_USERS:-50}
+FLOOD_CONCURRENCY=${FLOOD_CONCURRENCY:-8}
+ATTACK_ATTEMPTS=${ATTACK_ATTEMPTS:-10000}
+ATTACK_CONCURRENCY=${ATTACK_CONCURRENCY:-64}
+ATTACK_PER_CONN=${ATTACK_PER_CONN:-50}
+ATTACK_SOURCE=${ATTACK_SOURCE:-127.0.0.2}
 USERS=${USERS:-200}
 MSGS=${MSGS:-20}
 SIZE=${SIZE:-4400}
@@ -68,6 +84,7 @@ has_server() { [[ " $SERVERS " == *" $1 "* ]]; }
 PX_PID=""
 DV_PID=""
 IDLE_PID=""
+ATTACK_PID=""
 stop_pop3connex() {
     if [[ -n $PX_PID ]] && kill -0 "$PX_PID" 2>/dev/null; then
         kill -TERM "$PX_PID" 2>/dev/null || true
@@ -87,6 +104,7 @@ stop_dovecot() {
 }
 cleanup() {
     [[ -n $IDLE_PID ]] && kill -TERM "$IDLE_PID" 2>/dev/null || true
+    [[ -n $ATTACK_PID ]] && kill -TERM "$ATTACK_PID" 2>/dev/null || true
     stop_pop3connex
     stop_dovecot
 }
@@ -182,6 +200,8 @@ gen_accounts user "$USERS" 4 >"$WORK/accounts/users.txt"
 gen_accounts idle "$IDLE_SESSIONS" 5 >"$WORK/accounts/idle.txt"
 gen_accounts sink "$LMTP_SINKS" 3 >"$WORK/accounts/sinks.txt"
 cat "$WORK"/accounts/{users,idle,sinks}.txt >"$WORK/accounts/all.txt"
+# SCRAM-SHA-256 users (auth phase): Dovecot stores {SCRAM-SHA-256} hashes for them.
+if has_phase auth; then gen_accounts scram "$SCRAM_USERS" 3 >"$WORK/accounts/scram.txt"; else : >"$WORK/accounts/scram.txt"; fi
 rcpts() { cut -d: -f1 "$1" | sed 's/$/@localhost/'; }
 rcpts "$WORK/accounts/users.txt" >"$WORK/accounts/users.rcpt"
 rcpts "$WORK/accounts/idle.txt" >"$WORK/accounts/idle.rcpt"
@@ -203,6 +223,8 @@ done
 LIMIT=$((IDLE_SESSIONS + 500))
 
 # ---------------------------------------------------------------------------------------------
+DV_MECHS=plain
+has_phase auth && DV_MECHS="plain scram-sha-256" # Dovecot >= 2.3.? (2.3.19 has it)
 setup_dovecot() {
     log "dovecot: configuring private instance in $DV"
     mkdir -p "$DV/run" "$DV/state" "$DV/log" "$DV/mail"
@@ -214,6 +236,12 @@ setup_dovecot() {
         awk -F: -v uid="$(id -u nobody)" -v gid="$(getent group nogroup | cut -d: -f3)" -v mail="$DV/mail" \
             '{ printf "%s:%s:%s:%s::%s/%s::\n", $1, $2, uid, gid, mail, $1 }' >"$DV/passwd"
     rm -f "$DV/hashes"
+    # SCRAM users: {SCRAM-SHA-256} (doveadm pw, 4096 PBKDF2 iterations, same as POP3conneX).
+    local name pw
+    while IFS=: read -r name pw; do
+        printf '%s:%s:%s:%s::%s/%s::\n' "$name" "$(doveadm pw -s SCRAM-SHA-256 -p "$pw")" \
+            "$(id -u nobody)" "$(getent group nogroup | cut -d: -f3)" "$DV/mail" "$name"
+    done <"$WORK/accounts/scram.txt" >>"$DV/passwd"
     chown root:dovecot "$DV/passwd"
     chmod 640 "$DV/passwd"
     cat >"$DV/dovecot.conf" <<EOF
@@ -234,7 +262,7 @@ ssl_cert = <$TLS/cert.pem
 ssl_key = <$TLS/key.pem
 
 disable_plaintext_auth = yes
-auth_mechanisms = plain
+auth_mechanisms = $DV_MECHS
 auth_username_format = %Ln
 passdb {
   driver = passwd-file
@@ -346,12 +374,12 @@ setup_pop3connex() {
     }
     write_px_config sha512-crypt 0
     px config check || die "pop3connex config check failed"
-    log "pop3connex: adding $(wc -l <"$WORK/accounts/all.txt") users (sha512-crypt)"
+    log "pop3connex: adding $(cat "$WORK/accounts/all.txt" "$WORK/accounts/scram.txt" | wc -l) users (sha512-crypt; all get SCRAM keys)"
     local name pw
     while IFS=: read -r name pw; do
         printf '%s\n' "$pw" | px user add "$name" --password-stdin >/dev/null 2>>"$PXD/useradd.err" ||
             die "pop3connex user add $name failed: $(tail -n 2 "$PXD/useradd.err")"
-    done <"$WORK/accounts/all.txt"
+    done < <(cat "$WORK/accounts/all.txt" "$WORK/accounts/scram.txt")
 }
 
 start_pop3connex() {
@@ -488,6 +516,100 @@ if has_server pop3connex; then
     load_corpus pop3connex
 fi
 
+# ---------------------------------------------------------------------------------------------
+# Auth phase, part 1 (before any Argon2id change, so POP3conneX still has the SHA512-CRYPT users).
+attack_bg() { # server round: brute-force attacker from $ATTACK_SOURCE in the background
+    local s=$1 r=$2
+    "$BENCH" attack --addr "127.0.0.1:$(pop3s_port "$s")" --ca "$TLS/ca.pem" --source "$ATTACK_SOURCE" \
+        --users-file "$WORK/accounts/sinks.txt" --auth user --attempts "$ATTACK_ATTEMPTS" \
+        --concurrency "$ATTACK_CONCURRENCY" --per-conn "$ATTACK_PER_CONN" --timeout 10 \
+        --max-duration $((WARMUP + DURATION + 3)) >"$RES/auth-attacker.r$r.$s.out" 2>"$RES/auth-attacker.r$r.$s.err" &
+    ATTACK_PID=$!
+}
+attack_end() { # server round
+    local s=$1 r=$2 line
+    wait "$ATTACK_PID" || log "attacker on $s exited with an error: $(tail -n 3 "$RES/auth-attacker.r$r.$s.err")"
+    ATTACK_PID=""
+    line=$(grep '^RESULT ' "$RES/auth-attacker.r$r.$s.out" | tail -n 1 || true)
+    [[ -n $line ]] || die "attacker on $s: no RESULT"
+    printf '%s\t%s\t%s\n' "auth-attacker.r$r" "$s" "$line" >>"$RES/results.tsv"
+    log "auth-attacker.r$r $s: attempts=$(field attempts "$line") answered=$(field answered "$line") refused_conns=$(field conns_refused "$line") dropped=$(field conns_dropped "$line") accepted=$(field accepted "$line")"
+    grep 'attacker error' "$RES/auth-attacker.r$r.$s.err" | head -n 4 >&2 || true
+}
+auth_phase_sha() {
+    local s r addr
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for s in $SERVERS; do
+            addr=127.0.0.1:$(pop3s_port "$s")
+            run_bench "$s" "auth-scram.r$r" -- logins --addr "$addr" --ca "$TLS/ca.pem" \
+                --users-file "$WORK/accounts/scram.txt" --mech scram-sha-256 --concurrency "$LOGIN_CONCURRENCY" \
+                --duration "$DURATION" --warmup "$WARMUP"
+        done
+    done
+    if has_server dovecot; then
+        for ((r = 1; r <= ROUNDS; r++)); do
+            run_bench dovecot "auth-plain-sha512.r$r" -- logins --addr "127.0.0.1:$DV_POP3S" --ca "$TLS/ca.pem" \
+                --users-file "$WORK/accounts/users.txt" --auth plain --concurrency "$LOGIN_CONCURRENCY" \
+                --duration "$DURATION" --warmup "$WARMUP"
+        done
+    fi
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for s in $SERVERS; do
+            # Fresh server per flood round: no ban, failure counter or auth penalty left from an
+            # earlier round (POP3conneX keeps bans in its store, so remove the attacker's ban first).
+            if [[ $s == pop3connex ]]; then
+                stop_pop3connex
+                px ban remove "$ATTACK_SOURCE" >/dev/null 2>&1 || px ban remove "$ATTACK_SOURCE/32" >/dev/null 2>&1 || true
+                start_pop3connex
+            else
+                stop_dovecot
+                start_dovecot
+            fi
+            TAG_PREFIX=auth-flood-base- measure "sessions-$FLOOD_CONCURRENCY" "$s" "$r"
+            attack_bg "$s" "$r"
+            sleep 1
+            TAG_PREFIX=auth-flood-attack- measure "sessions-$FLOOD_CONCURRENCY" "$s" "$r"
+            attack_end "$s" "$r"
+        done
+    done
+}
+
+# Auth phase, part 2: POP3conneX PLAIN logins at its production Argon2id parameters.
+auth_phase_argon2() {
+    local name pw r
+    stop_pop3connex
+    write_px_config argon2id 0
+    px config check || die "pop3connex config check failed (argon2id)"
+    if [[ ! -s $WORK/accounts/users-argon2.txt ]]; then
+        log "pop3connex: new passwords for the $USERS corpus users, hashed with argon2id"
+        gen_accounts user "$USERS" 4 >"$WORK/accounts/users-argon2.txt"
+        chmod 600 "$WORK/accounts/users-argon2.txt"
+        while IFS=: read -r name pw; do
+            printf '%s\n' "$pw" | px user passwd "$name" --password-stdin >/dev/null 2>>"$PXD/passwd.err" ||
+                die "pop3connex user passwd $name failed: $(tail -n 2 "$PXD/passwd.err")"
+        done <"$WORK/accounts/users-argon2.txt"
+    fi
+    log "pop3connex: argon2id PLAIN logins, credential_cache_secs = 0 (cold)"
+    start_pop3connex
+    for ((r = 1; r <= ROUNDS; r++)); do
+        run_bench pop3connex "auth-argon2-cold.r$r" -- logins --addr "127.0.0.1:$PX_POP3S" --ca "$TLS/ca.pem" \
+            --users-file "$WORK/accounts/users-argon2.txt" --auth plain --concurrency "$LOGIN_CONCURRENCY" \
+            --duration "$DURATION" --warmup "$WARMUP"
+    done
+    log "pop3connex: argon2id PLAIN logins, credential_cache_secs = 300 (default), warm"
+    stop_pop3connex
+    write_px_config argon2id 300
+    start_pop3connex
+    run_bench pop3connex auth-argon2-warmup -- logins --addr "127.0.0.1:$PX_POP3S" --ca "$TLS/ca.pem" \
+        --users-file "$WORK/accounts/users-argon2.txt" --auth plain --concurrency "$LOGIN_CONCURRENCY" --once
+    for ((r = 1; r <= ROUNDS; r++)); do
+        run_bench pop3connex "auth-argon2-warm.r$r" -- logins --addr "127.0.0.1:$PX_POP3S" --ca "$TLS/ca.pem" \
+            --users-file "$WORK/accounts/users-argon2.txt" --auth plain --concurrency "$LOGIN_CONCURRENCY" \
+            --duration "$DURATION" --warmup "$WARMUP"
+    done
+}
+
+if has_phase main; then
 METRICS=""
 for c in $CONCURRENCIES; do METRICS+="sessions-$c "; done
 METRICS+="logins lmtp idle"
@@ -496,8 +618,11 @@ for m in $METRICS; do
         for s in $SERVERS; do measure "$m" "$s" "$r"; done
     done
 done
+fi
 
-if has_server pop3connex && [[ $ARGON2 == 1 ]]; then
+has_phase auth && auth_phase_sha
+
+if has_phase main && has_server pop3connex && [[ $ARGON2 == 1 ]]; then
     # The password history policy refuses re-setting the same password: new passwords.
     log "pop3connex: new passwords for the $USERS corpus users, hashed with the default scheme (argon2id)"
     stop_pop3connex
@@ -530,15 +655,30 @@ if has_server pop3connex && [[ $ARGON2 == 1 ]]; then
     USERS_FILE=$WORK/accounts/users.txt
 fi
 
+if has_phase auth && has_server pop3connex; then auth_phase_argon2; fi
+
 cleanup
 BG_AFTER=$(busy_pct 5)
 log "measurements done (background CPU busy after: $BG_AFTER%); writing report"
 T_END=$(date +%s)
 export ROOT WORK RES OUT SERVERS USERS MSGS SIZE DURATION WARMUP ROUNDS CONCURRENCIES LOGIN_CONCURRENCY \
     IDLE_SESSIONS IDLE_MSGS LMTP_COUNT LMTP_CONCURRENCY LMTP_PER_CONN LMTP_SINKS ARGON2 ARGON2_METRICS ARGON2_CACHED_METRICS CMDLINE \
-    BG_BEFORE BG_AFTER
+    BG_BEFORE BG_AFTER PHASES SCRAM_USERS FLOOD_CONCURRENCY ATTACK_ATTEMPTS ATTACK_CONCURRENCY ATTACK_PER_CONN \
+    ATTACK_SOURCE
 export ELAPSED=$((T_END - T_RUN)) WAITED=$((T_RUN - T_START))
-if [[ " $SERVERS " == *" pop3connex "* && " $SERVERS " == *" dovecot "* ]]; then
+if [[ " $SERVERS " == *" pop3connex "* && " $SERVERS " == *" dovecot "* ]] && ! has_phase main; then
+    # Only the auth phases ran: replace (or add) the Authentication section of OUT, keep the rest.
+    AUTH_ONLY=1 "$ROOT/bench/report.sh" >"$WORK/auth-section.md"
+    touch "$OUT"
+    awk -v sec="$WORK/auth-section.md" '
+        /^## Authentication/ { skip = 1; if (!done) { while ((getline l < sec) > 0) print l; done = 1 }; next }
+        skip && /^## / { skip = 0 }
+        !skip && /^## Machine and versions/ && !done { while ((getline l < sec) > 0) print l; done = 1 }
+        !skip { print }
+        END { if (!done) while ((getline l < sec) > 0) print l }' "$OUT" >"$OUT.new"
+    mv "$OUT.new" "$OUT"
+    log "wrote the Authentication section of $OUT"
+elif [[ " $SERVERS " == *" pop3connex "* && " $SERVERS " == *" dovecot "* ]]; then
     "$ROOT/bench/report.sh" >"$OUT"
     log "wrote $OUT"
 else

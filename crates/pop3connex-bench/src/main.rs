@@ -11,6 +11,7 @@ mod corpus;
 mod lmtp;
 mod pop3;
 mod procfs;
+mod scram;
 mod tls;
 mod users;
 
@@ -45,6 +46,9 @@ enum Cmd {
     Logins(SessionArgs),
     /// Open many authenticated POP3S sessions and hold them idle (memory per session).
     Idle(IdleArgs),
+    /// Brute-force attacker: many failed logins (wrong passwords) over TLS, several per
+    /// connection, until --attempts are made or refused or --max-duration passes.
+    Attack(AttackArgs),
     /// LMTP deliveries per second (LHLO once per connection; MAIL, RCPT, DATA per message).
     Lmtp(LmtpArgs),
     /// Write a deterministic corpus of messages (DIR/msg-NNNNN.eml).
@@ -64,9 +68,12 @@ struct TlsArgs {
     /// Name to verify in the server certificate (SNI).
     #[arg(long, default_value = "localhost")]
     server_name: String,
-    /// Login method.
-    #[arg(long, value_enum, default_value = "user")]
+    /// Login method (`--mech` is an alias).
+    #[arg(long, alias = "mech", value_enum, default_value = "user")]
     auth: AuthMode,
+    /// Local address to connect from (e.g. 127.0.0.2: another loopback client address).
+    #[arg(long)]
+    source: Option<std::net::IpAddr>,
     /// Time limit for one session (or one login in `idle`), seconds.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
@@ -119,6 +126,24 @@ struct IdleArgs {
     /// Send NOOP on every session this often during the hold (0 = never), seconds.
     #[arg(long, default_value_t = 0.0)]
     noop_interval: f64,
+}
+
+#[derive(Args)]
+struct AttackArgs {
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Login attempts to make in total (a refused connection uses up one attempt).
+    #[arg(long, default_value_t = 10_000)]
+    attempts: u64,
+    /// Parallel attacker connections.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Attempts per connection before reconnecting.
+    #[arg(long, default_value_t = 50)]
+    per_conn: u64,
+    /// Stop after this many seconds even if attempts remain.
+    #[arg(long, default_value_t = 60.0)]
+    max_duration: f64,
 }
 
 #[derive(Args)]
@@ -219,6 +244,7 @@ fn main() -> Result<()> {
                     Cmd::Logins(a) => run_sessions(a, false).await,
                     Cmd::Idle(a) => run_idle(a).await,
                     Cmd::Lmtp(a) => run_lmtp(a).await,
+                    Cmd::Attack(a) => run_attack(a).await,
                     Cmd::Corpus(_) | Cmd::Proc(_) => unreachable!("handled above"),
                 }
             })
@@ -389,7 +415,8 @@ async fn run_sessions(a: SessionArgs, full: bool) -> Result<()> {
             part.push(users[w % users.len()].clone());
         }
     }
-    let target = TlsTarget::new(a.tls.addr, &a.tls.ca, &a.tls.server_name, secs(a.tls.timeout, "--timeout")?)?;
+    let mut target = TlsTarget::new(a.tls.addr, &a.tls.ca, &a.tls.server_name, secs(a.tls.timeout, "--timeout")?)?;
+    target.source = a.tls.source;
     let t0 = Instant::now();
     let start = t0 + secs(a.warmup, "--warmup")?;
     let end = start + secs(a.duration, "--duration")?;
@@ -427,7 +454,7 @@ async fn run_sessions(a: SessionArgs, full: bool) -> Result<()> {
     let latency = total.latency_fields();
     eprintln!("{mode}: {} sessions in {w:.1}s = {rate:.1}/s with {conc} clients, {} errors", total.ok, total.errors);
     println!(
-        "RESULT mode={mode} concurrency={conc} window_s={w:.3} sessions={} rate={rate:.2} errors={} errors_total={} messages={} octets={} {} {} tls={}",
+        "RESULT mode={mode} concurrency={conc} window_s={w:.3} sessions={} rate={rate:.2} errors={} errors_total={} messages={} octets={} {} {} tls={} auth={:?} client_pbkdf2_runs={}",
         total.ok,
         total.errors,
         total.errors_total,
@@ -436,6 +463,8 @@ async fn run_sessions(a: SessionArgs, full: bool) -> Result<()> {
         latency,
         cpu0.fields_until(&cpu1),
         total.tls.as_deref().unwrap_or("none"),
+        a.tls.auth,
+        scram::pbkdf2_runs(),
     );
     Ok(())
 }
@@ -469,6 +498,9 @@ async fn run_idle(a: IdleArgs) -> Result<()> {
     }
     let target =
         Arc::new(TlsTarget::new(a.tls.addr, &a.tls.ca, &a.tls.server_name, secs(a.tls.timeout, "--timeout")?)?);
+    if a.tls.source.is_some() {
+        bail!("--source is supported by pop3s-sessions, logins and attack");
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mem0 = match a.tls.server_pid {
         Some(pid) => Some(procfs::tree_mem(pid)?),
@@ -691,6 +723,156 @@ async fn run_lmtp(a: LmtpArgs) -> Result<()> {
         ctx.k,
         latency,
         cpu0.fields_until(&cpu1),
+    );
+    Ok(())
+}
+
+/// What the attacker saw.
+#[derive(Default)]
+struct AttackTally {
+    /// Attempts that got an answer (-ERR) from the server.
+    answered: u64,
+    /// Attempts that got +OK (must stay 0: the passwords are wrong).
+    accepted: u64,
+    /// Attempts lost because the connection broke or timed out before the answer.
+    unanswered: u64,
+    /// Connections that reached the POP3 greeting.
+    conns_ok: u64,
+    /// Connections refused: TCP connect failed, TLS handshake failed or closed, no +OK greeting.
+    conns_refused: u64,
+    /// Connections closed or reset by the server after the greeting.
+    conns_dropped: u64,
+    error_kinds: BTreeMap<String, u64>,
+}
+
+struct AttackCtx {
+    target: TlsTarget,
+    users: Vec<User>,
+    auth: AuthMode,
+    attempts: u64,
+    per_conn: u64,
+    deadline: Instant,
+    next: AtomicU64,
+}
+
+impl AttackCtx {
+    /// Claims the next attempt number, or None when the budget or the time is used up.
+    fn claim(&self) -> Option<u64> {
+        if Instant::now() >= self.deadline {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        (i < self.attempts).then_some(i)
+    }
+}
+
+async fn attack_worker(ctx: Arc<AttackCtx>) -> AttackTally {
+    let mut t = AttackTally::default();
+    let note = |t: &mut AttackTally, e: &anyhow::Error| {
+        let kind: String = format!("{e:#}").chars().take(160).collect();
+        *t.error_kinds.entry(kind).or_default() += 1;
+    };
+    'outer: while let Some(mut i) = ctx.claim() {
+        let left = ctx.deadline.saturating_duration_since(Instant::now());
+        let conn = match timeout(ctx.target.timeout.min(left), Pop3Client::connect(&ctx.target)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                t.conns_refused += 1;
+                note(&mut t, &e);
+                continue;
+            }
+            Err(_) => {
+                t.conns_refused += 1;
+                note(&mut t, &anyhow::anyhow!("connect/greeting timed out"));
+                continue;
+            }
+        };
+        t.conns_ok += 1;
+        let mut conn = conn;
+        let mut n = 0u64;
+        loop {
+            let user = &ctx.users[(i as usize) % ctx.users.len()];
+            let left = ctx.deadline.saturating_duration_since(Instant::now());
+            match timeout(ctx.target.timeout.min(left), conn.wrong_login(user, ctx.auth)).await {
+                Ok(Ok(true)) => t.answered += 1,
+                Ok(Ok(false)) => t.accepted += 1,
+                Ok(Err(e)) => {
+                    t.unanswered += 1;
+                    t.conns_dropped += 1;
+                    note(&mut t, &e);
+                    continue 'outer;
+                }
+                Err(_) => {
+                    t.unanswered += 1;
+                    if Instant::now() < ctx.deadline {
+                        note(&mut t, &anyhow::anyhow!("attempt timed out"));
+                    }
+                    continue 'outer;
+                }
+            }
+            n += 1;
+            if n >= ctx.per_conn {
+                let _ = timeout(Duration::from_secs(2), conn.quit()).await;
+                continue 'outer;
+            }
+            match ctx.claim() {
+                Some(j) => i = j,
+                None => break 'outer,
+            }
+        }
+    }
+    t
+}
+
+async fn run_attack(a: AttackArgs) -> Result<()> {
+    let users = users::load_users(&a.tls.users_file)?;
+    let mut target = TlsTarget::new(a.tls.addr, &a.tls.ca, &a.tls.server_name, secs(a.tls.timeout, "--timeout")?)?;
+    target.source = a.tls.source;
+    let t0 = Instant::now();
+    let ctx = Arc::new(AttackCtx {
+        target,
+        users,
+        auth: a.tls.auth,
+        attempts: a.attempts,
+        per_conn: a.per_conn.max(1),
+        deadline: t0 + secs(a.max_duration, "--max-duration")?,
+        next: AtomicU64::new(0),
+    });
+    let mut set = JoinSet::new();
+    for _ in 0..a.concurrency.max(1) {
+        set.spawn(attack_worker(ctx.clone()));
+    }
+    let mut t = AttackTally::default();
+    while let Some(r) = set.join_next().await {
+        let o = r?;
+        t.answered += o.answered;
+        t.accepted += o.accepted;
+        t.unanswered += o.unanswered;
+        t.conns_ok += o.conns_ok;
+        t.conns_refused += o.conns_refused;
+        t.conns_dropped += o.conns_dropped;
+        for (k, v) in o.error_kinds {
+            *t.error_kinds.entry(k).or_default() += v;
+        }
+    }
+    let w = t0.elapsed().as_secs_f64();
+    for (kind, n) in t.error_kinds.iter().take(10) {
+        eprintln!("  attacker error x{n}: {kind}");
+    }
+    let made = t.answered + t.accepted + t.unanswered + t.conns_refused;
+    eprintln!(
+        "attack: {made} attempts in {w:.1}s: {} answered, {} accepted, {} unanswered, {} connections ok, {} refused, {} dropped",
+        t.answered, t.accepted, t.unanswered, t.conns_ok, t.conns_refused, t.conns_dropped
+    );
+    println!(
+        "RESULT mode=attack window_s={w:.3} attempts={made} answered={} accepted={} unanswered={} conns_ok={} conns_refused={} conns_dropped={} source={}",
+        t.answered,
+        t.accepted,
+        t.unanswered,
+        t.conns_ok,
+        t.conns_refused,
+        t.conns_dropped,
+        a.tls.source.map(|s| s.to_string()).unwrap_or_else(|| "default".into()),
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Minimal POP3 client over TLS, just what the benchmark sessions need.
 
+use crate::scram::ScramClient;
 use crate::tls::{self, TlsTarget};
 use crate::users::User;
 use anyhow::{bail, Context, Result};
@@ -14,6 +15,9 @@ pub enum AuthMode {
     User,
     /// AUTH PLAIN with initial response (RFC 5034)
     Plain,
+    /// AUTH SCRAM-SHA-256 with initial response (RFC 5034, RFC 5802, RFC 7677)
+    #[value(name = "scram-sha-256")]
+    ScramSha256,
 }
 
 pub struct Pop3Client {
@@ -110,7 +114,56 @@ impl Pop3Client {
                 self.send(format!("AUTH PLAIN {ir}\r\n").as_bytes()).await?;
                 self.status("AUTH PLAIN").await
             }
+            AuthMode::ScramSha256 => {
+                let b64 = &base64::engine::general_purpose::STANDARD;
+                let mut sc = ScramClient::new(&user.name, &user.password);
+                self.send(format!("AUTH SCRAM-SHA-256 {}\r\n", b64.encode(sc.client_first())).as_bytes()).await?;
+                let server_first = self.challenge("AUTH SCRAM-SHA-256 (server-first)").await?;
+                let fin = sc.client_final(&server_first)?;
+                self.send(format!("{}\r\n", b64.encode(fin)).as_bytes()).await?;
+                let server_final = self.challenge("AUTH SCRAM-SHA-256 (server-final)").await?;
+                sc.verify_server_final(&server_final)?;
+                self.send(b"\r\n").await?;
+                self.status("AUTH SCRAM-SHA-256").await
+            }
         }
+    }
+
+    /// Reads a SASL continuation `+ BASE64` and returns the decoded text.
+    async fn challenge(&mut self, what: &str) -> Result<String> {
+        self.read_line().await.with_context(|| what.to_owned())?;
+        let l = self.line.strip_suffix(b"\n").unwrap_or(&self.line);
+        let l = l.strip_suffix(b"\r").unwrap_or(l);
+        let Some(data) = l.strip_prefix(b"+ ").or_else(|| (l == b"+").then_some(&b""[..])) else {
+            bail!("{what}: {}", show(&self.line));
+        };
+        let data =
+            base64::engine::general_purpose::STANDARD.decode(data).with_context(|| format!("{what}: bad base64"))?;
+        String::from_utf8(data).with_context(|| format!("{what}: not UTF-8"))
+    }
+
+    /// One failed login attempt with a wrong password (brute-force simulation). Ok(true): the
+    /// server answered -ERR; Ok(false): the login unexpectedly succeeded. Err: the connection
+    /// broke (closed by the server, reset, timed out).
+    pub async fn wrong_login(&mut self, user: &User, mode: AuthMode) -> Result<bool> {
+        let wrong = format!("{}-wrong", user.password);
+        let reply_ok = |l: &[u8]| l.starts_with(b"+OK");
+        match mode {
+            AuthMode::User => {
+                self.send(format!("USER {}\r\n", user.name).as_bytes()).await?;
+                self.read_line().await?;
+                if !reply_ok(&self.line) {
+                    return Ok(true);
+                }
+                self.send(format!("PASS {wrong}\r\n").as_bytes()).await?;
+            }
+            AuthMode::Plain | AuthMode::ScramSha256 => {
+                let ir = base64::engine::general_purpose::STANDARD.encode(format!("\0{}\0{wrong}", user.name));
+                self.send(format!("AUTH PLAIN {ir}\r\n").as_bytes()).await?;
+            }
+        }
+        self.read_line().await?;
+        Ok(!reply_ok(&self.line))
     }
 
     /// STAT, LIST, UIDL, RETR of every message; checks that the three listings agree.

@@ -5,11 +5,11 @@ use rustls::client::Resumption;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -19,6 +19,8 @@ pub struct TlsTarget {
     pub server_name: ServerName<'static>,
     pub connector: TlsConnector,
     pub timeout: Duration,
+    /// Local address to connect from (e.g. 127.0.0.2 for a second loopback client).
+    pub source: Option<IpAddr>,
 }
 
 impl TlsTarget {
@@ -46,11 +48,20 @@ impl TlsTarget {
             server_name: ServerName::try_from(server_name.to_owned()).context("invalid --server-name")?,
             connector: TlsConnector::from(Arc::new(config)),
             timeout,
+            source: None,
         })
     }
 
     pub async fn connect(&self) -> Result<TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(self.addr).await.with_context(|| format!("connect {}", self.addr))?;
+        let tcp = match self.source {
+            None => TcpStream::connect(self.addr).await,
+            Some(ip) => {
+                let sock = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                sock.bind(SocketAddr::new(ip, 0)).with_context(|| format!("bind {ip}"))?;
+                sock.connect(self.addr).await
+            }
+        }
+        .with_context(|| format!("connect {}", self.addr))?;
         tcp.set_nodelay(true)?;
         let tls = self.connector.connect(self.server_name.clone(), tcp).await.context("TLS handshake")?;
         Ok(tls)
