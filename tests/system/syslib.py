@@ -51,6 +51,24 @@ def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
             s.close()
 
 
+def reap(pid: int | None, timeout: float = 15) -> None:
+    """Waits for a daemon we started (and asked to stop) to exit; SIGKILLs
+    it if it has not exited within `timeout` seconds."""
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def wait_until(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Polls pred() until it returns a truthy value; bounded by timeout."""
     deadline = time.monotonic() + timeout

@@ -212,19 +212,7 @@ class PrivateDovecot:
         pid = self.master_pid()
         subprocess.run([tool("doveadm"), "-c", str(self.conf), "stop"], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=30, stdin=subprocess.DEVNULL)
-        if pid is None:
-            return
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        try:  # our own master did not stop in time
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        syslib.reap(pid)
 
     def maildir(self, user: str) -> Path:
         return self.root / "mail" / user

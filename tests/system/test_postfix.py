@@ -208,19 +208,7 @@ class PrivatePostfix:
         pid = self.master_pid()
         subprocess.run([tool("postfix"), "-c", str(self.conf), "stop"], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=30, stdin=subprocess.DEVNULL)
-        if pid is None:
-            return
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        try:  # our own master did not stop in time
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        syslib.reap(pid)
 
     def flush(self):
         run([tool("postqueue"), "-c", str(self.conf), "-f"], check=False)
