@@ -1268,6 +1268,47 @@ impl OAuthBearer {
     }
 }
 
+/// Splits a client's first response into (named user, token).
+type ParseBearer = fn(&[u8]) -> Result<(Option<String>, &str), &'static str>;
+
+/// The exchange both bearer mechanisms share: the first response carries the
+/// token (parsed by `parse` into an optional named user and the token); a
+/// refusal sends the RFC 7628 error challenge, and the client's
+/// acknowledgement (`ack`) is answered with the failure.
+async fn bearer_step(
+    validator: &TokenValidator,
+    state: &mut BearerState,
+    ctx: &SaslContext<'_>,
+    response: Option<&[u8]>,
+    name: &'static str,
+    parse: ParseBearer,
+    ack: &[u8],
+) -> Step {
+    match std::mem::replace(state, BearerState::Done) {
+        BearerState::Start => {
+            let Some(msg) = response else {
+                *state = BearerState::Start;
+                return Step::Challenge(Vec::new());
+            };
+            let (user, token) = match parse(msg) {
+                Ok(p) => p,
+                Err(why) => return Step::Malformed(why),
+            };
+            match login(validator, ctx, name, user.as_deref(), token).await {
+                Ok(record) => Step::Success(record),
+                Err((reason, user)) => refuse(validator, state, reason, user),
+            }
+        }
+        BearerState::AwaitErrorAck { reason, user } => {
+            if response != Some(ack) {
+                tracing::debug!(mechanism = name, "client did not acknowledge the error challenge as specified");
+            }
+            Step::Failure { reason, user }
+        }
+        BearerState::Done => Step::Malformed("exchange already finished"),
+    }
+}
+
 #[async_trait]
 impl Mechanism for OAuthBearer {
     fn name(&self) -> &'static str {
@@ -1275,30 +1316,8 @@ impl Mechanism for OAuthBearer {
     }
 
     async fn step(&mut self, ctx: &SaslContext<'_>, response: Option<&[u8]>) -> Step {
-        match std::mem::replace(&mut self.state, BearerState::Done) {
-            BearerState::Start => {
-                let Some(msg) = response else {
-                    self.state = BearerState::Start;
-                    return Step::Challenge(Vec::new());
-                };
-                let (authz, token) = match parse_oauthbearer(msg) {
-                    Ok(p) => p,
-                    Err(why) => return Step::Malformed(why),
-                };
-                match login(&self.validator, ctx, self.name(), authz.as_deref(), token).await {
-                    Ok(record) => Step::Success(record),
-                    Err((reason, user)) => refuse(&self.validator, &mut self.state, reason, user),
-                }
-            }
-            BearerState::AwaitErrorAck { reason, user } => {
-                // RFC 7628 3.2.3: the client answers the error with a single ^A.
-                if response != Some(b"\x01") {
-                    tracing::debug!("OAUTHBEARER client did not answer the error challenge with ^A");
-                }
-                Step::Failure { reason, user }
-            }
-            BearerState::Done => Step::Malformed("exchange already finished"),
-        }
+        // RFC 7628 3.2.3: the client answers the error with a single ^A.
+        bearer_step(&self.validator, &mut self.state, ctx, response, "OAUTHBEARER", parse_oauthbearer, b"\x01").await
     }
 }
 
@@ -1322,30 +1341,11 @@ impl Mechanism for XOAuth2 {
     }
 
     async fn step(&mut self, ctx: &SaslContext<'_>, response: Option<&[u8]>) -> Step {
-        match std::mem::replace(&mut self.state, BearerState::Done) {
-            BearerState::Start => {
-                let Some(msg) = response else {
-                    self.state = BearerState::Start;
-                    return Step::Challenge(Vec::new());
-                };
-                let (user, token) = match parse_xoauth2(msg) {
-                    Ok(p) => p,
-                    Err(why) => return Step::Malformed(why),
-                };
-                match login(&self.validator, ctx, self.name(), Some(&user), token).await {
-                    Ok(record) => Step::Success(record),
-                    Err((reason, user)) => refuse(&self.validator, &mut self.state, reason, user),
-                }
-            }
-            BearerState::AwaitErrorAck { reason, user } => {
-                // The client answers the error with an empty response.
-                if response != Some(b"") {
-                    tracing::debug!("XOAUTH2 client did not answer the error challenge with an empty response");
-                }
-                Step::Failure { reason, user }
-            }
-            BearerState::Done => Step::Malformed("exchange already finished"),
+        // The client answers the error with an empty response.
+        fn parse(msg: &[u8]) -> Result<(Option<String>, &str), &'static str> {
+            parse_xoauth2(msg).map(|(user, token)| (Some(user), token))
         }
+        bearer_step(&self.validator, &mut self.state, ctx, response, "XOAUTH2", parse, b"").await
     }
 }
 
