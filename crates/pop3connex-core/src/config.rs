@@ -38,6 +38,8 @@ pub struct Config {
     pub oauth: crate::oauth::OAuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub connector: crate::connector::config::ConnectorConfig,
     /// The file this was read from (for messages), not a config key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -436,6 +438,7 @@ impl Config {
             }
         }
         cfg.oauth.resolve_paths(&base);
+        cfg.connector.resolve_paths(&base);
         cfg.check()?;
         Ok(cfg)
     }
@@ -443,6 +446,7 @@ impl Config {
     fn check(&self) -> Result<(), ConfigError> {
         let err = |message: String| ConfigError::Semantic { path: self.source.clone(), message };
         self.oauth.check().map_err(err)?;
+        self.connector.check().map_err(err)?;
         for zone in &self.abuse.dnsbl {
             let ok = !zone.is_empty()
                 && zone.len() < 200

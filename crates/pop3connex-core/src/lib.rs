@@ -14,6 +14,7 @@
 //! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
 //! - [`lmtp`]: LMTP ingestion sessions.
 //! - [`server`]: listeners, connection limits, signals, graceful shutdown.
+//! - [`connector`]: fetching from upstream POP3 mailboxes, routing, forwarding.
 //! - [`import`]: Maildir and mbox import.
 //! - [`init`]: creating a fresh data directory.
 //! - [`events`]: structured security events.
@@ -26,6 +27,7 @@ pub use ipnet;
 
 pub mod auth;
 pub mod config;
+pub mod connector;
 pub mod crypto;
 pub mod dnsbl;
 pub mod events;
