@@ -1,1 +1,1 @@
-//! Placeholder: implemented in a later commit.
+//! DANE (RFC 7672) certificate verification (implementation pending).
