@@ -812,7 +812,7 @@ fn parse_msg_number(n: &[u8]) -> Result<u32, &'static str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::connector::tlsclient;
     use crate::scram::{parse_client_first, ChannelBinding, ScramCredentials, ScramServer};
@@ -824,11 +824,11 @@ mod tests {
     use tokio_rustls::TlsAcceptor;
 
     /// A CA, a server certificate for `names` and the CA file clients trust.
-    struct Pki {
-        dir: PathBuf,
-        ca_file: PathBuf,
-        server: Arc<rustls::ServerConfig>,
-        pin: String,
+    pub(crate) struct Pki {
+        pub(crate) dir: PathBuf,
+        pub(crate) ca_file: PathBuf,
+        pub(crate) server: Arc<rustls::ServerConfig>,
+        pub(crate) pin: String,
     }
 
     impl Drop for Pki {
@@ -837,7 +837,7 @@ mod tests {
         }
     }
 
-    fn pki(names: &[&str]) -> Pki {
+    pub(crate) fn pki(names: &[&str]) -> Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
