@@ -1129,14 +1129,12 @@ pub(crate) mod tests {
 
         // OAUTHBEARER (forced) refused with the AQ== dummy response.
         let (port, task) = serve(&p, true, move |mut peer| async move {
-            peer.hello("\r\n").await;
+            peer.hello("USER\r\n").await;
+            let port = peer.tls.as_ref().unwrap().get_ref().0.local_addr().unwrap().port();
             let line = peer.line().await;
             let payload = B64.decode(line.strip_prefix("AUTH OAUTHBEARER ").unwrap()).unwrap();
-            let want = format!("n,a=alice,\x01host=127.0.0.1\x01port={}\x01auth=Bearer {token}\x01\x01", 0);
-            let got = String::from_utf8(payload).unwrap();
-            let (head, tail) = got.split_once("\x01port=").unwrap();
-            assert_eq!(head, want.split_once("\x01port=").unwrap().0);
-            assert!(tail.ends_with(&format!("\x01auth=Bearer {token}\x01\x01")), "{tail}");
+            let want = format!("n,a=alice,\x01host=127.0.0.1\x01port={port}\x01auth=Bearer {token}\x01\x01");
+            assert_eq!(String::from_utf8(payload).unwrap(), want);
             peer.send(format!("+ {}\r\n", B64.encode(br#"{"status":"invalid_token"}"#)).as_bytes()).await;
             peer.expect("AQ==").await;
             peer.send(b"-ERR no\r\n").await;
@@ -1358,6 +1356,55 @@ pub(crate) mod tests {
         assert_eq!(s.retr(1, 10).await.unwrap(), b"12345678\r\n");
         let e = s.retr(2, 1 << 20).await.unwrap_err();
         assert!(e.to_string().contains("line longer than"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn capa_flood_unsolicited_data_and_unproven_scram() {
+        let p = pki(&["localhost", "127.0.0.1"]);
+        let (port, _task) = serve(&p, true, |mut peer| async move {
+            peer.hello(&"X-CAP\r\n".repeat(MAX_CAPA_LINES + 1)).await;
+            peer.line().await;
+        })
+        .await;
+        let e = Session::connect(&account(port, UpstreamTls::Implicit, "auto"), client_tls(&p, &[])).await;
+        assert_eq!(e.unwrap_err().kind(), "protocol");
+
+        // A server without CAPA has no capabilities; data nobody asked
+        // for (here a second +OK behind the greeting) is refused.
+        let (port, _task) = serve(&p, true, |mut peer| async move {
+            peer.send(b"+OK hi\r\n").await;
+            peer.expect("CAPA").await;
+            peer.send(b"-ERR what\r\n").await;
+            peer.expect("USER alice").await;
+            peer.send(b"+OK\r\n+OK extra\r\n").await;
+            peer.line().await;
+        })
+        .await;
+        let a = account(port, UpstreamTls::Implicit, "auto");
+        let mut s = Session::connect(&a, client_tls(&p, &[])).await.unwrap();
+        assert!(s.capabilities().is_empty());
+        let e = s.login(&a, &password("secret")).await.unwrap_err();
+        assert!(e.to_string().contains("nobody asked for"), "{e}");
+
+        // SCRAM: "+OK" without the server signature is not accepted.
+        let (port, _task) = serve(&p, true, |mut peer| async move {
+            peer.hello("SASL SCRAM-SHA-256\r\n").await;
+            let line = peer.line().await;
+            let first = B64.decode(line.strip_prefix("AUTH SCRAM-SHA-256 ").unwrap()).unwrap();
+            let nonce = String::from_utf8(first).unwrap().rsplit_once("r=").unwrap().1.to_owned();
+            let server_first = format!("r={nonce}xyz,s=c2FsdA==,i=4096");
+            peer.send(format!("+ {}\r\n", B64.encode(server_first)).as_bytes()).await;
+            peer.line().await;
+            peer.send(b"+OK trust me\r\n").await;
+            peer.line().await;
+        })
+        .await;
+        let a = account(port, UpstreamTls::Implicit, "scram-sha256");
+        let mut s = Session::connect(&a, client_tls(&p, &[])).await.unwrap();
+        let e = s.login(&a, &password("pencil")).await.unwrap_err();
+        assert_eq!(e.kind(), "auth");
+        assert!(e.to_string().contains("did not prove"), "{e}");
+        assert!(!s.is_usable());
     }
 
     #[test]
