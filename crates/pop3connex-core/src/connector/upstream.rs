@@ -238,8 +238,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if now >= deadline {
             return Err(UpstreamError::Timeout(if self.received == 0 { "waiting for the server" } else { TOO_SLOW }));
         }
+        // With nothing received yet the response deadline equals the
+        // inactivity timeout: report plain silence.
         let (wait, what) = if deadline - now < self.timeout {
-            // Nothing received yet: plain silence, whichever limit applies.
             (deadline - now, if self.received == 0 { "waiting for the server" } else { TOO_SLOW })
         } else {
             (self.timeout, "waiting for the server")
