@@ -579,7 +579,7 @@ async fn connector(cfg: Config, cmd: ConnectorCmd) -> Result<()> {
             for a in accounts.iter().filter(|a| name.as_ref().is_none_or(|n| n == &a.name)) {
                 let (s, seen) = conn.status(&a.name).await?;
                 let s = s.unwrap_or_default();
-                let t = |v: Option<i64>| v.map_or("never".to_string(), |v| v.to_string());
+                let t = |v: Option<i64>| v.map_or("never".to_string(), pop3connex_core::types::format_unix);
                 println!("account: {}", a.name);
                 println!("  last_run_at: {}", t(s.last_run_at));
                 println!("  last_success_at: {}", t(s.last_success_at));
