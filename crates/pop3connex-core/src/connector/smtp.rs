@@ -621,7 +621,10 @@ impl Extensions {
     }
 
     fn auth_plain(&self) -> bool {
-        self.0.iter().filter(|(k, _)| k == "AUTH").any(|(_, p)| p.split_whitespace().any(|m| m.eq_ignore_ascii_case("PLAIN")))
+        self.0
+            .iter()
+            .filter(|(k, _)| k == "AUTH")
+            .any(|(_, p)| p.split_whitespace().any(|m| m.eq_ignore_ascii_case("PLAIN")))
     }
 
     /// The advertised SIZE limit; `None` without one (or `SIZE 0`).
@@ -877,7 +880,10 @@ async fn session(
     let normalized = normalize(message);
     if let Some(limit) = ext.size() {
         if normalized.len() as u64 > limit {
-            return Err(perm(format!("message of {} octets exceeds the server's SIZE limit {limit}", normalized.len())));
+            return Err(perm(format!(
+                "message of {} octets exceeds the server's SIZE limit {limit}",
+                normalized.len()
+            )));
         }
     }
     let mut mail = format!("MAIL FROM:<{from}>");
@@ -958,3 +964,7 @@ fn trim_newline(s: &[u8]) -> &[u8] {
     let s = s.strip_suffix(b"\n").unwrap_or(s);
     s.strip_suffix(b"\r").unwrap_or(s)
 }
+
+#[cfg(test)]
+#[path = "smtp_tests.rs"]
+mod tests;
