@@ -103,6 +103,10 @@ const DATA_BYTES_PER_SEC: u64 = 32 * 1024;
 /// The reply to the final "." may take this many times `timeout_secs`
 /// (servers scan the message first; RFC 5321 section 4.5.3.2.6).
 const FINAL_REPLY_FACTOR: u32 = 5;
+/// MX hosts tried per domain and addresses tried per host (a hostile DNS
+/// answer must not keep a delivery busy for hours; Postfix uses 5 sessions).
+const MAX_MX_HOSTS: usize = 10;
+const MAX_ADDRESSES: usize = 4;
 
 fn temp(m: impl Into<String>) -> SmtpError {
     SmtpError::Temporary(m.into())
@@ -126,7 +130,8 @@ fn sanitize(s: &str) -> String {
 static DEFAULT_STS: OnceLock<PolicyCache> = OnceLock::new();
 
 /// Delivers one message to every recipient through `downstream`; returns one
-/// outcome per recipient, in order. Uses a process-wide MTA-STS cache with
+/// outcome per recipient, in order. `helo` is the default EHLO/LHLO name
+/// (`downstream.helo` overrides it). Uses a process-wide MTA-STS cache with
 /// default DNS settings; see [`deliver_with`].
 pub async fn deliver(
     downstream: &DownstreamConfig,
@@ -202,8 +207,10 @@ async fn deliver_inner<L: Lookup>(
     if !valid_path(&envelope.mail_from) {
         return Err(perm("invalid sender address"));
     }
+    // The downstream's own `helo` wins over the server-wide default.
+    let helo = d.helo.as_deref().unwrap_or(helo);
     if !valid_path(helo) || helo.is_empty() {
-        return Err(perm("invalid EHLO name"));
+        return Err(temp("invalid EHLO name (check `helo`)"));
     }
     let n = envelope.recipients.len();
     let mut out: Vec<Option<RcptOutcome>> = vec![None; n];
@@ -267,7 +274,7 @@ enum TlsMode {
 
 fn server_name(host: &str) -> Result<ServerName<'static>, SmtpError> {
     let h = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.');
-    ServerName::try_from(h.to_owned()).map_err(|_| perm(format!("`{}` is not a valid host name", sanitize(host))))
+    ServerName::try_from(h.to_owned()).map_err(|_| temp(format!("`{}` is not a valid host name", sanitize(host))))
 }
 
 fn roots(d: &DownstreamConfig) -> Result<rustls::RootCertStore, SmtpError> {
@@ -461,7 +468,7 @@ async fn dane_for<L: Lookup>(lookup: &L, secure_path: bool, host: &str, port: u1
         Ok((Security::Bogus, _)) | Err(DnsError::Bogus(_)) => {
             Dane::Unusable(format!("DNSSEC validation failed for the TLSA records of {host}"))
         }
-        Err(DnsError::Temporary(m)) => Dane::Unusable(format!("TLSA lookup for {host} failed: {m}")),
+        Err(DnsError::Temporary(m)) => Dane::Unusable(format!("TLSA lookup for {host} failed: {}", sanitize(&m))),
     }
 }
 
@@ -478,7 +485,7 @@ async fn sts_state<L: Lookup>(lookup: &L, domain: &str, sts: &mut Sts) -> Result
         *sts = match lookup.sts_policy(domain).await {
             Ok(Some(p)) if p.mode == Mode::Enforce => Sts::Enforce(p),
             Ok(_) | Err(MtaStsError::Invalid(_)) => Sts::Relaxed,
-            Err(e @ MtaStsError::Temporary(_)) => return Err(temp(format!("{domain}: {e}"))),
+            Err(e @ MtaStsError::Temporary(_)) => return Err(temp(sanitize(&format!("{domain}: {e}")))),
         };
     }
     Ok(())
@@ -510,7 +517,7 @@ async fn mx_domain<L: Lookup>(
     let port = d.port();
     let mut sts = Sts::Unfetched;
     let mut last: Result<Vec<RcptOutcome>, SmtpError> = Err(temp(format!("no usable MX host for {domain}")));
-    for host in hosts {
+    for host in hosts.into_iter().take(MAX_MX_HOSTS) {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let (addr_sec, ips) = match lookup.addresses(&host).await {
             Ok((Security::Bogus, _)) | Err(DnsError::Bogus(_)) => {
@@ -519,7 +526,7 @@ async fn mx_domain<L: Lookup>(
             }
             Ok(found) => found,
             Err(e) => {
-                last = Err(temp(format!("{host}: {e}")));
+                last = Err(temp(sanitize(&format!("{host}: {e}"))));
                 continue;
             }
         };
@@ -556,7 +563,7 @@ async fn mx_domain<L: Lookup>(
                 continue;
             }
         };
-        let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
+        let addrs: Vec<SocketAddr> = ips.into_iter().take(MAX_ADDRESSES).map(|ip| SocketAddr::new(ip, port)).collect();
         let result = try_addresses(d, helo, &addrs, &tls, from, rcpts, message).await;
         match result {
             Ok(o) if is_final(&o) => return Ok(o),

@@ -439,10 +439,12 @@ async fn no_accepted_recipient_skips_data() {
     script.rcpt.insert("a@x.test".into(), "550 5.1.1 no".into());
     script.rcpt.insert("b@x.test".into(), "450 4.1.1 later".into());
     let (port, h) = start(script).await;
-    let d = downstream(Some("127.0.0.1"), port, DownstreamTls::None, None);
+    let mut d = downstream(Some("127.0.0.1"), port, DownstreamTls::None, None);
+    d.helo = Some("relay.example".into());
     let out = run(&d, &envelope(&["a@x.test", "b@x.test"]), MSG).await.unwrap();
     assert!(matches!(out[0], RcptOutcome::Permanent(_)) && matches!(out[1], RcptOutcome::Temporary(_)));
     let t = transcript(h).await;
+    assert_eq!(t.commands[0], "EHLO relay.example", "the downstream's helo wins");
     assert!(!t.sent("DATA") && t.sent("RSET"), "{t:?}");
 }
 
