@@ -814,3 +814,18 @@ fn deliver_futures_are_send(d: &DownstreamConfig, r: &Resolver, sts: &PolicyCach
     is_send(&deliver(d, "h", r, e, b""));
     is_send(&deliver_with(d, "h", r, sts, e, b""));
 }
+
+#[tokio::test]
+async fn mta_sts_enforce_skips_mx_hosts_outside_the_policy() {
+    let ca = TestCa::new();
+    // Would be deliverable (valid certificate for the MX name) but for the policy.
+    let (port, h) = start(starttls_script(&ca, &["mx.x.test"])).await;
+    let d = downstream(None, port, DownstreamTls::MtaSts, Some(&ca));
+    let m = Mock {
+        sts: Box::new(|_| Ok(Some(Policy { mode: Mode::Enforce, mx: vec!["mail.other.test".into()], max_age: 86400 }))),
+        ..Mock::default()
+    };
+    let r = run_mx(&d, &m, &["a@x.test"]).await;
+    assert!(is_temp(&r, "not allowed by the MTA-STS policy"), "{r:?}");
+    h.abort();
+}
