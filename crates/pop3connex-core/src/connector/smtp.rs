@@ -22,15 +22,18 @@
 //! |           |          | records (usage 2/3) → DANE ([`super::dane`]), mandatory            |
 //! |           |          | TLSA Bogus or lookup failure → host skipped (temporary)            |
 //! |           |          | no/insecure/unusable TLSA, or MX insecure → as `mta-sts`           |
-//! | `mta-sts` | MX       | policy `enforce`: MX host must match the policy's `mx` patterns   |
+//! | `mta-sts` | MX       | policy `enforce`: MX host must match the policy's `mx` patterns    |
 //! |           |          | (else skipped), chain verified, name = MX host                     |
 //! |           |          | policy `testing`/`none`, no policy, invalid policy: chain          |
 //! |           |          | verified, name = MX host (never cleartext, never unverified)       |
-//! |           |          | policy fetch failed temporarily → whole domain deferred           |
+//! |           |          | policy fetch failed temporarily → whole domain deferred            |
 //!
 //! DNS answers: MX `Bogus` → temporary failure with no fallback (fail
 //! closed); null MX or no such domain → permanent; other DNS errors →
-//! temporary. Address records that are `Bogus` skip the host.
+//! temporary. Address records that are `Bogus` skip the host. At most 10
+//! MX hosts and 4 addresses per host are tried; the next one is tried after
+//! a connection/TLS/protocol failure or when every recipient was deferred
+//! (4xx), never after a permanent (5xx) answer.
 //!
 //! # Outcomes
 //!
