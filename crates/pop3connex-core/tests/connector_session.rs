@@ -33,7 +33,29 @@ struct Setup {
     connector: Connector,
 }
 
+/// Serves LMTP from `fx` on 127.0.0.1 (the forwarding target); returns the port.
+async fn downstream_lmtp(fx: &Fixture) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ctx = Arc::new(pop3connex_core::lmtp::LmtpContext {
+        cfg: pop3connex_core::config::LmtpConfig::default(),
+        hostname: "downstream.test".into(),
+        auth: fx.auth.clone(),
+    });
+    let rx = fx.shutdown.subscribe();
+    tokio::spawn(async move {
+        while let Ok((sock, peer)) = listener.accept().await {
+            tokio::spawn(pop3connex_core::lmtp::serve(ctx.clone(), sock, peer.to_string(), rx.clone()));
+        }
+    });
+    port
+}
+
 async fn setup(name: &str, account_extra: &str, route: &str) -> Setup {
+    setup_with(name, account_extra, route, "").await
+}
+
+async fn setup_with(name: &str, account_extra: &str, route: &str, global: &str) -> Setup {
     let up = Fixture::new(&format!("{name}-up")).await;
     up.add_user("remote").await;
     let local = Fixture::new(&format!("{name}-local")).await;
@@ -49,7 +71,7 @@ async fn setup(name: &str, account_extra: &str, route: &str) -> Setup {
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
     let text = format!(
         "[store]\nbackend = \"sqlite\"\npath = \"unused.db\"\nmaster_key = \"file:unused.key\"\n\
-         [tls]\ncertificate = \"c.pem\"\nprivate_key = \"file:k.pem\"\n\
+         [tls]\ncertificate = \"c.pem\"\nprivate_key = \"file:k.pem\"\n{global}\
          [[connector.accounts]]\nname = \"isp\"\nhost = \"localhost\"\nport = {port}\ntls = \"implicit\"\n\
          ca_file = \"ca.pem\"\nuser = \"remote\"\npassword = \"file:upstream.pw\"\n{account_extra}\n\
          [connector.accounts.route]\n{route}\n"
@@ -176,4 +198,38 @@ async fn untrusted_upstream_certificate_fetches_nothing() {
     let last = status.last_error.unwrap();
     assert!(last.starts_with("tls:"), "{last}");
     assert!(!last.contains(PASSWORD) && !e.to_string().contains(PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_over_lmtp_and_quarantines_permanent_refusals() {
+    let down = Fixture::new("forward-down").await;
+    down.add_user("carol").await;
+    let port = downstream_lmtp(&down).await;
+    let global = format!(
+        "[[connector.downstreams]]\nname = \"corp\"\nprotocol = \"lmtp\"\nhost = \"127.0.0.1\"\nport = {port}\n\
+         tls = \"none\"\n"
+    );
+    let route = "envelope_header = \"Delivered-To\"\n\
+                 domains = { \"corp.example\" = { forward = \"*\", via = \"corp\" } }";
+    let s = setup_with("forward", "delete = \"after-delivery\"", route, &global).await;
+    let to_carol = message("f1", "Return-Path: <sender@example.org>\r\nDelivered-To: carol@corp.example\r\n");
+    let to_nobody = message("f2", "Delivered-To: nobody@corp.example\r\n");
+    s.up.deliver("remote", &to_carol).await;
+    s.up.deliver("remote", &to_nobody).await;
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.forwarded, r.quarantined, r.deleted), (2, 1, 1, 2), "{r}");
+    // Downstream got the upstream bytes behind its own trace headers and ours.
+    let got = Setup::bodies(&down, "carol").await;
+    assert_eq!(got.len(), 1);
+    let text = String::from_utf8_lossy(&got[0]);
+    assert!(text.contains("(POP3conneX connector) with POP3S for <carol@corp.example>;"), "{text}");
+    assert!(got[0].ends_with(&to_carol), "{text}");
+    assert!(text.starts_with("Return-Path: <sender@example.org>"), "envelope sender kept: {text}");
+    // 550 for the unknown recipient: quarantined locally, never bounced.
+    let q = Setup::bodies(&s.local, "quarantine").await;
+    assert_eq!(q.len(), 1);
+    let qt = String::from_utf8_lossy(&q[0]);
+    assert!(qt.starts_with("X-POP3conneX-Quarantine: nobody@corp.example refused by corp: 550"), "{qt}");
+    assert!(q[0].ends_with(&to_nobody));
+    assert_eq!(s.up.count("remote").await, 0, "both dealt with, both deleted upstream");
 }
