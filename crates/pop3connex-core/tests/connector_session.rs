@@ -233,3 +233,38 @@ async fn forwards_over_lmtp_and_quarantines_permanent_refusals() {
     assert!(q[0].ends_with(&to_nobody));
     assert_eq!(s.up.count("remote").await, 0, "both dealt with, both deleted upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_runs_accounts_independently_of_a_dead_upstream() {
+    // "isp" is healthy; "dead" accepts TCP connections and never says a word.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = dead.accept().await {
+            held.push(sock);
+        }
+    });
+    let global = format!(
+        "[connector]\nmax_concurrent = 2\njitter_percent = 5\n\
+         [[connector.accounts]]\nname = \"dead\"\nhost = \"127.0.0.1\"\nport = {dead_port}\ntls = \"implicit\"\n\
+         user = \"x\"\npassword = \"file:upstream.pw\"\ninterval_secs = 30\ntimeout_secs = 60\n\
+         [connector.accounts.route]\ndeliver_to = {{ local = \"bob\" }}\n"
+    );
+    let s = setup_with("sched", "interval_secs = 30", "deliver_to = { local = \"alice\" }", &global).await;
+    s.up.deliver("remote", &message("s1", "")).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let connector = Arc::new(s.connector);
+    let sched = tokio::spawn(connector.clone().run_scheduler(stopped));
+    // First runs start within the jitter (≤ 1.5 s here); the healthy account
+    // must be done long before the dead one's 60 s timeout.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.local.count("alice").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "healthy account was not fetched while the other hangs");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (dead_status, _) = connector.status("dead").await.unwrap();
+    assert!(dead_status.is_none(), "the dead upstream's run is still waiting, not finished");
+    stop.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), sched).await.unwrap().unwrap();
+}
