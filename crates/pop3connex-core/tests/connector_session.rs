@@ -268,3 +268,29 @@ async fn scheduler_runs_accounts_independently_of_a_dead_upstream() {
     stop.send(true).unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(5), sched).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_hook_receives_quarantine_events_as_json() {
+    let out = std::env::temp_dir().join(format!("p3x-alert-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let global = format!("[connector]\nalert_command = [\"sh\", \"-c\", \"cat >> {}\"]\n", out.display());
+    let route = "envelope_header = \"Delivered-To\"\ndomains = { \"example.com\" = { local = \"*\" } }";
+    let s = setup_with("alert", "", route, &global).await;
+    s.up.deliver("remote", &message("a1", "Delivered-To: x@unknown.example\r\n")).await;
+    assert_eq!(s.run().await.quarantined, 1);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        if let Ok(text) = std::fs::read_to_string(&out) {
+            if text.ends_with('\n') {
+                break text;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "alert hook did not run");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["event"], "connector_quarantined");
+    assert_eq!(v["account"], "isp");
+    assert!(v["reason"].as_str().unwrap().contains("x@unknown.example"));
+    let _ = std::fs::remove_file(&out);
+}
