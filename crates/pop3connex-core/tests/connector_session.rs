@@ -294,3 +294,25 @@ async fn alert_hook_receives_quarantine_events_as_json() {
     assert!(v["reason"].as_str().unwrap().contains("x@unknown.example"));
     let _ = std::fs::remove_file(&out);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_after_days_waits_for_the_age() {
+    let mut s =
+        setup("afterdays", "delete = \"after-days\"\ndelete_after_days = 7", "deliver_to = { local = \"alice\" }")
+            .await;
+    let now = Arc::new(std::sync::atomic::AtomicI64::new(1_800_000_000));
+    let clock = now.clone();
+    s.connector = s.connector.with_clock(Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst)));
+    s.up.deliver("remote", &message("old", "")).await;
+    assert_eq!(s.run().await.deleted, 0);
+    now.fetch_add(6 * 86_400, std::sync::atomic::Ordering::SeqCst);
+    s.up.deliver("remote", &message("newer", "")).await;
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.deleted), (1, 0), "{r}");
+    assert_eq!(s.up.count("remote").await, 2);
+    now.fetch_add(86_400, std::sync::atomic::Ordering::SeqCst);
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.deleted), (0, 1), "only the 7-day-old copy goes: {r}");
+    assert_eq!(s.up.count("remote").await, 1);
+    assert_eq!(s.local.count("alice").await, 2);
+}
