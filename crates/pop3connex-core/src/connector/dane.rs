@@ -14,13 +14,13 @@
 //! The handshake signature is always checked with the leaf's key, so a
 //! matching record also proves possession of the private key.
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerified;
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256, Sha512};
 
 use super::dns::TlsaRecord;
+use super::tlsclient::CertCheck;
 
 pub const USAGE_DANE_TA: u8 = 2;
 pub const USAGE_DANE_EE: u8 = 3;
@@ -124,8 +124,8 @@ impl DaneVerifier {
     }
 }
 
-impl ServerCertVerifier for DaneVerifier {
-    fn verify_server_cert(
+impl CertCheck for DaneVerifier {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -138,28 +138,6 @@ impl ServerCertVerifier for DaneVerifier {
             return Ok(ServerCertVerified::assertion());
         }
         Err(rustls::Error::General("DANE: no TLSA record matches the server's certificate chain".into()))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
     }
 }
 
@@ -197,7 +175,7 @@ mod tests {
 
     fn check(v: &DaneVerifier, p: &Pki) -> Result<ServerCertVerified, rustls::Error> {
         let name = ServerName::try_from("ignored.example").unwrap();
-        v.verify_server_cert(&p.leaf, std::slice::from_ref(&p.ca), &name, &[], UnixTime::now())
+        v.check(&p.leaf, std::slice::from_ref(&p.ca), &name, &[], UnixTime::now())
     }
 
     #[test]
@@ -235,7 +213,7 @@ mod tests {
         // The trust anchor must be presented by the server.
         let v = DaneVerifier::new(&[ta], "mx.example.net").unwrap();
         let name = ServerName::try_from("x.example").unwrap();
-        assert!(v.verify_server_cert(&p.leaf, &[], &name, &[], UnixTime::now()).is_err());
+        assert!(v.check(&p.leaf, &[], &name, &[], UnixTime::now()).is_err());
         // A leaf from a different CA does not chain to the record's TA.
         let other = pki("mx.example.net");
         let mixed = Pki { ca: p.ca.clone(), leaf: other.leaf, leaf_key: other.leaf_key };

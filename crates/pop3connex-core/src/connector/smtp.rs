@@ -55,10 +55,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
@@ -292,13 +292,13 @@ fn verified(d: &DownstreamConfig, name: &str) -> Result<TlsMode, SmtpError> {
 
 /// Chain verified; the certificate must be valid for one of `names`.
 #[derive(Debug)]
-struct AnyNameVerifier {
+struct AnyName {
     inner: Arc<WebPkiServerVerifier>,
     names: Vec<ServerName<'static>>,
 }
 
-impl ServerCertVerifier for AnyNameVerifier {
-    fn verify_server_cert(
+impl tlsclient::CertCheck for AnyName {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -315,28 +315,6 @@ impl ServerCertVerifier for AnyNameVerifier {
         }
         Err(last)
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 /// `secure` for MX delivery: the recipient domain, or the MX host if it is
@@ -346,17 +324,15 @@ fn secure_mx(d: &DownstreamConfig, domain: &str, mx: &str) -> Result<TlsMode, Sm
     if mx.ends_with(&format!(".{domain}")) {
         names.push(server_name(mx)?);
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(d)?), provider)
-        .build()
-        .map_err(|e| temp(e.to_string()))?;
-    let verifier = Arc::new(AnyNameVerifier { inner, names });
+    let inner = tlsclient::webpki_verifier(roots(d)?).map_err(|e| temp(e.to_string()))?;
+    let verifier = Arc::new(tlsclient::Checked::new(AnyName { inner, names }));
     let config = tlsclient::client_config_with_verifier(verifier).map_err(|e| temp(e.to_string()))?;
     Ok(TlsMode::Required { config: Arc::new(config), name: server_name(mx)? })
 }
 
 fn dane_tls(verifier: DaneVerifier, mx: &str) -> Result<TlsMode, SmtpError> {
-    let config = tlsclient::client_config_with_verifier(Arc::new(verifier)).map_err(|e| temp(e.to_string()))?;
+    let verifier = Arc::new(tlsclient::Checked::new(verifier));
+    let config = tlsclient::client_config_with_verifier(verifier).map_err(|e| temp(e.to_string()))?;
     Ok(TlsMode::Required { config: Arc::new(config), name: server_name(mx)? })
 }
 
