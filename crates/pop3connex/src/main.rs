@@ -58,6 +58,15 @@ enum Cmd {
     /// Manage address bans (shared with running servers through the store).
     #[command(subcommand)]
     Ban(BanCmd),
+    /// The POP3 connector.
+    #[command(subcommand)]
+    Connector(ConnectorCmd),
+}
+
+#[derive(Subcommand)]
+enum ConnectorCmd {
+    /// Show what MX delivery to DOMAIN sees: MX hosts, DNSSEC status, DANE TLSA records, MTA-STS policy.
+    DnsCheck { domain: String },
 }
 
 #[derive(Subcommand)]
@@ -224,6 +233,19 @@ fn run(cli: Cli) -> Result<()> {
             init_logging(&LogConfig::default(), "warn");
             let cfg = load(&cli.config)?;
             runtime()?.block_on(ban(cfg, cmd))
+        }
+        Cmd::Connector(ConnectorCmd::DnsCheck { domain }) => {
+            // hickory logs whole DNS messages at warn on validation failures;
+            // the report states them already.
+            init_logging(&LogConfig::default(), "warn,hickory_net=error,hickory_resolver=error,hickory_proto=error");
+            let cfg = load(&cli.config)?;
+            runtime()?.block_on(async {
+                use pop3connex_core::connector::{dns, dnscheck, mtasts};
+                let resolver = dns::Resolver::new(&cfg.connector.dns)?;
+                let sts = mtasts::PolicyCache::new(&cfg.connector.dns);
+                print!("{}", dnscheck::check_domain(&resolver, &sts, &domain).await);
+                Ok(())
+            })
         }
         Cmd::Mailbox(MailboxCmd::Stat { name }) => {
             init_logging(&LogConfig::default(), "warn");

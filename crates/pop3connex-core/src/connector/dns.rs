@@ -215,7 +215,8 @@ impl Resolver {
             let mut matched = 0;
             for r in lookup.answers() {
                 let RData::DNSSEC(DNSSECRData::DNSKEY(key)) = &r.data else { continue };
-                let covered = self.ds.iter().filter(|d| &d.owner == owner).any(|d| d.ds.covers(owner, key).unwrap_or(false));
+                let covered =
+                    self.ds.iter().filter(|d| &d.owner == owner).any(|d| d.ds.covers(owner, key).unwrap_or(false));
                 if covered && !key.revoke() {
                     anchors.insert_with_name(key.public_key(), LowerName::new(owner));
                     matched += 1;
@@ -505,7 +506,8 @@ fn parse_anchor_file(text: &str) -> Result<AnchorFile, String> {
                 if rdata.len() < 4 {
                     return Err(format!("DS record for {owner} needs key tag, algorithm, digest type and digest"));
                 }
-                let num = |s: &str| s.parse::<u16>().map_err(|_| format!("DS record for {owner}: `{s}` is not a number"));
+                let num =
+                    |s: &str| s.parse::<u16>().map_err(|_| format!("DS record for {owner}: `{s}` is not a number"));
                 let key_tag = num(&rdata[0])?;
                 let alg = u8::try_from(num(&rdata[1])?).map_err(|_| format!("DS for {owner}: bad algorithm"))?;
                 let dt = u8::try_from(num(&rdata[2])?).map_err(|_| format!("DS for {owner}: bad digest type"))?;
@@ -527,7 +529,7 @@ fn parse_anchor_file(text: &str) -> Result<AnchorFile, String> {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || s.len() % 2 != 0 {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()

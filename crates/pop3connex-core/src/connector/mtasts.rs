@@ -76,9 +76,7 @@ impl Policy {
         self.mx.iter().any(|pattern| {
             let pattern = pattern.to_ascii_lowercase();
             match pattern.strip_prefix("*.") {
-                Some(suffix) => host
-                    .split_once('.')
-                    .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+                Some(suffix) => host.split_once('.').is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
                 None => host == pattern,
             }
         })
@@ -98,7 +96,8 @@ impl Policy {
             if line.trim().is_empty() {
                 continue;
             }
-            let (key, value) = line.split_once(':').ok_or_else(|| bad(format!("line without ':': `{}`", line.escape_debug())))?;
+            let (key, value) =
+                line.split_once(':').ok_or_else(|| bad(format!("line without ':': `{}`", line.escape_debug())))?;
             let value = value.trim_matches([' ', '\t']);
             match key {
                 "version" => {
@@ -135,7 +134,8 @@ impl Policy {
         let mut patterns = Vec::with_capacity(mx.len());
         for p in mx {
             let rest = p.strip_prefix("*.").unwrap_or(p);
-            check_name(rest, false).map_err(|_| bad(format!("mx pattern `{}` is not a host name", p.escape_debug())))?;
+            check_name(rest, false)
+                .map_err(|_| bad(format!("mx pattern `{}` is not a host name", p.escape_debug())))?;
             patterns.push(p.to_ascii_lowercase());
         }
         if patterns.is_empty() && mode != Mode::None {
@@ -170,7 +170,10 @@ pub fn parse_sts_record(record: &str) -> Result<String, MtaStsError> {
             continue;
         }
         let (key, value) = field.split_once('=').ok_or_else(|| bad("field without '='"))?;
-        if key.is_empty() || key.len() > 32 || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
+        if key.is_empty()
+            || key.len() > 32
+            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        {
             return Err(bad("malformed field name"));
         }
         if key == "id" && id.is_none() {
@@ -299,10 +302,8 @@ async fn fetch_from(tls: Arc<rustls::ClientConfig>, host: &str, addr: SocketAddr
     let tmp = |m: String| MtaStsError::Temporary(format!("{host} ({addr}): {m}"));
     let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| tmp(e.to_string()))?;
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| tmp(e.to_string()))?;
-    let mut stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| tmp(format!("TLS: {e}")))?;
+    let mut stream =
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| tmp(format!("TLS: {e}")))?;
     let authority = if addr.port() == 443 { host.to_owned() } else { format!("{host}:{}", addr.port()) };
     let request = format!(
         "GET /.well-known/mta-sts.txt HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: POP3conneX\r\n\
@@ -381,9 +382,7 @@ fn parse_response(buf: &[u8], clean_eof: bool) -> Result<String, MtaStsError> {
         Some(n) if n != body.len() => {
             return Err(MtaStsError::Temporary(format!("body has {} of {n} octets", body.len())))
         }
-        None if !clean_eof => {
-            return Err(MtaStsError::Temporary("connection closed without TLS close_notify".into()))
-        }
+        None if !clean_eof => return Err(MtaStsError::Temporary("connection closed without TLS close_notify".into())),
         _ => {}
     }
     String::from_utf8(body.to_vec()).map_err(|_| bad("policy is not UTF-8".into()))
@@ -403,8 +402,10 @@ mod tests {
         assert_eq!(p.mx, ["mail.example.com", "*.example.net", "backupmx.example.com"]);
         assert_eq!(p.max_age, 604800);
         // LF line ends, blanks after ':', unknown fields, first occurrence wins.
-        let p = Policy::parse("version:STSv1\nmode:  testing\nmax_age: 86400\nmx: MX.Example.org\n\
-                               mode: none\nfuture_ext: whatever\n")
+        let p = Policy::parse(
+            "version:STSv1\nmode:  testing\nmax_age: 86400\nmx: MX.Example.org\n\
+                               mode: none\nfuture_ext: whatever\n",
+        )
         .unwrap();
         assert_eq!((p.mode, p.max_age, p.mx.as_slice()), (Mode::Testing, 86400, &["mx.example.org".to_owned()][..]));
         // Mode none needs no mx.
@@ -455,9 +456,14 @@ mod tests {
         assert_eq!(id(&[]).unwrap(), None);
         assert_eq!(id(&["v=spf1 -all"]).unwrap(), None);
         assert!(id(&["v=STSv1; id=a", "v=STSv1; id=b"]).is_err());
-        for bad in ["v=STSv1", "v=STSv1; id=", "v=STSv1; id=a-b", "v=STSv1; id=a b", "v=STSv10; id=a",
-            &format!("v=STSv1; id={}", "a".repeat(33))]
-        {
+        for bad in [
+            "v=STSv1",
+            "v=STSv1; id=",
+            "v=STSv1; id=a-b",
+            "v=STSv1; id=a b",
+            "v=STSv10; id=a",
+            &format!("v=STSv1; id={}", "a".repeat(33)),
+        ] {
             assert!(parse_sts_record(bad).is_err(), "{bad}");
         }
     }
@@ -480,7 +486,11 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
             b"SMTP 200 OK\r\nContent-Type: text/plain\r\n\r\nhello",
         ] {
-            assert!(matches!(parse_response(bad, true), Err(MtaStsError::Invalid(_))), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                matches!(parse_response(bad, true), Err(MtaStsError::Invalid(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }
