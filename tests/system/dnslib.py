@@ -190,20 +190,26 @@ class Nsd:
                 self.proc.wait(5)
 
 
-def make_ca_and_cert(d: Path, names: list[str]) -> tuple[Path, Path, Path]:
-    """A test CA and a server certificate for `names` (openssl CLI).
-    Returns (ca.pem, cert.pem, key.pem)."""
+def make_ca(d: Path) -> Path:
+    """A test CA (openssl CLI) in d; returns ca.pem (ca.key beside it)."""
     d.mkdir(parents=True, exist_ok=True)
     run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
          "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=POP3conneX test CA",
          "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"], d)
+    return d / "ca.pem"
+
+
+def make_cert(ca: Path, d: Path, names: list[str]) -> tuple[Path, Path]:
+    """A server certificate for `names` issued by the CA at `ca`; returns
+    (cert.pem, key.pem) in d."""
+    d.mkdir(parents=True, exist_ok=True)
     run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
          "-keyout", "srv.key", "-out", "srv.csr", "-subj", f"/CN={names[0]}"], d)
     (d / "ext.cnf").write_text("subjectAltName=" + ",".join(f"DNS:{n}" for n in names)
                                + "\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
-    run(["openssl", "x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-         "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf"], d)
-    return d / "ca.pem", d / "srv.pem", d / "srv.key"
+    run(["openssl", "x509", "-req", "-in", "srv.csr", "-CA", str(ca), "-CAkey", str(ca.with_suffix(".key")),
+         "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf"], d)
+    return d / "srv.pem", d / "srv.key"
 
 
 class PolicyServer:

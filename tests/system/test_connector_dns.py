@@ -28,11 +28,10 @@ def dns_env(tmp_path_factory):
     nsd = dnslib.Nsd(base)
     https = wrong_name = None
     try:
-        ca, cert, key = dnslib.make_ca_and_cert(base / "pki", ["mta-sts.secure.test"])
-        https = dnslib.PolicyServer(cert, key, POLICY)
+        ca = dnslib.make_ca(base / "ca")
+        https = dnslib.PolicyServer(*dnslib.make_cert(ca, base / "good", ["mta-sts.secure.test"]), POLICY)
         # Same CA, but a certificate for another name.
-        _, cert2, key2 = dnslib.make_ca_and_cert(base / "pki2", ["mta-sts.other.test"])
-        wrong_name = dnslib.PolicyServer(cert2, key2, POLICY)
+        wrong_name = dnslib.PolicyServer(*dnslib.make_cert(ca, base / "wrong", ["mta-sts.other.test"]), POLICY)
         yield {"nsd": nsd, "https": https, "wrong_name": wrong_name, "ca": ca}
     finally:
         for s in (https, wrong_name):

@@ -243,21 +243,15 @@ impl PolicyCache {
     /// there were no policy; that choice is the caller's).
     pub async fn policy(&self, resolver: &Resolver, domain: &str) -> Result<Option<Policy>, MtaStsError> {
         let domain = check_name(domain, false).map_err(|e| MtaStsError::Invalid(e.to_string()))?;
-        let cached = self.cached(&domain);
         let id = match resolver.txt(&format!("_mta-sts.{domain}")).await {
             Ok((_, records)) => sts_record_id(&records),
             Err(DnsError::NotFound(_)) => Ok(None),
             Err(e) => Err(MtaStsError::Temporary(e.to_string())),
         };
-        let id = match (id, cached) {
-            // Same id: the cached policy is current.
-            (Ok(Some(id)), Some(c)) if c.id == id => return Ok(Some(c.policy)),
-            (Ok(Some(id)), _) => id,
-            // No (valid) record now: an unexpired policy stays in force
-            // (section 5.1; removal is done by publishing mode none).
-            (Ok(None) | Err(_), Some(c)) => return Ok(Some(c.policy)),
-            (Ok(None), None) => return Ok(None),
-            (Err(e), None) => return Err(e),
+        let id = match next_step(id, self.cached(&domain)) {
+            Step::Use(policy) => return Ok(policy),
+            Step::Fail(e) => return Err(e),
+            Step::Fetch(id) => id,
         };
         match self.fetch(resolver, &domain).await {
             Ok(policy) => {
@@ -294,6 +288,29 @@ impl PolicyCache {
         .await
         .map_err(|_| tmp(format!("fetching the policy from {host} took longer than {FETCH_TIMEOUT:?}")))??;
         Policy::parse(&body)
+    }
+}
+
+enum Step {
+    /// The answer, without fetching.
+    Use(Option<Policy>),
+    Fail(MtaStsError),
+    /// Fetch the policy with this id.
+    Fetch(String),
+}
+
+/// What to do with the TXT lookup's outcome and the unexpired cached
+/// policy, if any (section 5.1).
+fn next_step(id: Result<Option<String>, MtaStsError>, cached: Option<Cached>) -> Step {
+    match (id, cached) {
+        // Same id: the cached policy is current.
+        (Ok(Some(id)), Some(c)) if c.id == id => Step::Use(Some(c.policy)),
+        (Ok(Some(id)), _) => Step::Fetch(id),
+        // No (valid) record now: an unexpired policy stays in force until
+        // max_age (removal is done by publishing mode none, section 8.3).
+        (Ok(None) | Err(_), Some(c)) => Step::Use(Some(c.policy)),
+        (Ok(None), None) => Step::Use(None),
+        (Err(e), None) => Step::Fail(e),
     }
 }
 
@@ -466,6 +483,32 @@ mod tests {
         ] {
             assert!(parse_sts_record(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cache_decisions_follow_section_5_1() {
+        let policy = Policy::parse(GOOD).unwrap();
+        let cached = || Some(Cached { id: "a1".into(), policy: policy.clone(), expires: Instant::now() });
+        let tmp = || Err(MtaStsError::Temporary("SERVFAIL".into()));
+        assert!(matches!(next_step(Ok(Some("a1".into())), cached()), Step::Use(Some(p)) if p == policy));
+        assert!(matches!(next_step(Ok(Some("b2".into())), cached()), Step::Fetch(id) if id == "b2"));
+        assert!(matches!(next_step(Ok(Some("b2".into())), None), Step::Fetch(id) if id == "b2"));
+        assert!(matches!(next_step(Ok(None), cached()), Step::Use(Some(_))));
+        assert!(matches!(next_step(tmp(), cached()), Step::Use(Some(_))));
+        assert!(matches!(next_step(Ok(None), None), Step::Use(None)));
+        assert!(matches!(next_step(tmp(), None), Step::Fail(_)));
+    }
+
+    #[test]
+    fn cached_policies_expire_after_max_age() {
+        let cache = PolicyCache::new(&DnsConfig::default());
+        let mut p = Policy::parse(GOOD).unwrap();
+        cache.store("example.com", "a1".into(), &p);
+        assert_eq!(cache.cached("example.com").map(|c| c.id), Some("a1".to_owned()));
+        assert!(cache.cached("example.org").is_none());
+        p.max_age = 0;
+        cache.store("example.com", "a2".into(), &p);
+        assert!(cache.cached("example.com").is_none());
     }
 
     #[test]
