@@ -436,6 +436,9 @@ pub fn check_name(name: &str, underscore_labels: bool) -> Result<String, DnsErro
     if !n.contains('.') {
         return Err(bad("not a fully qualified name"));
     }
+    if n.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(bad("an address literal or an all-numeric top-level label"));
+    }
     Ok(n)
 }
 
@@ -555,6 +558,7 @@ mod tests {
             "a b.example",
             "bücher.example",
             "x\u{0}.example",
+            "192.0.2.1",
             "_mta-sts.example.com",
             "mx._x.example",
             &format!("{}.example", "a".repeat(64)),
