@@ -10,7 +10,12 @@
 //! `DnsError::DnssecBogus`, and a negative answer whose denial of existence
 //! does not validate into `DnsError::Nsec { proof: Bogus }`. This module maps
 //! those to [`Security`] and [`DnsError::Bogus`], failing closed: a record
-//! whose proof is `Indeterminate` counts as bogus too.
+//! whose proof is `Indeterminate` counts as bogus too. Proofs of
+//! non-existence are validated the same way, so a forged "no TLSA" or "no
+//! AAAA" in a signed zone is `Bogus`, not `NotFound`. Because the chain is
+//! built from NS, DS and DNSKEY queries to the same servers, an
+//! authoritative server hosting the parent and child zones also works as
+//! the "resolver" (tests/system/test_connector_dns.py does this with NSD).
 //!
 //! Trust anchors: the file at `trust_anchor_file` holds DNSKEY and/or DS
 //! records in zone-file form (`owner [ttl] [IN] DNSKEY|DS rdata`, `;`
