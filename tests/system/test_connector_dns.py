@@ -133,3 +133,10 @@ def test_mta_sts_certificate_must_match_the_policy_host(checker, dns_env):
     sts = [line for line in out.splitlines() if line.startswith("MTA-STS:")]
     assert sts and "policy unavailable" in sts[0] and "TLS" in sts[0], out
     assert "mx pattern" not in out, out
+
+
+def test_garbage_names_are_refused(checker, dns_env):
+    for name in ("exa mple.test", "x_y.test", "a..test", "192.0.2.1"):
+        code, out, err = checker(name)
+        assert code == 0, err
+        assert "is not a valid host name" in out, out
