@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import os
 import signal
 import socket
 import ssl
@@ -158,8 +159,9 @@ class Nsd:
             "  control-enable: no\n" + zones
         )
         run(["nsd-checkconf", str(conf)], d)
+        self.stderr = open(d / "nsd.stderr", "wb")
         self.proc = subprocess.Popen(["nsd", "-d", "-c", str(conf)], cwd=d, stdout=subprocess.DEVNULL,
-                                     stderr=open(d / "nsd.stderr", "wb"), start_new_session=True)
+                                     stderr=self.stderr, start_new_session=True)
         try:
             syslib.wait_until(self.answers, 20, 0.1, "NSD to answer")
         except Exception:
@@ -168,8 +170,8 @@ class Nsd:
 
     def answers(self) -> bool:
         if self.proc.poll() is not None:
-            raise RuntimeError("nsd exited: " + (self.dir / "nsd.stderr").read_text()
-                               + (self.dir / "nsd.log").read_text() if (self.dir / "nsd.log").exists() else "")
+            logs = [self.dir / "nsd.stderr", self.dir / "nsd.log"]
+            raise RuntimeError("nsd exited: " + "".join(p.read_text(errors="replace") for p in logs if p.exists()))
         q = b"\x12\x34\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x04test\x00\x00\x06\x00\x01"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.3)
@@ -188,6 +190,21 @@ class Nsd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        # NSD's server process exits a moment after the main one; wait for
+        # the whole process group (its own session) to be gone.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.stderr.close()
 
 
 def make_ca(d: Path) -> Path:
