@@ -112,6 +112,7 @@ pub enum UpstreamAuth {
     /// XOAUTH2/OAUTHBEARER when the account has `oauth2`.
     #[default]
     Auto,
+    #[serde(rename = "scram-sha-256", alias = "scram-sha256")]
     ScramSha256,
     Plain,
     User,

@@ -24,14 +24,15 @@ pub struct Inspected {
     pub to_cc: Vec<String>,
     /// The reverse path from Return-Path, if it holds one address.
     pub return_path: Option<String>,
-    /// SHA-256 of the whole message.
+    /// SHA-256 of the message without its trace and envelope header fields
+    /// (see [`content_hash`]).
     pub content_hash: [u8; 32],
 }
 
 /// Reads the header fields routing needs. Never fails: a message without a
 /// parsable header simply has no envelope information.
 pub fn inspect(raw: &[u8], header: Option<EnvelopeHeader>) -> Inspected {
-    let content_hash = Sha256::digest(raw).into();
+    let content_hash = content_hash(raw);
     let Some(msg) = mail_parser::MessageParser::new().parse_headers(raw) else {
         return Inspected { content_hash, ..Default::default() };
     };
@@ -55,6 +56,39 @@ pub fn inspect(raw: &[u8], header: Option<EnvelopeHeader>) -> Inspected {
         }
     }
     out
+}
+
+/// Header fields added on the way (per hop or per delivery), which differ
+/// between two deliveries of the same message.
+const TRACE_FIELDS: &[&str] =
+    &["received", "return-path", "delivered-to", "x-original-to", "envelope-to", "x-pop3connex-quarantine"];
+
+/// SHA-256 of the message minus its trace and envelope header fields: two
+/// copies of one message that reached the upstream mailbox separately (a
+/// catch-all receiving it for two aliases, a list and a direct copy) hash
+/// the same, while messages that differ anywhere else do not.
+pub fn content_hash(raw: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut rest = raw;
+    let mut skipping = false;
+    loop {
+        let end = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |i| i + 1);
+        let (line, tail) = rest.split_at(end);
+        if line.is_empty() || line == b"\r\n" || line == b"\n" {
+            // End of the header (or of the message): the body is hashed whole.
+            h.update(rest);
+            break;
+        }
+        if !matches!(line[0], b' ' | b'\t') {
+            let name = line.split(|&b| b == b':').next().unwrap_or_default();
+            skipping = TRACE_FIELDS.iter().any(|f| name.trim_ascii().eq_ignore_ascii_case(f.as_bytes()));
+        }
+        if !skipping {
+            h.update(line);
+        }
+        rest = tail;
+    }
+    h.finalize().into()
 }
 
 /// One address from a header value such as ` <Alice@Example.COM>` or
@@ -258,6 +292,13 @@ mod tests {
         assert_ne!(k, dedup_key(&a, &Destination::Local { user: "y".into() }));
         let other = [MSG, b"more\r\n"].concat();
         assert_ne!(k, dedup_key(&inspect(&other, None), &d));
+        // A second delivery of the same message carries other trace fields.
+        let again = [b"Received: from elsewhere by isp; Tue, 2 Jan 2024 00:00:00 +0000\r\n\tid 42\r\n".as_slice(), MSG]
+            .concat();
+        let again = String::from_utf8(again).unwrap().replace("sales@example.com", "info@example.com");
+        assert_eq!(k, dedup_key(&inspect(again.as_bytes(), None), &d));
+        let edited = String::from_utf8(MSG.to_vec()).unwrap().replace("Subject: hi", "Subject: ho");
+        assert_ne!(k, dedup_key(&inspect(edited.as_bytes(), None), &d));
         assert_eq!(bare_address(" <A@B.c> ").as_deref(), Some("a@b.c"));
         assert_eq!(bare_address("a@b, c@d"), None);
         assert_eq!(bare_address("<>"), None);
