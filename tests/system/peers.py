@@ -228,6 +228,19 @@ class PrivateDovecot:
             pop3=DOVECOT_POP3.format(pop3=self.pop3_port, pop3s=self.pop3s_port) if pop3 else ""))
         self.has_pop3 = pop3
 
+    def add_user(self, name: str, password: str | None = None) -> str:
+        """A new mailbox (Dovecot re-reads the changed passwd-file)."""
+        password = password or syslib.new_password()
+        self.passwords[name] = password
+        with open(self.root / "passwd", "a") as f:
+            f.write(f"{name}:{{PLAIN}}{password}::::::\n")
+        return password
+
+    def add_alias(self, alias: str, target: str):
+        """LMTP recipient `alias@any` is stored in `target`'s Maildir."""
+        with open(self.root / "passwd", "a") as f:
+            f.write(f"{alias}:{{PLAIN}}unused-{alias}::::::userdb_mail=maildir:{self.root}/mail/{target}\n")
+
     def start(self):
         # The daemonized master keeps its stdio: give it a file, not a pipe.
         out = self.root / "dovecot-start.out"
