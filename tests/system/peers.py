@@ -232,14 +232,20 @@ class PrivateDovecot:
         """A new mailbox (Dovecot re-reads the changed passwd-file)."""
         password = password or syslib.new_password()
         self.passwords[name] = password
-        with open(self.root / "passwd", "a") as f:
-            f.write(f"{name}:{{PLAIN}}{password}::::::\n")
+        self._append_passwd([f"{name}:{{PLAIN}}{password}::::::\n"])
         return password
 
-    def add_alias(self, alias: str, target: str):
+    def add_aliases(self, aliases: dict[str, str]):
         """LMTP recipient `alias@any` is stored in `target`'s Maildir."""
+        self._append_passwd([f"{alias}:{{PLAIN}}unused-{alias}::::::userdb_mail=maildir:{self.root}/mail/{target}\n"
+                             for alias, target in aliases.items()])
+
+    def _append_passwd(self, lines: list[str]):
         with open(self.root / "passwd", "a") as f:
-            f.write(f"{alias}:{{PLAIN}}unused-{alias}::::::userdb_mail=maildir:{self.root}/mail/{target}\n")
+            f.write("".join(lines))
+        # Dovecot looks at the passwd-file's mtime at most once a second:
+        # the next lookup must come in a later second than the last one.
+        time.sleep(1.1)
 
     def start(self):
         # The daemonized master keeps its stdio: give it a file, not a pipe.

@@ -294,8 +294,7 @@ def test_catch_all_routing(module_server, upstream, box, quarantine, header):
     srv.add_user(l2, l2_pw)
     bob, dan = syslib.unique_name("bob"), syslib.unique_name("dan")
     rcpts = {"bob": f"{bob}@corp.test", "wild": f"{l2}@sales.test", "dan": f"{dan}@elsewhere.test"}
-    for local_part in (bob, l2, dan):
-        upstream.add_alias(local_part, box.up_user)
+    upstream.add_aliases({local_part: box.up_user for local_part in (bob, l2, dan)})
     sent = {}
     for key, rcpt in rcpts.items():
         tag = f"cx-route-{header}-{key}"

@@ -192,3 +192,12 @@ def test_token_endpoint(ca):
 
 def test_crlf_helper():
     assert peers.crlf(b"a\nb\r\n") == b"a\r\nb\r\n" and CRLF == b"\r\n"
+
+
+def test_dovecot_users_and_aliases_added_later(dovecot):
+    pw = dovecot.add_user("late")
+    dovecot.add_aliases({"lateralias": "late"})
+    dovecot.deliver("lateralias@corp.test", make_message("peer-late"))
+    got = dovecot.upstream("late")
+    assert len(got) == 1 and syslib.header_value(got[0][1], "Delivered-To") == "lateralias@corp.test"
+    assert dovecot.passwords["late"] == pw
