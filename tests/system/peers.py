@@ -112,6 +112,15 @@ class TestCA:
         os.chmod(cert, 0o644)
         return cert, key
 
+    @staticmethod
+    def spki_pin(cert: Path) -> str:
+        """`sha256/<base64 of the SHA-256 of the SubjectPublicKeyInfo>`."""
+        import hashlib
+        openssl = tool("openssl", "openssl")
+        pub = run([openssl, "x509", "-in", cert, "-noout", "-pubkey"]).stdout
+        der = run([openssl, "pkey", "-pubin", "-outform", "DER"], input=pub).stdout
+        return "sha256/" + base64.b64encode(hashlib.sha256(der).digest()).decode()
+
     def client_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.cert))
         ctx.check_hostname = True

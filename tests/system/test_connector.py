@@ -14,6 +14,8 @@ dovecot-pop3d, openssl.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import shutil
 import time
 
@@ -43,7 +45,8 @@ def upstream(ca):
     root = peers.world_readable_tmpdir("pop3connex-upstream-")
     d = peers.PrivateDovecot(root)
     try:
-        d.configure({"seed": syslib.new_password()}, pop3=True, cert=ca.issue("upstream"), ca=ca,
+        d.cert = ca.issue("upstream")
+        d.configure({"seed": syslib.new_password()}, pop3=True, cert=d.cert, ca=ca,
                     mechanisms="plain scram-sha-256")
         d.start()
         yield d
@@ -232,6 +235,20 @@ def test_wrong_password_is_an_auth_error(module_server, upstream, box):
     assert box.local_msgs() == []
     assert upstream.upstream(box.up_user) == ups
     assert "connector_upstream_error" in r.event_names(), r.describe()
+
+
+@pytest.mark.parametrize("pin", ["right", "wrong"])
+def test_spki_pins(module_server, upstream, box, pin):
+    ups = box.fill([make_message(f"cx-pin-{pin}")])
+    right = peers.TestCA.spki_pin(upstream.cert[0])
+    wrong = "sha256/" + base64.b64encode(hashlib.sha256(right.encode()).digest()).decode()
+    box.configure(spki_pins=[right] if pin == "right" else [wrong])
+    if pin == "right":
+        cl.run_ok(module_server, box.acct, fetched=1, delivered=1)
+        assert box.local_msgs() == upstream_bytes(ups)
+    else:
+        cl.run_fails(module_server, box.acct, ("tls",))
+        assert box.local_msgs() == []
 
 
 def test_plaintext_only_port_is_refused(module_server, upstream, box):
