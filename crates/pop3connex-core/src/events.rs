@@ -132,3 +132,116 @@ pub fn emit(event: SecurityEvent<'_>) {
         ),
     }
 }
+
+/// Connector events (target `pop3connex::connector`). Values are safe to
+/// log: upstream/downstream replies are sanitised before they get here and
+/// no credential has a field.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ConnectorEvent<'a> {
+    /// A message was fetched and dealt with.
+    ConnectorFetched {
+        account: &'a str,
+        uidl: &'a str,
+        size: u64,
+        outcome: &'a str,
+    },
+    ConnectorDuplicate {
+        account: &'a str,
+        uidl: &'a str,
+        recipient: &'a str,
+    },
+    ConnectorQuarantined {
+        account: &'a str,
+        uidl: &'a str,
+        reason: &'a str,
+    },
+    ConnectorLoop {
+        account: &'a str,
+        uidl: &'a str,
+        hops: usize,
+    },
+    ConnectorOversize {
+        account: &'a str,
+        uidl: &'a str,
+        size: u64,
+        limit: u64,
+        action: &'a str,
+    },
+    /// The upstream failed (connect, TLS, login, protocol, timeout).
+    ConnectorUpstreamError {
+        account: &'a str,
+        kind: &'a str,
+        detail: &'a str,
+    },
+    /// A downstream server answered 4xx or could not be reached: retried later.
+    ConnectorDeferred {
+        account: &'a str,
+        uidl: &'a str,
+        recipient: &'a str,
+        detail: &'a str,
+    },
+    /// A downstream server answered 5xx: the message went to quarantine.
+    ConnectorRefused {
+        account: &'a str,
+        uidl: &'a str,
+        recipient: &'a str,
+        detail: &'a str,
+    },
+    ConnectorDeleted {
+        account: &'a str,
+        count: usize,
+    },
+}
+
+impl ConnectorEvent<'_> {
+    /// Events an operator should be alerted to (the alert hook runs for these).
+    pub fn alert(&self) -> bool {
+        matches!(
+            self,
+            ConnectorEvent::ConnectorQuarantined { .. }
+                | ConnectorEvent::ConnectorRefused { .. }
+                | ConnectorEvent::ConnectorLoop { .. }
+                | ConnectorEvent::ConnectorUpstreamError { kind: "auth" | "tls" | "protocol" | "oauth", .. }
+        )
+    }
+}
+
+const CONNECTOR_TARGET: &str = "pop3connex::connector";
+
+/// Emits a connector event as one log line with its fields.
+pub fn emit_connector(event: &ConnectorEvent<'_>) {
+    use ConnectorEvent::*;
+    match *event {
+        ConnectorFetched { account, uidl, size, outcome } => tracing::info!(
+            target: CONNECTOR_TARGET, event = "connector_fetched", account, uidl, size, outcome, "message fetched"
+        ),
+        ConnectorDuplicate { account, uidl, recipient } => tracing::info!(
+            target: CONNECTOR_TARGET, event = "connector_duplicate", account, uidl, recipient, "duplicate skipped"
+        ),
+        ConnectorQuarantined { account, uidl, reason } => tracing::warn!(
+            target: CONNECTOR_TARGET, event = "connector_quarantined", account, uidl, reason, "message quarantined"
+        ),
+        ConnectorLoop { account, uidl, hops } => tracing::warn!(
+            target: CONNECTOR_TARGET, event = "connector_loop", account, uidl, hops, "mail loop detected"
+        ),
+        ConnectorOversize { account, uidl, size, limit, action } => tracing::warn!(
+            target: CONNECTOR_TARGET, event = "connector_oversize", account, uidl, size, limit, action,
+            "message above the size limit"
+        ),
+        ConnectorUpstreamError { account, kind, detail } => tracing::warn!(
+            target: CONNECTOR_TARGET, event = "connector_upstream_error", account, kind, detail, "upstream failed"
+        ),
+        ConnectorDeferred { account, uidl, recipient, detail } => tracing::warn!(
+            target: CONNECTOR_TARGET, event = "connector_deferred", account, uidl, recipient, detail,
+            "delivery deferred"
+        ),
+        ConnectorRefused { account, uidl, recipient, detail } => tracing::warn!(
+            target: CONNECTOR_TARGET, event = "connector_refused", account, uidl, recipient, detail,
+            "delivery refused permanently"
+        ),
+        ConnectorDeleted { account, count } => tracing::info!(
+            target: CONNECTOR_TARGET, event = "connector_deleted", account, count, "upstream copies deleted"
+        ),
+    }
+}

@@ -38,6 +38,8 @@ pub enum ServerError {
     OAuth(#[from] crate::oauth::OAuthError),
     #[error("{0}")]
     Dnsbl(String),
+    #[error("connector: {0}")]
+    Connector(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
 }
@@ -66,8 +68,15 @@ pub async fn start(cfg: &Config) -> Result<RunningServer, ServerError> {
 pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<RunningServer, ServerError> {
     let tls = Arc::new(TlsAcceptor::load(&cfg.tls)?);
     let guard_store = mail.store().clone();
-    let auth = Arc::new(Authenticator::new(mail, cfg.auth.clone())?);
     let (shutdown, shutdown_rx) = watch::channel(false);
+    if cfg.connector.enabled {
+        // The scheduler idles cheaply when no account exists; accounts added
+        // later with the CLI are picked up without a restart.
+        let connector = crate::connector::engine::Connector::new(Arc::new(cfg.clone()), mail.clone())
+            .map_err(|e| ServerError::Connector(e.to_string()))?;
+        tokio::spawn(Arc::new(connector).run_scheduler(shutdown_rx.clone()));
+    }
+    let auth = Arc::new(Authenticator::new(mail, cfg.auth.clone())?);
     let guard = Guard::new(cfg.abuse.clone(), Duration::from_millis(cfg.auth.failure_delay_ms), system_clock())
         .with_store(auth.mail().store().clone());
 

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use pop3connex_core::crypto::random_id;
 use pop3connex_core::store::sqlite::SqliteStore;
-use pop3connex_core::store::{BanRecord, LockoutRecord, NewMessage, Store, StoreError, StoredCredentials};
+use pop3connex_core::store::{
+    BanRecord, ConnectorCommit, ConnectorStatus, LockoutRecord, NewMessage, Store, StoreError, StoredCredentials,
+};
 use pop3connex_core::types::UserName;
 
 struct TempDir(std::path::PathBuf);
@@ -147,6 +149,62 @@ async fn bans_and_lockouts(store: Arc<dyn Store>) {
     assert!(store.lockouts().await.unwrap().is_empty());
 }
 
+async fn connector_state_commits_atomically(store: Arc<dyn Store>) {
+    let mb = user(&store, "alice").await;
+    let commit = |uidl: Option<&str>, key: u8, body: &[u8]| ConnectorCommit {
+        account: "isp".into(),
+        uidl: uidl.map(str::to_owned),
+        state: "delivered",
+        deliveries: vec![(Some([key; 32]), msg(mb, body, None))],
+        keys: vec![[key + 100; 32]],
+    };
+    store.connector_commit(commit(Some("u1"), 1, b"one")).await.unwrap();
+    // The same duplicate key again: the message is not stored twice, but the
+    // second UIDL is recorded.
+    store.connector_commit(commit(Some("u2"), 1, b"one again")).await.unwrap();
+    // A deferred message: keys and deliveries kept, UIDL not recorded.
+    store.connector_commit(commit(None, 2, b"two")).await.unwrap();
+    assert_eq!(store.messages(mb).await.unwrap().len(), 2);
+    let mut seen: Vec<String> = store.connector_seen("isp").await.unwrap().into_iter().map(|s| s.uidl).collect();
+    seen.sort();
+    assert_eq!(seen, ["u1", "u2"]);
+    assert!(store.connector_seen("other").await.unwrap().is_empty());
+    let known = store.dedup_known(vec![[1; 32], [101; 32], [2; 32], [3; 32]]).await.unwrap();
+    assert_eq!(known, vec![[1; 32], [101; 32], [2; 32]]);
+    store.connector_forget("isp", vec!["u1".into()]).await.unwrap();
+    assert_eq!(store.connector_seen("isp").await.unwrap().len(), 1);
+    store.connector_resync("isp", vec!["a".into(), "b".into(), "c".into()]).await.unwrap();
+    assert_eq!(store.connector_seen("isp").await.unwrap().len(), 3);
+    store.dedup_prune(i64::MAX).await.unwrap();
+    assert!(store.dedup_known(vec![[1; 32]]).await.unwrap().is_empty());
+    // A commit into a mailbox that does not exist fails as a whole.
+    let bad = ConnectorCommit { uidl: Some("u9".into()), ..commit(None, 9, b"x") };
+    let bad = ConnectorCommit { deliveries: vec![(None, msg(mb + 1000, b"x", None))], ..bad };
+    assert!(store.connector_commit(bad).await.is_err());
+    assert!(!store.connector_seen("isp").await.unwrap().iter().any(|s| s.uidl == "u9"));
+    let lock = store.lock_connector("isp").await.unwrap();
+    assert!(matches!(store.lock_connector("isp").await, Err(StoreError::Locked)));
+    drop(lock);
+    store.lock_connector("isp").await.unwrap();
+}
+
+async fn connector_accounts_status_and_secrets(store: Arc<dyn Store>) {
+    store.add_connector_account("isp", "name = \"isp\"").await.unwrap();
+    assert!(matches!(store.add_connector_account("isp", "x").await, Err(StoreError::UserExists)));
+    assert_eq!(store.connector_accounts().await.unwrap(), vec![("isp".into(), "name = \"isp\"".into())]);
+    let status =
+        ConnectorStatus { account: "isp".into(), failures: 2, last_error: Some("tls".into()), ..Default::default() };
+    store.put_connector_status(status.clone()).await.unwrap();
+    assert_eq!(store.connector_status("isp").await.unwrap(), Some(status));
+    store.put_connector_secret("isp", "k", vec![1, 2]).await.unwrap();
+    store.put_connector_secret("isp", "k", vec![3]).await.unwrap();
+    assert_eq!(store.connector_secret("isp", "k").await.unwrap(), Some(vec![3]));
+    assert!(store.remove_connector_account("isp").await.unwrap());
+    assert!(!store.remove_connector_account("isp").await.unwrap());
+    assert_eq!(store.connector_status("isp").await.unwrap(), None);
+    assert_eq!(store.connector_secret("isp", "k").await.unwrap(), None);
+}
+
 macro_rules! backends {
     ($($backend:ident),*) => {
         mod conformance {
@@ -169,6 +227,8 @@ macro_rules! backends {
                 case!(key_check_round_trip);
                 case!(concurrent_deliveries_all_land);
                 case!(bans_and_lockouts);
+                case!(connector_state_commits_atomically);
+                case!(connector_accounts_status_and_secrets);
             }
             )*
         }

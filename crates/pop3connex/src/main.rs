@@ -58,6 +58,32 @@ enum Cmd {
     /// Manage address bans (shared with running servers through the store).
     #[command(subcommand)]
     Ban(BanCmd),
+    /// Fetch mail from upstream POP3 mailboxes (accounts, runs, state).
+    #[command(subcommand)]
+    Connector(ConnectorCmd),
+}
+
+#[derive(Subcommand)]
+enum ConnectorCmd {
+    /// List accounts (configuration file and CLI-added) with their state.
+    List,
+    /// Show one account's settings (secret references, never secrets).
+    Show { name: String },
+    /// Add an account from a TOML file holding one account's keys.
+    Add {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove a CLI-added account and its state.
+    Remove { name: String },
+    /// Fetch now: every enabled account, or the named ones.
+    RunOnce { names: Vec<String> },
+    /// Last run, last error and seen-list size.
+    Status { name: Option<String> },
+    /// Mark everything upstream as already fetched, without downloading.
+    Resync { name: String },
+    /// Report a domain's MX, DNSSEC status, TLSA records and MTA-STS policy.
+    DnsCheck { domain: String },
 }
 
 #[derive(Subcommand)]
@@ -224,6 +250,11 @@ fn run(cli: Cli) -> Result<()> {
             init_logging(&LogConfig::default(), "warn");
             let cfg = load(&cli.config)?;
             runtime()?.block_on(ban(cfg, cmd))
+        }
+        Cmd::Connector(cmd) => {
+            let cfg = load(&cli.config)?;
+            init_logging(&cfg.log, "warn,pop3connex::connector=info");
+            runtime()?.block_on(connector(cfg, cmd))
         }
         Cmd::Mailbox(MailboxCmd::Stat { name }) => {
             init_logging(&LogConfig::default(), "warn");
@@ -463,6 +494,108 @@ async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
             }
             store.delete_user(&name).await.map_err(|e| account_err(e.into(), &name))?;
             println!("deleted {name} and all their mail");
+        }
+    }
+    Ok(())
+}
+
+async fn connector(cfg: Config, cmd: ConnectorCmd) -> Result<()> {
+    use pop3connex_core::connector::config::AccountConfig;
+    use pop3connex_core::connector::engine::Connector;
+    let cfg = Arc::new(cfg);
+    let mail = Arc::new(MailStore::open(&cfg).await?);
+    let conn = Connector::new(cfg.clone(), mail)?;
+    match cmd {
+        ConnectorCmd::List => {
+            for a in conn.accounts().await? {
+                let origin = if cfg.connector.accounts.iter().any(|c| c.name == a.name) { "config" } else { "cli" };
+                let (status, seen) = conn.status(&a.name).await?;
+                let last = status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_else(|| "-".into());
+                println!(
+                    "{}\t{}:{}\t{}\t{}\tseen={}\tlast_error={}",
+                    a.name,
+                    a.host,
+                    a.port(),
+                    origin,
+                    if a.enabled { "enabled" } else { "disabled" },
+                    seen,
+                    last
+                );
+            }
+        }
+        ConnectorCmd::Show { name } => print!("{}", conn.account(&name).await?.to_toml()),
+        ConnectorCmd::Add { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let account = AccountConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let base = std::env::current_dir()?;
+            let name = account.name.clone();
+            conn.add_account(account, &base).await?;
+            println!("added connector account {name}");
+        }
+        ConnectorCmd::Remove { name } => {
+            if !conn.remove_account(&name).await? {
+                bail!("no CLI-added connector account `{name}`");
+            }
+            println!("removed connector account {name}");
+        }
+        ConnectorCmd::RunOnce { names } => {
+            let accounts = conn.accounts().await?;
+            for n in &names {
+                if !accounts.iter().any(|a| &a.name == n) {
+                    bail!("no connector account `{n}`");
+                }
+            }
+            // Accounts run concurrently, at most [connector] max_concurrent at a time.
+            let conn = Arc::new(conn);
+            let slots = Arc::new(tokio::sync::Semaphore::new(cfg.connector.max_concurrent as usize));
+            let mut runs = tokio::task::JoinSet::new();
+            let chosen =
+                accounts.into_iter().filter(|a| if names.is_empty() { a.enabled } else { names.contains(&a.name) });
+            for (i, a) in chosen.enumerate() {
+                let (conn, slots) = (conn.clone(), slots.clone());
+                runs.spawn(async move {
+                    let _slot = slots.acquire_owned().await;
+                    (i, a.name.clone(), conn.run_account(&a).await)
+                });
+            }
+            let mut results = runs.join_all().await;
+            results.sort_by_key(|(i, _, _)| *i);
+            let mut failed = false;
+            for (_, name, r) in results {
+                match r {
+                    Ok(r) => println!("{r}"),
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("account={name} error={}: {e}", e.kind());
+                    }
+                }
+            }
+            if failed {
+                std::process::exit(1);
+            }
+        }
+        ConnectorCmd::Status { name } => {
+            let accounts = conn.accounts().await?;
+            for a in accounts.iter().filter(|a| name.as_ref().is_none_or(|n| n == &a.name)) {
+                let (s, seen) = conn.status(&a.name).await?;
+                let s = s.unwrap_or_default();
+                let t = |v: Option<i64>| v.map_or("never".to_string(), |v| v.to_string());
+                println!("account: {}", a.name);
+                println!("  last_run_at: {}", t(s.last_run_at));
+                println!("  last_success_at: {}", t(s.last_success_at));
+                println!("  last_error: {}", s.last_error.as_deref().unwrap_or("-"));
+                println!("  consecutive_failures: {}", s.failures);
+                println!("  fetched_total: {}", s.fetched_total);
+                println!("  seen: {seen}");
+            }
+        }
+        ConnectorCmd::Resync { name } => {
+            let a = conn.account(&name).await?;
+            let n = conn.resync(&a).await?;
+            println!("account={name} marked {n} upstream message(s) as fetched");
+        }
+        ConnectorCmd::DnsCheck { domain } => {
+            print!("{}", pop3connex_core::connector::dns::check_domain(conn.resolver(), conn.mta_sts(), &domain).await);
         }
     }
     Ok(())

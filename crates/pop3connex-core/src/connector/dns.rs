@@ -64,3 +64,9 @@ impl Resolver {
         Err(DnsError::Temporary("not implemented".into()))
     }
 }
+
+/// A human-readable report of a domain's mail-delivery security: MX hosts
+/// with DNSSEC status, TLSA records, MTA-STS policy.
+pub async fn check_domain(_resolver: &Resolver, _sts: &super::mtasts::PolicyCache, domain: &str) -> String {
+    format!("{domain}: not implemented\n")
+}

@@ -3,6 +3,7 @@
 
 use super::config::DownstreamConfig;
 use super::dns::Resolver;
+use super::mtasts::PolicyCache;
 
 /// The SMTP envelope of one forwarded message.
 #[derive(Debug, Clone)]
@@ -37,6 +38,18 @@ pub async fn deliver(
     _downstream: &DownstreamConfig,
     _helo: &str,
     _resolver: &Resolver,
+    _envelope: &Envelope,
+    _message: &[u8],
+) -> Result<Vec<RcptOutcome>, SmtpError> {
+    Err(SmtpError::Temporary("not implemented".into()))
+}
+
+/// As [`deliver`], with the MTA-STS policy cache the engine keeps.
+pub async fn deliver_with(
+    _downstream: &DownstreamConfig,
+    _helo: &str,
+    _resolver: &Resolver,
+    _sts: &PolicyCache,
     _envelope: &Envelope,
     _message: &[u8],
 ) -> Result<Vec<RcptOutcome>, SmtpError> {

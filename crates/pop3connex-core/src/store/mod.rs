@@ -141,6 +141,46 @@ pub struct LockoutRecord {
     pub count: u32,
 }
 
+/// A 32-byte duplicate-detection key (Message-ID + recipient + content hash).
+pub type DedupKey = [u8; 32];
+
+/// An upstream message the connector has dealt with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenUid {
+    pub uidl: String,
+    /// When it was first fetched (for delete-after-days).
+    pub first_seen: i64,
+    /// `delivered` (delivered, forwarded, quarantined or a duplicate) or
+    /// `oversize` (left upstream).
+    pub state: String,
+}
+
+/// What one fetched message produced, committed in one transaction: local
+/// deliveries (each skipped if its duplicate key is already known), the keys
+/// of recipients served elsewhere (forwarded), and the upstream UIDL.
+#[derive(Debug, Clone)]
+pub struct ConnectorCommit {
+    pub account: String,
+    /// `None`: record keys and deliveries but not the UIDL (a recipient was
+    /// deferred, so the message must be fetched again).
+    pub uidl: Option<String>,
+    pub state: &'static str,
+    pub deliveries: Vec<(Option<DedupKey>, NewMessage)>,
+    pub keys: Vec<DedupKey>,
+}
+
+/// Scheduling and health of one connector account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectorStatus {
+    pub account: String,
+    pub last_run_at: Option<i64>,
+    pub last_success_at: Option<i64>,
+    pub last_error: Option<String>,
+    /// Consecutive failed runs (drives the retry back-off).
+    pub failures: u32,
+    pub fetched_total: u64,
+}
+
 /// Held while a POP3 session owns a maildrop; dropping it releases the lock.
 pub struct MaildropLock {
     _guard: Box<dyn Send + Sync>,
@@ -212,4 +252,30 @@ pub trait Store: Send + Sync + 'static {
     async fn put_lockout(&self, lockout: LockoutRecord) -> StoreResult<()>;
     /// Returns whether a lockout for `user` existed.
     async fn remove_lockout(&self, user: &str) -> StoreResult<bool>;
+
+    /// Connector: one run per account at a time, across processes.
+    async fn lock_connector(&self, account: &str) -> StoreResult<MaildropLock>;
+    /// The UIDLs already dealt with for `account`.
+    async fn connector_seen(&self, account: &str) -> StoreResult<Vec<SeenUid>>;
+    /// Commits a fetched message's outcome atomically and durably.
+    async fn connector_commit(&self, commit: ConnectorCommit) -> StoreResult<()>;
+    /// Forgets UIDLs (deleted upstream or no longer listed).
+    async fn connector_forget(&self, account: &str, uidls: Vec<String>) -> StoreResult<()>;
+    /// Replaces the seen-list with `uidls`, all marked delivered now.
+    async fn connector_resync(&self, account: &str, uidls: Vec<String>) -> StoreResult<()>;
+    /// Which of `keys` are known duplicates.
+    async fn dedup_known(&self, keys: Vec<DedupKey>) -> StoreResult<Vec<DedupKey>>;
+    /// Forgets duplicate keys recorded before `before` (Unix time).
+    async fn dedup_prune(&self, before: i64) -> StoreResult<()>;
+    async fn connector_status(&self, account: &str) -> StoreResult<Option<ConnectorStatus>>;
+    async fn put_connector_status(&self, status: ConnectorStatus) -> StoreResult<()>;
+    /// Accounts added with the CLI: (name, TOML).
+    async fn connector_accounts(&self) -> StoreResult<Vec<(String, String)>>;
+    /// Adds an account; `UserExists` when the name is taken.
+    async fn add_connector_account(&self, name: &str, toml: &str) -> StoreResult<()>;
+    /// Removes a CLI account with its state; whether it existed.
+    async fn remove_connector_account(&self, name: &str) -> StoreResult<bool>;
+    /// A sealed per-account secret (e.g. a rotated OAuth refresh token).
+    async fn connector_secret(&self, account: &str, kind: &str) -> StoreResult<Option<Vec<u8>>>;
+    async fn put_connector_secret(&self, account: &str, kind: &str, sealed: Vec<u8>) -> StoreResult<()>;
 }

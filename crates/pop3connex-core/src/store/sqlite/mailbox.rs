@@ -155,7 +155,13 @@ pub(super) fn delete_user(conn: &Connection, name: &UserName) -> StoreResult<()>
 struct FileLock(#[allow(dead_code)] File);
 
 pub(super) fn lock(dir: &Path, mailbox_id: i64) -> StoreResult<MaildropLock> {
-    let path = dir.join(format!("{mailbox_id}.lock"));
+    lock_named(dir, &mailbox_id.to_string())
+}
+
+/// An exclusive `flock` on `<dir>/<name>.lock` (names are validated
+/// identifiers: digits or `connector-<account>`).
+pub(super) fn lock_named(dir: &Path, name: &str) -> StoreResult<MaildropLock> {
+    let path = dir.join(format!("{name}.lock"));
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -12,6 +12,7 @@
 //!   database: exclusive across sessions and processes, released by the
 //!   kernel if a process dies.
 
+mod connector;
 mod mailbox;
 mod message;
 mod security;
@@ -26,8 +27,8 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use super::{
-    BanRecord, LockoutRecord, MaildropLock, MessageMeta, NewMessage, Store, StoreError, StoreResult, StoredCredentials,
-    UserRecord, UserSummary,
+    BanRecord, ConnectorCommit, ConnectorStatus, DedupKey, LockoutRecord, MaildropLock, MessageMeta, NewMessage,
+    SeenUid, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
 };
 use crate::crypto::RecordId;
 use crate::types::UserName;
@@ -41,7 +42,7 @@ const MAX_IDLE_READERS: usize = 8;
 /// operation fails with a temporary error.
 const BUSY_TIMEOUT_MS: u64 = 5000;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -101,6 +102,14 @@ enum WriteOp {
     RemoveBan(String),
     PutLockout(LockoutRecord),
     RemoveLockout(String),
+    ConnectorCommit(ConnectorCommit),
+    ConnectorForget { account: String, uidls: Vec<String> },
+    ConnectorResync { account: String, uidls: Vec<String> },
+    DedupPrune(i64),
+    PutConnectorStatus(ConnectorStatus),
+    AddConnectorAccount { name: String, spec: String },
+    RemoveConnectorAccount(String),
+    PutConnectorSecret { account: String, kind: String, sealed: Vec<u8> },
 }
 
 struct Job {
@@ -221,6 +230,18 @@ const MIGRATIONS: &[(i64, &str)] = &[
                                     expires_at INTEGER, last_used_at INTEGER);",
     ),
     (5, "ALTER TABLE users ADD COLUMN class TEXT;"),
+    (
+        6,
+        "CREATE TABLE connector_seen(account TEXT NOT NULL, uidl TEXT NOT NULL, first_seen INTEGER NOT NULL,
+                                     state TEXT NOT NULL, PRIMARY KEY(account, uidl)) WITHOUT ROWID;
+         CREATE TABLE connector_dedup(key BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE INDEX connector_dedup_by_time ON connector_dedup(at);
+         CREATE TABLE connector_status(account TEXT PRIMARY KEY, last_run_at INTEGER, last_success_at INTEGER,
+                                       last_error TEXT, failures INTEGER NOT NULL, fetched_total INTEGER NOT NULL);
+         CREATE TABLE connector_accounts(name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at INTEGER NOT NULL);
+         CREATE TABLE connector_secrets(account TEXT NOT NULL, kind TEXT NOT NULL, sealed BLOB NOT NULL,
+                                        updated_at INTEGER NOT NULL, PRIMARY KEY(account, kind));",
+    ),
 ];
 
 fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
@@ -323,6 +344,16 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
         WriteOp::RemoveBan(n) => security::remove(conn, "DELETE FROM bans WHERE network = ?1", n),
         WriteOp::PutLockout(l) => security::put_lockout(conn, l),
         WriteOp::RemoveLockout(u) => security::remove(conn, "DELETE FROM lockouts WHERE user = ?1", u),
+        WriteOp::ConnectorCommit(c) => connector::commit(conn, c),
+        WriteOp::ConnectorForget { account, uidls } => connector::forget(conn, account, uidls),
+        WriteOp::ConnectorResync { account, uidls } => connector::resync(conn, account, uidls),
+        WriteOp::DedupPrune(before) => {
+            conn.execute("DELETE FROM connector_dedup WHERE at < ?1", [before]).map(drop).map_err(map_err)
+        }
+        WriteOp::PutConnectorStatus(s) => connector::put_status(conn, s),
+        WriteOp::AddConnectorAccount { name, spec } => connector::add_account(conn, name, spec),
+        WriteOp::RemoveConnectorAccount(name) => connector::remove_account(conn, name),
+        WriteOp::PutConnectorSecret { account, kind, sealed } => connector::put_secret(conn, account, kind, sealed),
     }
 }
 
@@ -484,5 +515,67 @@ impl Store for SqliteStore {
 
     async fn remove_lockout(&self, user: &str) -> StoreResult<bool> {
         self.write_existed(WriteOp::RemoveLockout(user.to_ascii_lowercase())).await
+    }
+
+    async fn lock_connector(&self, account: &str) -> StoreResult<MaildropLock> {
+        mailbox::lock_named(&self.lock_dir, &format!("connector-{account}"))
+    }
+
+    async fn connector_seen(&self, account: &str) -> StoreResult<Vec<SeenUid>> {
+        let account = account.to_owned();
+        self.read(move |c| connector::seen(c, &account)).await
+    }
+
+    async fn connector_commit(&self, commit: ConnectorCommit) -> StoreResult<()> {
+        self.write(WriteOp::ConnectorCommit(commit)).await
+    }
+
+    async fn connector_forget(&self, account: &str, uidls: Vec<String>) -> StoreResult<()> {
+        if uidls.is_empty() {
+            return Ok(());
+        }
+        self.write(WriteOp::ConnectorForget { account: account.to_owned(), uidls }).await
+    }
+
+    async fn connector_resync(&self, account: &str, uidls: Vec<String>) -> StoreResult<()> {
+        self.write(WriteOp::ConnectorResync { account: account.to_owned(), uidls }).await
+    }
+
+    async fn dedup_known(&self, keys: Vec<DedupKey>) -> StoreResult<Vec<DedupKey>> {
+        self.read(move |c| connector::dedup_known(c, keys)).await
+    }
+
+    async fn dedup_prune(&self, before: i64) -> StoreResult<()> {
+        self.write(WriteOp::DedupPrune(before)).await
+    }
+
+    async fn connector_status(&self, account: &str) -> StoreResult<Option<ConnectorStatus>> {
+        let account = account.to_owned();
+        self.read(move |c| connector::status(c, &account)).await
+    }
+
+    async fn put_connector_status(&self, status: ConnectorStatus) -> StoreResult<()> {
+        self.write(WriteOp::PutConnectorStatus(status)).await
+    }
+
+    async fn connector_accounts(&self) -> StoreResult<Vec<(String, String)>> {
+        self.read(connector::accounts).await
+    }
+
+    async fn add_connector_account(&self, name: &str, toml: &str) -> StoreResult<()> {
+        self.write(WriteOp::AddConnectorAccount { name: name.to_owned(), spec: toml.to_owned() }).await
+    }
+
+    async fn remove_connector_account(&self, name: &str) -> StoreResult<bool> {
+        self.write_existed(WriteOp::RemoveConnectorAccount(name.to_owned())).await
+    }
+
+    async fn connector_secret(&self, account: &str, kind: &str) -> StoreResult<Option<Vec<u8>>> {
+        let (account, kind) = (account.to_owned(), kind.to_owned());
+        self.read(move |c| connector::secret(c, &account, &kind)).await
+    }
+
+    async fn put_connector_secret(&self, account: &str, kind: &str, sealed: Vec<u8>) -> StoreResult<()> {
+        self.write(WriteOp::PutConnectorSecret { account: account.to_owned(), kind: kind.to_owned(), sealed }).await
     }
 }
