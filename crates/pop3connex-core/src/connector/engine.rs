@@ -556,10 +556,11 @@ impl Connector {
         let date =
             time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc2822).unwrap_or_default();
         let rcpt = if rcpts.len() == 1 { format!(" for <{}>", rcpts[0]) } else { String::new() };
+        // RFC 8314 section 7.3 registers POP3S for POP3 over TLS, either way.
         let line = format!(
             "Received: from {} by {} (POP3conneX connector) with POP3S{};\r\n\t{}\r\n",
             one_line(&account.host),
-            self.cfg.server.hostname,
+            one_line(&self.cfg.server.hostname),
             rcpt,
             date
         );

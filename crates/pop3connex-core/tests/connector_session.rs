@@ -1,0 +1,179 @@
+//! The connector end to end in one process: a POP3conneX server on a
+//! loopback port plays the upstream (verified TLS with a test CA), a second
+//! store is the connector's local store. Real Dovecot/Postfix peers, crash
+//! tests and hostile upstreams are in tests/system.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Fixture, PASSWORD};
+use pop3connex_core::config::Config;
+use pop3connex_core::connector::engine::{Connector, RunReport};
+use pop3connex_core::pop3::ListenerKind;
+use pop3connex_core::types::UserName;
+
+/// Serves POP3S from `fx` on 127.0.0.1; returns the port.
+async fn upstream(fx: &Fixture) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ctx = fx.pop3_ctx(pop3connex_core::config::Pop3Config::default());
+    let rx = fx.shutdown.subscribe();
+    tokio::spawn(async move {
+        while let Ok((sock, peer)) = listener.accept().await {
+            tokio::spawn(pop3connex_core::pop3::serve(ctx.clone(), sock, peer, ListenerKind::ImplicitTls, rx.clone()));
+        }
+    });
+    port
+}
+
+struct Setup {
+    up: Fixture,
+    local: Fixture,
+    connector: Connector,
+}
+
+async fn setup(name: &str, account_extra: &str, route: &str) -> Setup {
+    let up = Fixture::new(&format!("{name}-up")).await;
+    up.add_user("remote").await;
+    let local = Fixture::new(&format!("{name}-local")).await;
+    for u in ["alice", "bob", "quarantine"] {
+        local.add_user(u).await;
+    }
+    let port = upstream(&up).await;
+    let dir = &local.dir;
+    std::fs::write(dir.join("ca.pem"), &up.ca_pem).unwrap();
+    let pw = dir.join("upstream.pw");
+    std::fs::write(&pw, PASSWORD).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = format!(
+        "[store]\nbackend = \"sqlite\"\npath = \"unused.db\"\nmaster_key = \"file:unused.key\"\n\
+         [tls]\ncertificate = \"c.pem\"\nprivate_key = \"file:k.pem\"\n\
+         [[connector.accounts]]\nname = \"isp\"\nhost = \"localhost\"\nport = {port}\ntls = \"implicit\"\n\
+         ca_file = \"ca.pem\"\nuser = \"remote\"\npassword = \"file:upstream.pw\"\n{account_extra}\n\
+         [connector.accounts.route]\n{route}\n"
+    );
+    let cfg = Config::parse(&text, &dir.join("c.toml")).unwrap();
+    let connector = Connector::new(Arc::new(cfg), local.mail.clone()).unwrap();
+    Setup { up, local, connector }
+}
+
+impl Setup {
+    async fn run(&self) -> RunReport {
+        let account = self.connector.account("isp").await.unwrap();
+        self.connector.run_account(&account).await.unwrap()
+    }
+
+    async fn bodies(fx: &Fixture, user: &str) -> Vec<Vec<u8>> {
+        let rec = fx.mail.store().user(&UserName::parse(user).unwrap()).await.unwrap().unwrap();
+        let key = fx.mail.data_key(&rec.mailbox).unwrap();
+        let mut out = Vec::new();
+        for m in fx.mail.store().messages(rec.mailbox.id).await.unwrap() {
+            let mut body = Vec::new();
+            for i in 0..m.chunk_count {
+                body.extend_from_slice(&fx.mail.read_chunk(&key, &m, i).await.unwrap());
+            }
+            out.push(body);
+        }
+        out
+    }
+}
+
+fn message(tag: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "{extra_headers}From: a@example.org\r\nTo: b@example.com\r\nMessage-ID: <{tag}@example.org>\r\n\
+         Subject: {tag}\r\n\r\nbody of {tag}\r\n.leading dot\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_on_server_fetches_each_message_once_byte_for_byte() {
+    let s = setup("leave", "", "deliver_to = { local = \"alice\" }").await;
+    let sent: Vec<_> = (0..3).map(|i| message(&format!("m{i}"), "")).collect();
+    for m in &sent {
+        s.up.deliver("remote", m).await;
+    }
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.delivered, r.deleted), (3, 3, 0), "{r}");
+    assert_eq!(Setup::bodies(&s.local, "alice").await, sent);
+    let r = s.run().await;
+    assert_eq!(r.fetched, 0, "UIDL tracking: nothing new: {r}");
+    assert_eq!(s.up.count("remote").await, 3);
+    // A new upstream message is fetched on the next run.
+    s.up.deliver("remote", &message("m3", "")).await;
+    assert_eq!(s.run().await.fetched, 1);
+    assert_eq!(s.local.count("alice").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_after_delivery_empties_upstream() {
+    let s = setup("delete", "delete = \"after-delivery\"", "deliver_to = { local = \"alice\" }").await;
+    for i in 0..4 {
+        s.up.deliver("remote", &message(&format!("d{i}"), "")).await;
+    }
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.deleted), (4, 4), "{r}");
+    assert_eq!(s.up.count("remote").await, 0);
+    assert_eq!(s.local.count("alice").await, 4);
+    let (status, seen) = s.connector.status("isp").await.unwrap();
+    assert_eq!(seen, 0, "deleted UIDLs are forgotten");
+    assert_eq!(status.unwrap().fetched_total, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_all_routes_quarantines_and_deduplicates() {
+    let route = "envelope_header = \"X-Original-To\"\n\
+                 addresses = { \"sales@example.com\" = { local = \"bob\" } }\n\
+                 domains = { \"example.com\" = { local = \"*\" } }";
+    let s = setup("catchall", "", route).await;
+    let to_alice = message("c1", "X-Original-To: <alice@example.com>\r\n");
+    let to_sales = message("c2", "X-Original-To: sales@example.com\r\n");
+    let unknown_domain = message("c3", "X-Original-To: carol@elsewhere.example\r\n");
+    let no_header = message("c4", "");
+    let no_such_user = message("c5", "X-Original-To: zed@example.com\r\n");
+    for m in [&to_alice, &to_sales, &unknown_domain, &no_header, &no_such_user, &to_alice] {
+        s.up.deliver("remote", m).await;
+    }
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.delivered, r.quarantined, r.duplicates), (6, 2, 3, 1), "{r}");
+    assert_eq!(Setup::bodies(&s.local, "alice").await, vec![to_alice.clone()]);
+    assert_eq!(Setup::bodies(&s.local, "bob").await, vec![to_sales]);
+    let q = Setup::bodies(&s.local, "quarantine").await;
+    assert_eq!(q.len(), 3);
+    assert!(q[0].starts_with(b"X-POP3conneX-Quarantine: no route for X-Original-To recipient carol@elsewhere.example"));
+    assert!(q[0].ends_with(&unknown_domain));
+    assert!(String::from_utf8_lossy(&q[1]).contains("no usable X-Original-To header"));
+    assert!(String::from_utf8_lossy(&q[2]).contains("no local user `zed`"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_is_skipped_and_remembered() {
+    let s = setup("oversize", "max_message_size = 2048", "deliver_to = { local = \"alice\" }").await;
+    let big = [message("big", "").as_slice(), &vec![b'x'; 4000], b"\r\n"].concat();
+    s.up.deliver("remote", &big).await;
+    s.up.deliver("remote", &message("small", "")).await;
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.skipped, r.delivered), (1, 1, 1), "{r}");
+    assert_eq!(s.run().await.skipped, 0, "the oversize message is remembered, not re-examined");
+    assert_eq!(s.up.count("remote").await, 2, "oversize = skip leaves it upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_upstream_certificate_fetches_nothing() {
+    let s = setup("untrusted", "", "deliver_to = { local = \"alice\" }").await;
+    s.up.deliver("remote", &message("t", "")).await;
+    let other = pop3connex_core::tls::generate_local_ca("localhost").unwrap();
+    std::fs::write(s.local.dir.join("ca.pem"), other.ca_pem).unwrap();
+    let account = s.connector.account("isp").await.unwrap();
+    let e = s.connector.run_account(&account).await.unwrap_err();
+    assert_eq!(e.kind(), "tls", "{e}");
+    assert_eq!(s.local.count("alice").await, 0);
+    let (status, _) = s.connector.status("isp").await.unwrap();
+    let status = status.unwrap();
+    assert_eq!(status.failures, 1);
+    let last = status.last_error.unwrap();
+    assert!(last.starts_with("tls:"), "{last}");
+    assert!(!last.contains(PASSWORD) && !e.to_string().contains(PASSWORD));
+}
