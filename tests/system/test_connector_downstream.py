@@ -133,6 +133,7 @@ def fwd(module_server, server, upstream, postfix, lmtp_down, ca, wrong_ca, quara
         def upstream_now(self):
             return upstream.upstream(self.up_user)
 
+    cl.write_connector(module_server, [])  # a previous test may have left a broken block
     return Fwd()
 
 

@@ -47,6 +47,7 @@ def cert(ca):
 
 @pytest.fixture
 def local(module_server, server):
+    cl.write_connector(module_server, [])  # a previous test may have left a broken block
     name, pw = syslib.unique_name("ho"), syslib.new_password()
     module_server.add_user(name, pw)
     return name, pw
