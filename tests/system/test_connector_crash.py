@@ -1,6 +1,9 @@
 """Crash consistency of the connector: `connector run-once` fetching from a
-private Dovecot with delete = "after-delivery" is killed with SIGKILL at
-random moments, many times; then one clean run.
+private Dovecot with delete = "after-delivery" is killed with SIGKILL many
+times: at random moments from start-up on, or right after its k-th
+message was committed (k random; followed from its JSON log), so that
+kills land during login, RETR, the commit and DELE/QUIT. Then one clean
+run.
 
 Invariants:
 - after every kill, every message missing upstream is in the local mailbox
@@ -18,6 +21,7 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
+import threading
 import time
 from collections import Counter
 
@@ -30,7 +34,8 @@ from syslib import make_message
 
 TEST_TIMEOUT = 240
 SERVER_SETTINGS = {("log", "format"): "json"}
-ROUNDS = 20
+ROUNDS = 40
+BATCH = 8
 KILL_PHASE_SECONDS = 120
 
 
@@ -79,6 +84,30 @@ def local_ids(srv: syslib.Server, user: str, pw: str) -> list[str]:
     return ids
 
 
+class Progress:
+    """Counts connector_fetched events on a run-once's stderr (JSON log)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.count = 0
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe):
+        for line in pipe:
+            if b'"connector_fetched"' in line:
+                with self.cond:
+                    self.count += 1
+                    self.cond.notify_all()
+        with self.cond:
+            self.count = 1 << 30  # EOF: the process is gone
+            self.cond.notify_all()
+
+    def wait_for(self, k: int, timeout: float):
+        with self.cond:
+            self.cond.wait_for(lambda: self.count >= k, timeout)
+
+
 def test_kill9_during_fetch_loses_and_duplicates_nothing(module_server, server, upstream):
     srv = module_server
     rng = random.Random(20261129)
@@ -92,29 +121,46 @@ def test_kill9_during_fetch_loses_and_duplicates_nothing(module_server, server, 
         for _, m in upstream.upstream("crash"):
             sent.setdefault(cl.message_id(m), m)
 
-    fill(30, "crash-r0")
     acct = cl.account("crashacct", port=upstream.pop3s_port, user="crash",
                       password=cl.secret_file(srv, "crashacct", upstream.passwords["crash"]),
                       ca_file=upstream.ca.cert, local=local, delete="after-delivery")
     cl.write_connector(srv, [acct])
     cmd = [str(srv.binary), "--config", str(srv.config), "connector", "run-once", "crashacct"]
 
+    # calibration: how long one run over a batch takes, uninterrupted
+    fill(BATCH, "crash-cal")
+    t_cal = time.monotonic()
+    r = cl.run_once(srv, "crashacct")
+    t_cal = time.monotonic() - t_cal
+    assert r.rc == 0, f"calibration run failed\n{r.describe()}"
+
     t0 = time.monotonic()
     kills = finished = 0
     for rnd in range(ROUNDS):
         if time.monotonic() - t0 > KILL_PHASE_SECONDS:
             break
-        if rnd:
-            fill(4, f"crash-r{rnd}")  # keep the runs busy
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        fill(BATCH, f"crash-r{rnd}")  # every run has a batch to fetch
+        backlog = len(upstream_ids(upstream))
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, env=srv.env(), cwd=str(srv.data_dir))
-        time.sleep(rng.uniform(0.02, 0.8))
+        fetched = Progress(proc)
+        if rng.random() < 0.25:
+            # anywhere from start-up to the first messages
+            time.sleep(rng.uniform(0.0, 1.5) * t_cal)
+        else:
+            # right after the k-th message was committed: during the next
+            # RETR, or (k = backlog) during DELE/QUIT
+            k = rng.randint(1, max(1, backlog))
+            fetched.wait_for(k, timeout=30)
+            time.sleep(rng.uniform(0.0, 0.004))
         if proc.poll() is None:
             proc.kill()
             kills += 1
         else:
             finished += 1
         proc.wait(10)
+        fetched.thread.join(10)
+        proc.stderr.close()
         up = set(upstream_ids(upstream))
         loc = local_ids(srv, local, local_pw)
         dup = [m for m, n in Counter(loc).items() if n > 1]
@@ -124,6 +170,7 @@ def test_kill9_during_fetch_loses_and_duplicates_nothing(module_server, server, 
                           f"upstream {len(up)}, local {len(loc)}, sent {len(sent)}")
         unknown = set(loc) - set(sent)
         assert not unknown, f"round {rnd}: unexpected local messages {unknown}"
+    print(f"\n{kills} runs killed, {finished} finished; calibration run {t_cal:.3f}s, {len(sent)} messages")
     assert kills >= 5, f"only {kills} runs were killed mid-way ({finished} finished): timing off"
 
     r = cl.run_once(srv, "crashacct", timeout=120)
