@@ -5,13 +5,15 @@
 #   2. unit, in-process session and store conformance tests (cargo test),
 #   3. system tests against the real binary with real clients and peers
 #      (curl, mpop, fetchmail, Python poplib, swaks, testssl.sh, Postfix,
-#      Dovecot for migration), abuse and kill -9 crash tests (pytest,
+#      Dovecot for migration and as connector upstream/downstream, NSD with
+#      DNSSEC-signed zones), abuse and kill -9 crash tests (pytest,
 #      tests/system).
 # Everything listens on 127.0.0.1 only and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(curl mpop fetchmail swaks testssl.sh openssl ca-certificates python3 postfix dovecot-core dovecot-lmtpd nmap fail2ban)
+DEBIAN_PACKAGES=(curl mpop fetchmail swaks testssl.sh openssl ca-certificates python3 postfix dovecot-core dovecot-lmtpd
+                 dovecot-pop3d nmap fail2ban nsd ldnsutils)
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,7 +26,19 @@ if [ ${#missing[@]} -gt 0 ]; then
     # The tests run their own private Postfix; keep the package from
     # configuring (and on a normal init system starting) a system-wide one.
     echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Daemons (NSD, Dovecot, Postfix) are started privately by the tests on
+    # loopback ports; keep the packages from starting system-wide instances
+    # (NSD would try to take port 53) while they are installed.
+    policy_added=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+        $SUDO chmod 755 /usr/sbin/policy-rc.d
+        policy_added=1
+    fi
+    rc=0
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" || rc=$?
+    [ -z "$policy_added" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+    [ "$rc" -eq 0 ] || exit "$rc"
 fi
 python3 -c 'import pytest, scramp, jwt, cryptography' 2>/dev/null \
     || python3 -m pip install --quiet 'pytest>=7,<9' 'scramp>=1.4,<2' 'pyjwt[crypto]>=2.8,<3'

@@ -40,6 +40,14 @@ impl fmt::Display for UserName {
 }
 
 /// Seconds since the Unix epoch.
+/// A Unix time as RFC 3339 UTC (`2026-11-29T12:00:00Z`) for people.
+pub fn format_unix(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
+}
+
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }

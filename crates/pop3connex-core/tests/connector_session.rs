@@ -33,7 +33,29 @@ struct Setup {
     connector: Connector,
 }
 
+/// Serves LMTP from `fx` on 127.0.0.1 (the forwarding target); returns the port.
+async fn downstream_lmtp(fx: &Fixture) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ctx = Arc::new(pop3connex_core::lmtp::LmtpContext {
+        cfg: pop3connex_core::config::LmtpConfig::default(),
+        hostname: "downstream.test".into(),
+        auth: fx.auth.clone(),
+    });
+    let rx = fx.shutdown.subscribe();
+    tokio::spawn(async move {
+        while let Ok((sock, peer)) = listener.accept().await {
+            tokio::spawn(pop3connex_core::lmtp::serve(ctx.clone(), sock, peer.to_string(), rx.clone()));
+        }
+    });
+    port
+}
+
 async fn setup(name: &str, account_extra: &str, route: &str) -> Setup {
+    setup_with(name, account_extra, route, "").await
+}
+
+async fn setup_with(name: &str, account_extra: &str, route: &str, global: &str) -> Setup {
     let up = Fixture::new(&format!("{name}-up")).await;
     up.add_user("remote").await;
     let local = Fixture::new(&format!("{name}-local")).await;
@@ -49,7 +71,7 @@ async fn setup(name: &str, account_extra: &str, route: &str) -> Setup {
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
     let text = format!(
         "[store]\nbackend = \"sqlite\"\npath = \"unused.db\"\nmaster_key = \"file:unused.key\"\n\
-         [tls]\ncertificate = \"c.pem\"\nprivate_key = \"file:k.pem\"\n\
+         [tls]\ncertificate = \"c.pem\"\nprivate_key = \"file:k.pem\"\n{global}\
          [[connector.accounts]]\nname = \"isp\"\nhost = \"localhost\"\nport = {port}\ntls = \"implicit\"\n\
          ca_file = \"ca.pem\"\nuser = \"remote\"\npassword = \"file:upstream.pw\"\n{account_extra}\n\
          [connector.accounts.route]\n{route}\n"
@@ -176,4 +198,121 @@ async fn untrusted_upstream_certificate_fetches_nothing() {
     let last = status.last_error.unwrap();
     assert!(last.starts_with("tls:"), "{last}");
     assert!(!last.contains(PASSWORD) && !e.to_string().contains(PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_over_lmtp_and_quarantines_permanent_refusals() {
+    let down = Fixture::new("forward-down").await;
+    down.add_user("carol").await;
+    let port = downstream_lmtp(&down).await;
+    let global = format!(
+        "[[connector.downstreams]]\nname = \"corp\"\nprotocol = \"lmtp\"\nhost = \"127.0.0.1\"\nport = {port}\n\
+         tls = \"none\"\n"
+    );
+    let route = "envelope_header = \"Delivered-To\"\n\
+                 domains = { \"corp.example\" = { forward = \"*\", via = \"corp\" } }";
+    let s = setup_with("forward", "delete = \"after-delivery\"", route, &global).await;
+    let to_carol = message("f1", "Return-Path: <sender@example.org>\r\nDelivered-To: carol@corp.example\r\n");
+    let to_nobody = message("f2", "Delivered-To: nobody@corp.example\r\n");
+    s.up.deliver("remote", &to_carol).await;
+    s.up.deliver("remote", &to_nobody).await;
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.forwarded, r.quarantined, r.deleted), (2, 1, 1, 2), "{r}");
+    // Downstream got the upstream bytes behind its own trace headers and ours.
+    let got = Setup::bodies(&down, "carol").await;
+    assert_eq!(got.len(), 1);
+    let text = String::from_utf8_lossy(&got[0]);
+    assert!(text.contains("(POP3conneX connector) with POP3S for <carol@corp.example>;"), "{text}");
+    assert!(got[0].ends_with(&to_carol), "{text}");
+    assert!(text.starts_with("Return-Path: <sender@example.org>"), "envelope sender kept: {text}");
+    // 550 for the unknown recipient: quarantined locally, never bounced.
+    let q = Setup::bodies(&s.local, "quarantine").await;
+    assert_eq!(q.len(), 1);
+    let qt = String::from_utf8_lossy(&q[0]);
+    assert!(qt.starts_with("X-POP3conneX-Quarantine: nobody@corp.example refused by corp: 550"), "{qt}");
+    assert!(q[0].ends_with(&to_nobody));
+    assert_eq!(s.up.count("remote").await, 0, "both dealt with, both deleted upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_runs_accounts_independently_of_a_dead_upstream() {
+    // "isp" is healthy; "dead" accepts TCP connections and never says a word.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = dead.accept().await {
+            held.push(sock);
+        }
+    });
+    let global = format!(
+        "[connector]\nmax_concurrent = 2\njitter_percent = 5\n\
+         [[connector.accounts]]\nname = \"dead\"\nhost = \"127.0.0.1\"\nport = {dead_port}\ntls = \"implicit\"\n\
+         user = \"x\"\npassword = \"file:upstream.pw\"\ninterval_secs = 30\ntimeout_secs = 60\n\
+         [connector.accounts.route]\ndeliver_to = {{ local = \"bob\" }}\n"
+    );
+    let s = setup_with("sched", "interval_secs = 30", "deliver_to = { local = \"alice\" }", &global).await;
+    s.up.deliver("remote", &message("s1", "")).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let connector = Arc::new(s.connector);
+    let sched = tokio::spawn(connector.clone().run_scheduler(stopped));
+    // First runs start within the jitter (≤ 1.5 s here); the healthy account
+    // must be done long before the dead one's 60 s timeout.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.local.count("alice").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "healthy account was not fetched while the other hangs");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (dead_status, _) = connector.status("dead").await.unwrap();
+    assert!(dead_status.is_none(), "the dead upstream's run is still waiting, not finished");
+    stop.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), sched).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_hook_receives_quarantine_events_as_json() {
+    let out = std::env::temp_dir().join(format!("p3x-alert-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let global = format!("[connector]\nalert_command = [\"sh\", \"-c\", \"cat >> {}\"]\n", out.display());
+    let route = "envelope_header = \"Delivered-To\"\ndomains = { \"example.com\" = { local = \"*\" } }";
+    let s = setup_with("alert", "", route, &global).await;
+    s.up.deliver("remote", &message("a1", "Delivered-To: x@unknown.example\r\n")).await;
+    assert_eq!(s.run().await.quarantined, 1);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        if let Ok(text) = std::fs::read_to_string(&out) {
+            if text.ends_with('\n') {
+                break text;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "alert hook did not run");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["event"], "connector_quarantined");
+    assert_eq!(v["account"], "isp");
+    assert!(v["reason"].as_str().unwrap().contains("x@unknown.example"));
+    let _ = std::fs::remove_file(&out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_after_days_waits_for_the_age() {
+    let mut s =
+        setup("afterdays", "delete = \"after-days\"\ndelete_after_days = 7", "deliver_to = { local = \"alice\" }")
+            .await;
+    let now = Arc::new(std::sync::atomic::AtomicI64::new(1_800_000_000));
+    let clock = now.clone();
+    s.connector = s.connector.with_clock(Arc::new(move || clock.load(std::sync::atomic::Ordering::SeqCst)));
+    s.up.deliver("remote", &message("old", "")).await;
+    assert_eq!(s.run().await.deleted, 0);
+    now.fetch_add(6 * 86_400, std::sync::atomic::Ordering::SeqCst);
+    s.up.deliver("remote", &message("newer", "")).await;
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.deleted), (1, 0), "{r}");
+    assert_eq!(s.up.count("remote").await, 2);
+    now.fetch_add(86_400, std::sync::atomic::Ordering::SeqCst);
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.deleted), (0, 1), "only the 7-day-old copy goes: {r}");
+    assert_eq!(s.up.count("remote").await, 1);
+    assert_eq!(s.local.count("alice").await, 2);
 }

@@ -152,6 +152,7 @@ async fn bans_and_lockouts(store: Arc<dyn Store>) {
 async fn connector_state_commits_atomically(store: Arc<dyn Store>) {
     let mb = user(&store, "alice").await;
     let commit = |uidl: Option<&str>, key: u8, body: &[u8]| ConnectorCommit {
+        at: 1_700_000_000,
         account: "isp".into(),
         uidl: uidl.map(str::to_owned),
         state: "delivered",

@@ -253,7 +253,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Connector(cmd) => {
             let cfg = load(&cli.config)?;
-            init_logging(&cfg.log, "warn,pop3connex::connector=info");
+            // hickory logs whole DNS messages at warn on validation failures;
+            // the connector reports those itself.
+            init_logging(
+                &cfg.log,
+                "warn,pop3connex::connector=info,hickory_net=error,hickory_resolver=error,hickory_proto=error",
+            );
             runtime()?.block_on(connector(cfg, cmd))
         }
         Cmd::Mailbox(MailboxCmd::Stat { name }) => {
@@ -311,7 +316,10 @@ fn serve(config: Option<PathBuf>) -> Result<()> {
         println!();
     }
     let cfg = load(&config)?;
-    init_logging(&cfg.log, cfg.log.level.as_str());
+    // hickory (connector DNS) logs whole DNS messages at warn when DNSSEC
+    // validation fails; the connector's own events report those cases.
+    let filter = format!("{},hickory_net=error,hickory_resolver=error,hickory_proto=error", cfg.log.level.as_str());
+    init_logging(&cfg.log, &filter);
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
@@ -579,7 +587,7 @@ async fn connector(cfg: Config, cmd: ConnectorCmd) -> Result<()> {
             for a in accounts.iter().filter(|a| name.as_ref().is_none_or(|n| n == &a.name)) {
                 let (s, seen) = conn.status(&a.name).await?;
                 let s = s.unwrap_or_default();
-                let t = |v: Option<i64>| v.map_or("never".to_string(), |v| v.to_string());
+                let t = |v: Option<i64>| v.map_or("never".to_string(), pop3connex_core::types::format_unix);
                 println!("account: {}", a.name);
                 println!("  last_run_at: {}", t(s.last_run_at));
                 println!("  last_success_at: {}", t(s.last_success_at));
@@ -595,7 +603,10 @@ async fn connector(cfg: Config, cmd: ConnectorCmd) -> Result<()> {
             println!("account={name} marked {n} upstream message(s) as fetched");
         }
         ConnectorCmd::DnsCheck { domain } => {
-            print!("{}", pop3connex_core::connector::dns::check_domain(conn.resolver(), conn.mta_sts(), &domain).await);
+            print!(
+                "{}",
+                pop3connex_core::connector::dnscheck::check_domain(conn.resolver(), conn.mta_sts(), &domain).await
+            );
         }
     }
     Ok(())

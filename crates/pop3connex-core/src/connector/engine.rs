@@ -126,13 +126,28 @@ pub struct Connector {
     resolver: dns::Resolver,
     sts: mtasts::PolicyCache,
     tokens: std::sync::Mutex<HashMap<String, Arc<TokenSource>>>,
+    clock: Clock,
 }
 
+/// Unix time source (replaceable so tests can age the seen-list).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
 impl Connector {
+    /// Uses `clock` instead of the system time for delete-after-days,
+    /// first-seen times and duplicate expiry.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
     pub fn new(cfg: Arc<Config>, mail: Arc<MailStore>) -> Result<Self, RunError> {
         let resolver = dns::Resolver::new(&cfg.connector.dns).map_err(|e| RunError::Config(e.to_string()))?;
         let sts = mtasts::PolicyCache::new(&cfg.connector.dns);
-        Ok(Self { cfg, mail, resolver, sts, tokens: Default::default() })
+        Ok(Self { cfg, mail, resolver, sts, tokens: Default::default(), clock: Arc::new(unix_now) })
     }
 
     pub fn resolver(&self) -> &dns::Resolver {
@@ -188,7 +203,7 @@ impl Connector {
     pub async fn run_account(&self, account: &AccountConfig) -> Result<RunReport, RunError> {
         let store = self.mail.store().clone();
         let _lock = store.lock_connector(&account.name).await?;
-        let started = unix_now();
+        let started = self.now();
         let result = self.fetch(account).await;
         let mut status = store
             .connector_status(&account.name)
@@ -217,7 +232,7 @@ impl Connector {
         }
         store.put_connector_status(status).await?;
         let days = self.cfg.connector.dedup_days as i64;
-        store.dedup_prune(unix_now() - days * 86_400).await?;
+        store.dedup_prune(self.now() - days * 86_400).await?;
         result
     }
 
@@ -303,7 +318,7 @@ impl Connector {
         let vanished: Vec<String> = seen.keys().filter(|u| !on_server.contains(u.as_str())).cloned().collect();
         store.connector_forget(&account.name, vanished).await?;
 
-        let now = unix_now();
+        let now = self.now();
         let mut to_delete: Vec<(u32, String)> = Vec::new();
         for (n, uidl) in &listing {
             if let Some((first_seen, state)) = seen.get(uidl) {
@@ -335,15 +350,7 @@ impl Connector {
                     limit: account.max_message_size,
                     action,
                 });
-                store
-                    .connector_commit(ConnectorCommit {
-                        account: account.name.clone(),
-                        uidl: Some(uidl.clone()),
-                        state: "oversize",
-                        deliveries: Vec::new(),
-                        keys: Vec::new(),
-                    })
-                    .await?;
+                store.connector_commit(self.oversize(account, uidl)).await?;
                 report.skipped += 1;
                 if account.oversize == OversizePolicy::Delete {
                     to_delete.push((*n, uidl.clone()));
@@ -356,9 +363,10 @@ impl Connector {
             }
             let body = match session.retr(*n, account.max_message_size).await {
                 Ok(b) => b,
-                Err(UpstreamError::TooLarge { .. }) => {
-                    // LIST understated the size: treat as oversize, end the run
-                    // (the session is closed).
+                Err(e @ UpstreamError::TooLarge { .. }) => {
+                    // LIST understated the size: remember the message as
+                    // oversize (left upstream) and fail the run, since the
+                    // session had to be abandoned mid-RETR.
                     self.event(ConnectorEvent::ConnectorOversize {
                         account: &account.name,
                         uidl,
@@ -366,17 +374,8 @@ impl Connector {
                         limit: account.max_message_size,
                         action: "left upstream",
                     });
-                    store
-                        .connector_commit(ConnectorCommit {
-                            account: account.name.clone(),
-                            uidl: Some(uidl.clone()),
-                            state: "oversize",
-                            deliveries: Vec::new(),
-                            keys: Vec::new(),
-                        })
-                        .await?;
-                    report.skipped += 1;
-                    return Ok(report);
+                    store.connector_commit(self.oversize(account, uidl)).await?;
+                    return Err(e.into());
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -412,6 +411,18 @@ impl Connector {
         Ok(report)
     }
 
+    /// Records a message that is not fetched because of its size.
+    fn oversize(&self, account: &AccountConfig, uidl: &str) -> ConnectorCommit {
+        ConnectorCommit {
+            at: self.now(),
+            account: account.name.clone(),
+            uidl: Some(uidl.to_owned()),
+            state: "oversize",
+            deliveries: Vec::new(),
+            keys: Vec::new(),
+        }
+    }
+
     /// Routes and delivers one fetched message.
     async fn process(
         &self,
@@ -423,6 +434,7 @@ impl Connector {
         let cfg = &self.cfg.connector;
         let msg = route::inspect(body, account.route.envelope_header);
         let mut commit = ConnectorCommit {
+            at: self.now(),
             account: account.name.clone(),
             uidl: Some(uidl.to_owned()),
             state: "delivered",

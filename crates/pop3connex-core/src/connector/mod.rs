@@ -24,6 +24,7 @@
 pub mod config;
 pub mod dane;
 pub mod dns;
+pub mod dnscheck;
 pub mod engine;
 pub mod mtasts;
 pub mod oauth2;

@@ -73,15 +73,81 @@ pub fn parse_pins(pins: &[String]) -> Vec<[u8; 32]> {
         .collect()
 }
 
+/// The certificate decision of a custom verifier. Handshake signatures are
+/// always checked by [`Checked`] with rustls's own algorithms, so an
+/// implementation only decides whether the presented chain is acceptable.
+pub trait CertCheck: Send + Sync + std::fmt::Debug {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error>;
+}
+
+/// A [`ServerCertVerifier`] made of a [`CertCheck`] plus standard signature checks.
+#[derive(Debug)]
+pub struct Checked<C> {
+    check: C,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl<C: CertCheck> Checked<C> {
+    pub fn new(check: C) -> Self {
+        Checked { check, algs: provider().signature_verification_algorithms }
+    }
+
+    pub fn inner(&self) -> &C {
+        &self.check
+    }
+}
+
+impl<C: CertCheck> ServerCertVerifier for Checked<C> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check.check(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
 /// Chain and name verification by rustls/webpki, then the pin check.
 #[derive(Debug)]
-struct PinningVerifier {
+struct Pinned {
     inner: Arc<WebPkiServerVerifier>,
     pins: Vec<[u8; 32]>,
 }
 
-impl ServerCertVerifier for PinningVerifier {
-    fn verify_server_cert(
+impl CertCheck for Pinned {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -97,28 +163,13 @@ impl ServerCertVerifier for PinningVerifier {
         }
         Ok(verified)
     }
+}
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+/// A webpki verifier for `roots` (chain, validity, EKU and name checks).
+pub fn webpki_verifier(roots: RootCertStore) -> Result<Arc<WebPkiServerVerifier>, TlsClientError> {
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsClientError::Config(e.to_string()))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -135,10 +186,8 @@ pub fn client_config(roots: RootCertStore, pins: &[String], alpn: &[&[u8]]) -> R
     let mut cfg = if pins.is_empty() {
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
-        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| TlsClientError::Config(e.to_string()))?;
-        let verifier = PinningVerifier { inner, pins: parse_pins(pins) };
+        let inner = webpki_verifier(Arc::unwrap_or_clone(roots))?;
+        let verifier = Checked::new(Pinned { inner, pins: parse_pins(pins) });
         builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

@@ -160,6 +160,8 @@ pub struct SeenUid {
 /// of recipients served elsewhere (forwarded), and the upstream UIDL.
 #[derive(Debug, Clone)]
 pub struct ConnectorCommit {
+    /// Unix time recorded as the UIDL's first-seen and the keys' age.
+    pub at: i64,
     pub account: String,
     /// `None`: record keys and deliveries but not the UIDL (a recipient was
     /// deferred, so the message must be fetched again).

@@ -8,7 +8,7 @@ use crate::store::{ConnectorCommit, ConnectorStatus, DedupKey, SeenUid, StoreErr
 use crate::types::unix_now;
 
 pub(super) fn commit(conn: &Connection, c: &ConnectorCommit) -> StoreResult<()> {
-    let now = unix_now();
+    let now = c.at;
     let mut known = conn.prepare_cached("SELECT 1 FROM connector_dedup WHERE key = ?1").map_err(map_err)?;
     let mut remember =
         conn.prepare_cached("INSERT OR IGNORE INTO connector_dedup(key, at) VALUES(?1, ?2)").map_err(map_err)?;
