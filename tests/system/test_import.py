@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import math
 import os
-import pwd
 import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from pathlib import Path
 import pytest
 
 import syslib
+from peers import PrivateDovecot
 from syslib import CRLF, LOOPBACK, make_message
 
 TEST_TIMEOUT = 110
@@ -132,96 +131,6 @@ def pop3s_all(srv: syslib.Server, user: str, password: str) -> list[bytes]:
         msgs = [p.retr(i) for i in range(1, n + 1)]
         p.quit()
     return msgs
-
-
-# --------------------------------------------------------------------------
-# private Dovecot
-# --------------------------------------------------------------------------
-
-DOVECOT_CONF = """\
-# private instance written by tests/system/test_import.py
-instance_name = pop3connex-import-{tag}
-base_dir = {root}/run
-state_dir = {root}/state
-log_path = {root}/dovecot.log
-protocols = lmtp
-listen = 127.0.0.1
-ssl = no
-auth_mechanisms = plain
-auth_username_format = %Ln
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN {root}/passwd
-}}
-userdb {{
-  driver = passwd-file
-  args = {root}/passwd
-  default_fields = uid={uid} gid={gid} home={root}/home/%u
-}}
-mail_location = maildir:{root}/mail/%u
-service lmtp {{
-  inet_listener lmtp {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-}}
-"""
-
-
-class PrivateDovecot:
-    def __init__(self, root: Path):
-        self.root = root
-        self.conf = root / "dovecot.conf"
-        self.port = syslib.free_port()
-        self.started = False
-
-    def configure(self, users: list[str]):
-        nobody = pwd.getpwnam("nobody")
-        for d in ["mail", "home"]:
-            (self.root / d).mkdir()
-            os.chown(self.root / d, nobody.pw_uid, nobody.pw_gid)
-        (self.root / "passwd").write_text("".join(f"{u}:{{PLAIN}}unused-{u}::::::\n" for u in users))
-        self.conf.write_text(DOVECOT_CONF.format(root=self.root, port=self.port, uid=nobody.pw_uid,
-                                                 gid=nobody.pw_gid, tag=os.urandom(3).hex()))
-
-    def start(self):
-        # The daemonized master keeps its stdio: give it a file, not a pipe.
-        out = self.root / "dovecot-start.out"
-        self.started = True
-        with open(out, "wb") as f:
-            rc = subprocess.run([tool("dovecot"), "-c", str(self.conf)], stdout=f, stderr=subprocess.STDOUT,
-                                timeout=30, stdin=subprocess.DEVNULL).returncode
-        assert rc == 0, f"`dovecot -c {self.conf}` failed: {out.read_text(errors='replace')}\n{self.log()}"
-        syslib.wait_until(self.master_pid, 15, 0.05, "Dovecot master.pid")
-
-        def lmtp_up():
-            with syslib.Lmtp(LOOPBACK, self.port, timeout=5) as l:
-                return l.greeting.code == 220
-        syslib.wait_until(lmtp_up, 30, 0.1, f"Dovecot LMTP on port {self.port}")
-
-    def master_pid(self) -> int | None:
-        try:
-            return int((self.root / "run" / "master.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def stop(self):
-        if not self.started:
-            return
-        self.started = False
-        pid = self.master_pid()
-        subprocess.run([tool("doveadm"), "-c", str(self.conf), "stop"], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=30, stdin=subprocess.DEVNULL)
-        syslib.reap(pid)
-
-    def maildir(self, user: str) -> Path:
-        return self.root / "mail" / user
-
-    def log(self) -> str:
-        try:
-            return (self.root / "dovecot.log").read_text(errors="replace")[-3000:]
-        except OSError:
-            return "(no Dovecot log)"
 
 
 # --------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+import peers
 import syslib
 from conftest import REPO
 from syslib import CRLF, LOOPBACK, make_message
@@ -41,35 +41,6 @@ SNIPPET = REPO / "docs" / "postfix-main.cf.snippet"
 SNIPPET_PORT = 2400          # the placeholder port written in the snippet
 DELIVERY_WAIT = 60           # seconds, per wait for a message to arrive
 ENVELOPE_SENDER = "sender@example.org"
-
-# Every service a mail system that only receives over SMTP and delivers over
-# LMTP needs; no chroot (the test does not populate a chroot jail), no TLS.
-MASTER_CF = """\
-{listen} inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
 
 # The harness part of main.cf (the snippet is appended after it).
 MAIN_CF = """\
@@ -121,17 +92,6 @@ def tool(name: str) -> str:
     return TOOLS[name]
 
 
-def run(cmd, timeout=30, check=True) -> subprocess.CompletedProcess:
-    try:
-        cp = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"timed out after {timeout}s: {cmd}\nstdout: {e.stdout!r}\nstderr: {e.stderr!r}")
-    if check and cp.returncode != 0:
-        pytest.fail(f"command failed (exit {cp.returncode}): {' '.join(map(str, cmd))}\n"
-                    f"stdout: {cp.stdout.decode(errors='replace')}\nstderr: {cp.stderr.decode(errors='replace')}")
-    return cp
-
-
 def snippet_lines(lmtp_port: int) -> list[str]:
     """The snippet's setting lines, with its placeholder port replaced."""
     lines = [l for l in SNIPPET.read_text().splitlines() if l.strip() and not l.lstrip().startswith("#")]
@@ -149,78 +109,20 @@ def snippet_setting(lines: list[str], name: str) -> str:
     raise AssertionError(f"{SNIPPET} does not set {name}")
 
 
-class PrivatePostfix:
-    def __init__(self, root: Path, smtp_port: int, domain: str):
-        self.root = root
-        self.domain = domain
-        self.conf = root / "etc"
-        self.smtp_port = smtp_port
-        self.log_path = root / "postfix.log"
-        self.started = False
-
-    def postconf(self, *args: str) -> str:
-        return run([tool("postconf"), "-c", str(self.conf), *args]).stdout.decode()
+class PrivatePostfix(peers.PrivatePostfix):
+    """The shared private Postfix, configured from the documented snippet."""
 
     def configure(self, snippet: list[str], mailboxes: list[str]):
-        self.conf.mkdir()
-        (self.root / "spool").mkdir()
-        (self.root / "data").mkdir()
-        (self.conf / "main.cf").write_text(MAIN_CF.format(root=self.root) + "\n# docs/postfix-main.cf.snippet\n"
-                                           + "\n".join(snippet) + "\n")
-        (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"{LOOPBACK}:{self.smtp_port}"))
+        self.write_config(MAIN_CF.format(root=self.root) + "\n# docs/postfix-main.cf.snippet\n"
+                          + "\n".join(snippet) + "\n")
         # the snippet's map, as the operator would build it
         m = re.fullmatch(r"hash:(\S+)", self.postconf("-xh", "virtual_mailbox_maps").strip())
         assert m, "the snippet's virtual_mailbox_maps is expected to be one hash: table"
         table = Path(m.group(1))
         assert table.parent == self.conf, f"map {table} not under the private config directory"
         table.write_text("".join(f"{a} OK\n" for a in mailboxes))
-        run([tool("postmap"), "-c", str(self.conf), f"hash:{table}"])
-        # data_directory must belong to the mail_owner before `postfix check`
-        pw = pwd.getpwnam("postfix")
-        os.chown(self.root / "data", pw.pw_uid, pw.pw_gid)
-        cp = run([tool("postfix"), "-c", str(self.conf), "check"], check=False)
-        assert cp.returncode == 0, f"`postfix check` failed:\n{cp.stdout.decode()}{cp.stderr.decode()}\n{self.log()}"
-
-    def start(self):
-        # The daemonized master may keep its stdio: give it a file, not a pipe.
-        out = self.root / "postfix-start.out"
-        self.started = True
-        with open(out, "wb") as f:
-            rc = subprocess.run([tool("postfix"), "-c", str(self.conf), "start"], stdout=f,
-                                stderr=subprocess.STDOUT, timeout=60, stdin=subprocess.DEVNULL).returncode
-        assert rc == 0, f"`postfix start` failed:\n{out.read_text(errors='replace')}\nlog:\n{self.log()}"
-
-        def banner():
-            with socket.create_connection((LOOPBACK, self.smtp_port), timeout=5) as s:
-                s.settimeout(5)
-                return s.recv(512).startswith(b"220 ")
-        syslib.wait_until(banner, 30, 0.1, f"Postfix smtpd on port {self.smtp_port}")
-
-    def master_pid(self) -> int | None:
-        try:
-            return int((self.root / "spool" / "pid" / "master.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def stop(self):
-        if not self.started:
-            return
-        pid = self.master_pid()
-        subprocess.run([tool("postfix"), "-c", str(self.conf), "stop"], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=30, stdin=subprocess.DEVNULL)
-        syslib.reap(pid)
-
-    def flush(self):
-        run([tool("postqueue"), "-c", str(self.conf), "-f"], check=False)
-
-    def queue(self) -> str:
-        return run([tool("postqueue"), "-c", str(self.conf), "-p"], check=False).stdout.decode(errors="replace")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "(no Postfix log)"
+        self.postmap(table)
+        self.check()
 
 
 # --------------------------------------------------------------------------
