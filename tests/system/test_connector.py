@@ -149,8 +149,8 @@ def test_fetch_exact_bytes_and_uidl_tracking(module_server, upstream, box):
 
 
 @pytest.mark.parametrize("tls,auth,dovecot_method", [
-    ("starttls", "scram-sha256", "SCRAM-SHA-256"),
-    ("implicit", "scram-sha256", "SCRAM-SHA-256"),
+    ("starttls", "scram-sha-256", "SCRAM-SHA-256"),
+    ("implicit", "scram-sha-256", "SCRAM-SHA-256"),
     ("implicit", "plain", "PLAIN"),
     ("starttls", "plain", "PLAIN"),
     ("starttls", "user", "PLAIN"),
