@@ -133,13 +133,21 @@ pub struct Resolver {
     anchors: TrustAnchors,
     ds: Vec<DsAnchor>,
     validating: tokio::sync::OnceCell<TokioResolver>,
+    /// Why no resolver can be built (no usable /etc/resolv.conf): reported
+    /// by every lookup instead of failing at start, so a server without
+    /// MX-delivering accounts does not need DNS at all.
+    unavailable: Option<String>,
 }
 
 impl Resolver {
     pub fn new(cfg: &DnsConfig) -> Result<Resolver, DnsError> {
+        let mut unavailable = None;
         let (config, mut opts) = if cfg.nameservers.is_empty() {
-            hickory_resolver::system_conf::read_system_conf()
-                .map_err(|e| DnsError::Temporary(format!("reading /etc/resolv.conf: {e}")))?
+            hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
+                unavailable =
+                    Some(format!("no resolver: reading /etc/resolv.conf: {e}; set [connector.dns] nameservers"));
+                (ResolverConfig::from_parts(None, vec![], vec![]), ResolverOpts::default())
+            })
         } else {
             let servers = cfg
                 .nameservers
@@ -179,7 +187,7 @@ impl Resolver {
                 (anchors, parsed.ds)
             }
         };
-        Ok(Resolver { config, opts, timeout, anchors, ds, validating: tokio::sync::OnceCell::new() })
+        Ok(Resolver { config, opts, timeout, anchors, ds, validating: tokio::sync::OnceCell::new(), unavailable })
     }
 
     fn builder(&self) -> hickory_resolver::ResolverBuilder<TokioRuntimeProvider> {
@@ -189,6 +197,9 @@ impl Resolver {
 
     /// The validating resolver, built on first use (DS anchors need a lookup).
     async fn resolver(&self) -> Result<&TokioResolver, DnsError> {
+        if let Some(why) = &self.unavailable {
+            return Err(DnsError::Temporary(why.clone()));
+        }
         self.validating
             .get_or_try_init(|| async {
                 let mut anchors = self.anchors.clone();
