@@ -357,7 +357,9 @@ impl Connector {
                 }
                 continue;
             }
-            if fetched >= account.max_messages_per_run || bytes + size > account.max_bytes_per_run {
+            // The first message of a run is always allowed, so one message
+            // larger than max_bytes_per_run cannot stall the account.
+            if fetched >= account.max_messages_per_run || (fetched > 0 && bytes + size > account.max_bytes_per_run) {
                 tracing::info!(account = %account.name, "per-run limit reached; the rest waits for the next run");
                 break;
             }
