@@ -316,3 +316,20 @@ async fn delete_after_days_waits_for_the_age() {
     assert_eq!(s.up.count("remote").await, 1);
     assert_eq!(s.local.count("alice").await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_run_caps_leave_the_rest_for_the_next_run() {
+    let s =
+        setup("caps", "max_messages_per_run = 2\nmax_bytes_per_run = 1024", "deliver_to = { local = \"alice\" }").await;
+    let big = [message("big", "").as_slice(), &vec![b'y'; 1500], b"\r\n"].concat();
+    s.up.deliver("remote", &big).await;
+    for i in 0..3 {
+        s.up.deliver("remote", &message(&format!("p{i}"), "")).await;
+    }
+    // The 1.6 KB message exceeds the byte cap alone: it is fetched as the
+    // first of its run, and the cap ends that run.
+    let fetched: Vec<u64> = [s.run().await, s.run().await, s.run().await].iter().map(|r| r.fetched).collect();
+    assert_eq!(fetched, [1, 2, 1]);
+    assert_eq!(s.run().await.fetched, 0);
+    assert_eq!(s.local.count("alice").await, 4);
+}
