@@ -45,7 +45,9 @@ def run(cmd: list[str], cwd: Path) -> str:
 SOA = "{z} 300 IN SOA ns.test. hostmaster.test. 1 3600 600 86400 300\n{z} 300 IN NS ns.test.\n"
 
 
-def zone_texts(ds: dict[str, str]) -> dict[str, str]:
+def zone_texts(ds: dict[str, str], extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The zone files' text; `extra` maps a zone ("secure.test.") to more
+    records (zone-file lines) that a test adds to it before signing."""
     parent = SOA.format(z="test.") + "ns.test. 300 IN A 127.0.0.1\n"
     for child in ("secure", "insecure", "bogus"):
         parent += f"{child}.test. 300 IN NS ns.test.\n"
@@ -74,7 +76,12 @@ def zone_texts(ds: dict[str, str]) -> dict[str, str]:
         # a forged "no TLSA" must not downgrade DANE.
         "downgrade.bogus.test. 300 IN MX 10 mail.bogus.test.\n"
     )
-    return {"test.": parent, "secure.test.": secure, "insecure.test.": insecure, "bogus.test.": bogus}
+    texts = {"test.": parent, "secure.test.": secure, "insecure.test.": insecure, "bogus.test.": bogus}
+    for zone, records in (extra or {}).items():
+        if zone not in texts:
+            raise ValueError(f"no zone {zone} to add records to")
+        texts[zone] += records.rstrip("\n") + "\n"
+    return texts
 
 
 def keygen(zone: str, d: Path) -> str:
@@ -111,9 +118,10 @@ def corrupt_rrsig(path: Path, owner: str, covered: str) -> None:
 
 
 class Nsd:
-    """NSD serving the signed test zones on 127.0.0.1:port (UDP and TCP)."""
+    """NSD serving the signed test zones on 127.0.0.1:port (UDP and TCP);
+    `extra` adds records to zones (see zone_texts)."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, extra: dict[str, str] | None = None):
         self.dir = base / "nsd"
         self.dir.mkdir(parents=True)
         d = self.dir
@@ -122,7 +130,7 @@ class Nsd:
         for z in ("secure.test.", "bogus.test."):
             ds_out = run(["ldns-key2ds", "-n", "-2", f"{keys[z]}.key"], d)
             ds[z] = ds_out
-        texts = zone_texts(ds)
+        texts = zone_texts(ds, extra)
         files = {}
         for z, text in texts.items():
             if z in keys:
