@@ -585,9 +585,9 @@ impl ConnectorConfig {
                         d.name
                     ))
                 }
-                (None, DownstreamTls::None | DownstreamTls::Verify | DownstreamTls::Secure) => {
+                (None, DownstreamTls::None) => {
                     return Err(format!(
-                        "downstream `{}`: MX delivery (no host) needs tls = \"dane\" or \"mta-sts\"",
+                        "downstream `{}`: MX delivery (no host) needs TLS: dane, mta-sts, verify or secure",
                         d.name
                     ))
                 }
@@ -720,8 +720,9 @@ mod tests {
             parse("[[downstreams]]\nname = \"x\"\nprotocol = \"smtp\"\nhost = \"mx.example.net\"\ntls = \"none\"\n")
                 .unwrap_err();
         assert!(e.contains("loopback"), "{e}");
-        let e = parse("[[downstreams]]\nname = \"x\"\nprotocol = \"smtp\"\ntls = \"verify\"\n").unwrap_err();
+        let e = parse("[[downstreams]]\nname = \"x\"\nprotocol = \"smtp\"\ntls = \"none\"\n").unwrap_err();
         assert!(e.contains("MX delivery"), "{e}");
+        parse("[[downstreams]]\nname = \"x\"\nprotocol = \"smtp\"\ntls = \"secure\"\n").unwrap();
         let e = parse(
             "[[downstreams]]\nname = \"x\"\nprotocol = \"lmtp\"\nhost = \"127.0.0.1\"\ntls = \"none\"\n\
              auth_user = \"u\"\nauth_password = \"env:P\"\n",
