@@ -40,7 +40,7 @@ impl std::fmt::Debug for ScramCredentials {
     }
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+pub(crate) fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length; new_from_slice cannot fail for it.
     let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
     m.update(data);
@@ -272,6 +272,125 @@ impl ScramServer {
     }
 }
 
+/// Escapes a user name for `n=`/`a=` (RFC 5802: "," is "=2C", "=" is "=3D").
+pub(crate) fn escape_saslname(s: &str) -> String {
+    s.replace('=', "=3D").replace(',', "=2C")
+}
+
+/// Iteration counts a client accepts from a server: RFC 7677's minimum, and
+/// a ceiling so a hostile server cannot make the client burn CPU.
+pub const CLIENT_MIN_ITERATIONS: u32 = 4096;
+pub const CLIENT_MAX_ITERATIONS: u32 = 1_000_000;
+
+/// SCRAM-SHA-256 client (RFC 5802, RFC 7677) without channel binding
+/// (gs2 flag `n`). Sans-IO, like the server. The password is kept only in
+/// its SASLprep'd form and wiped on drop; `Debug` shows nothing secret.
+pub struct ScramClient {
+    password: zeroize::Zeroizing<Vec<u8>>,
+    client_first_bare: String,
+    nonce: String,
+}
+
+impl std::fmt::Debug for ScramClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScramClient").finish_non_exhaustive()
+    }
+}
+
+/// The client after client-final: it still has to verify the server.
+pub struct ScramClientFinal {
+    server_signature: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramClientFinal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScramClientFinal").finish_non_exhaustive()
+    }
+}
+
+impl ScramClient {
+    /// Starts an exchange; returns the state and client-first (`n,,n=..,r=..`).
+    pub fn new(user: &str, password: &str) -> Result<(Self, Vec<u8>), ScramError> {
+        let user = stringprep::saslprep(user).map_err(|_| ScramError::Malformed("user name fails SASLprep"))?;
+        let password = zeroize::Zeroizing::new(
+            normalize(password.as_bytes()).ok_or(ScramError::Malformed("password fails SASLprep"))?,
+        );
+        let mut raw = [0u8; NONCE_LEN];
+        getrandom::getrandom(&mut raw).map_err(|_| ScramError::Malformed("no randomness for the nonce"))?;
+        let nonce = B64.encode(raw);
+        let client_first_bare = format!("n={},r={nonce}", escape_saslname(&user));
+        let first = format!("n,,{client_first_bare}").into_bytes();
+        Ok((Self { password, client_first_bare, nonce }, first))
+    }
+
+    /// Consumes server-first; returns the verifier state and client-final.
+    /// Runs PBKDF2 (up to [`CLIENT_MAX_ITERATIONS`]): call it off the async
+    /// executor.
+    pub fn server_first(self, msg: &[u8]) -> Result<(ScramClientFinal, Vec<u8>), ScramError> {
+        if msg.len() > MAX_MESSAGE {
+            return Err(ScramError::Malformed("server-first too long"));
+        }
+        let server_first = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        if server_first.starts_with("m=") {
+            return Err(ScramError::Malformed("mandatory extension not supported"));
+        }
+        if server_first.starts_with("e=") {
+            return Err(ScramError::Malformed("server reported an error"));
+        }
+        let mut fields = server_first.split(',');
+        let nonce = fields.next().and_then(|f| f.strip_prefix("r=")).ok_or(ScramError::Malformed("no nonce"))?;
+        let salt = fields.next().and_then(|f| f.strip_prefix("s=")).ok_or(ScramError::Malformed("no salt"))?;
+        let iter = fields.next().and_then(|f| f.strip_prefix("i=")).ok_or(ScramError::Malformed("no iterations"))?;
+        if nonce.len() <= self.nonce.len()
+            || !nonce.starts_with(&self.nonce)
+            || !nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+        {
+            return Err(ScramError::NonceMismatch);
+        }
+        let salt = B64.decode(salt).map_err(|_| ScramError::Malformed("bad salt base64"))?;
+        if salt.is_empty() {
+            return Err(ScramError::Malformed("empty salt"));
+        }
+        let iterations: u32 = iter.parse().map_err(|_| ScramError::Malformed("bad iteration count"))?;
+        if !(CLIENT_MIN_ITERATIONS..=CLIENT_MAX_ITERATIONS).contains(&iterations) {
+            return Err(ScramError::Malformed("iteration count out of range"));
+        }
+        let mut salted = zeroize::Zeroizing::new([0u8; 32]);
+        pbkdf2::pbkdf2_hmac::<Sha256>(&self.password, &salt, iterations, &mut *salted);
+        let client_key = zeroize::Zeroizing::new(hmac(&*salted, b"Client Key"));
+        let stored_key: [u8; 32] = Sha256::digest(*client_key).into();
+        let server_key = zeroize::Zeroizing::new(hmac(&*salted, b"Server Key"));
+        // gs2 header "n,," base64-encoded is "biws".
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
+        let client_signature = hmac(&stored_key, auth_message.as_bytes());
+        let proof: Vec<u8> = client_key.iter().zip(client_signature).map(|(k, s)| k ^ s).collect();
+        let server_signature = hmac(&*server_key, auth_message.as_bytes());
+        let out = format!("{without_proof},p={}", B64.encode(proof)).into_bytes();
+        Ok((ScramClientFinal { server_signature }, out))
+    }
+}
+
+impl ScramClientFinal {
+    /// Checks server-final (`v=<ServerSignature>`): proof that the server
+    /// knows the credentials, not just a relay that says "+OK".
+    pub fn verify(self, msg: &[u8]) -> Result<(), ScramError> {
+        if msg.len() > MAX_MESSAGE {
+            return Err(ScramError::Malformed("server-final too long"));
+        }
+        let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        if msg.starts_with("e=") {
+            return Err(ScramError::Malformed("server reported an error"));
+        }
+        let v = msg.split(',').next().and_then(|f| f.strip_prefix("v=")).ok_or(ScramError::Malformed("no v="))?;
+        let v = B64.decode(v).map_err(|_| ScramError::Malformed("bad v= base64"))?;
+        if !bool::from(v.as_slice().ct_eq(&self.server_signature[..])) {
+            return Err(ScramError::InvalidProof);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,5 +493,59 @@ mod tests {
         assert_eq!(ScramCredentials::decode(&creds.encode()), Some(creds));
         let s = [1u8; 32];
         assert_eq!(ScramCredentials::fake(&s, "bob", 4096).salt, ScramCredentials::fake(&s, "bob", 4096).salt);
+    }
+    #[test]
+    fn client_against_server_and_rfc7677_vector() {
+        let cb = ChannelBinding { plus: false, exporter: None };
+        let creds = ScramCredentials::derive(b"pencil", 4096).unwrap();
+        let (client, first) = ScramClient::new("us,er", "pencil").unwrap();
+        let (gs2, bare, user, nonce) = parse_client_first(&first, &cb).unwrap();
+        assert_eq!(user, "us,er");
+        let (server, server_first) = ScramServer::start(gs2, bare, user, &nonce, creds.clone(), &cb);
+        let (fin, client_final) = client.server_first(&server_first).unwrap();
+        let server_final = server.finish(&client_final).unwrap();
+        fin.verify(&server_final).unwrap();
+
+        // A server that does not know the key cannot forge v=.
+        let (client, first) = ScramClient::new("user", "pencil").unwrap();
+        let (gs2, bare, user, nonce) = parse_client_first(&first, &cb).unwrap();
+        let (_, server_first) = ScramServer::start(gs2, bare, user, &nonce, creds, &cb);
+        let (fin, _) = client.server_first(&server_first).unwrap();
+        assert_eq!(fin.verify(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="), Err(ScramError::InvalidProof));
+
+        // RFC 7677 section 3, with the client nonce fixed.
+        let client = ScramClient {
+            password: zeroize::Zeroizing::new(b"pencil".to_vec()),
+            client_first_bare: "n=user,r=rOprNGfwEbeRWgbNEkqO".into(),
+            nonce: "rOprNGfwEbeRWgbNEkqO".into(),
+        };
+        let (fin, out) = client
+            .server_first(b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+            .unwrap();
+        assert_eq!(
+            out,
+            b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+        );
+        fin.verify(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=").unwrap();
+    }
+
+    #[test]
+    fn client_refuses_bad_server_first() {
+        for bad in [
+            &b"r=other,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"[..],
+            b"r=NONCEx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=1",
+            b"r=NONCEx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4000000000",
+            b"r=NONCEx,s=!!,i=4096",
+            b"r=NONCE,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+            b"m=x,r=NONCEx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+            b"e=other-error",
+        ] {
+            let client = ScramClient {
+                password: zeroize::Zeroizing::new(b"pencil".to_vec()),
+                client_first_bare: "n=user,r=NONCE".into(),
+                nonce: "NONCE".into(),
+            };
+            assert!(client.server_first(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 }

@@ -545,13 +545,28 @@ async fn connector(cfg: Config, cmd: ConnectorCmd) -> Result<()> {
                     bail!("no connector account `{n}`");
                 }
             }
+            // Accounts run concurrently, at most [connector] max_concurrent at a time.
+            let conn = Arc::new(conn);
+            let slots = Arc::new(tokio::sync::Semaphore::new(cfg.connector.max_concurrent as usize));
+            let mut runs = tokio::task::JoinSet::new();
+            let chosen =
+                accounts.into_iter().filter(|a| if names.is_empty() { a.enabled } else { names.contains(&a.name) });
+            for (i, a) in chosen.enumerate() {
+                let (conn, slots) = (conn.clone(), slots.clone());
+                runs.spawn(async move {
+                    let _slot = slots.acquire_owned().await;
+                    (i, a.name.clone(), conn.run_account(&a).await)
+                });
+            }
+            let mut results = runs.join_all().await;
+            results.sort_by_key(|(i, _, _)| *i);
             let mut failed = false;
-            for a in accounts.iter().filter(|a| if names.is_empty() { a.enabled } else { names.contains(&a.name) }) {
-                match conn.run_account(a).await {
+            for (_, name, r) in results {
+                match r {
                     Ok(r) => println!("{r}"),
                     Err(e) => {
                         failed = true;
-                        eprintln!("account={} error={}: {e}", a.name, e.kind());
+                        eprintln!("account={name} error={}: {e}", e.kind());
                     }
                 }
             }
