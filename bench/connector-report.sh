@@ -32,10 +32,23 @@ fmt() { awk -v x="$1" -v d="$2" 'BEGIN { if (x == "n/a" || x == "") print "n/a";
 list() { awk -v d="$1" '{ printf "%s%.*f", (NR > 1 ? ", " : ""), d, $1 } END { print "" }'; }
 RATE='f["messages"] / f["wall_s"]'
 MBPS='f["octets"] / f["wall_s"] / 1e6'
-# Per-round ratio POP3conneX / fetchmail of messages per second (same round, same corpus).
-ratios() { # config
-    paste -d' ' <(vals "$1" pop3connex "$RATE") <(vals "$1" fetchmail "$RATE") | awk '$2 > 0 { print $1 / $2 }'
+# Per-round ratio POP3conneX / fetchmail side of messages per second (same round, same corpus).
+ratios() { # config fetchmail_side
+    paste -d' ' <(vals "$1" pop3connex "$RATE") <(vals "$1" "$2" "$RATE") | awk '$2 > 0 { print $1 / $2 }'
 }
+# The smaller of the two per-round ratios, i.e. POP3conneX against the faster fetchmail set-up.
+worst_ratios() { # config
+    paste -d' ' <(ratios "$1" fetchmail-unix) <(ratios "$1" fetchmail) |
+        awk 'NF == 2 { print ($1 < $2 ? $1 : $2) } NF == 1 { print $1 }'
+}
+side_label() {
+    case $1 in
+    pop3connex) echo "POP3conneX" ;;
+    fetchmail-unix) echo "fetchmail, LMTP over UNIX socket" ;;
+    fetchmail) echo "fetchmail, LMTP over TCP" ;;
+    esac
+}
+SIDES="pop3connex fetchmail-unix fetchmail"
 label() {
     case $1 in
     seq) echo "${CONN_ACCOUNTS:-?} mailboxes × ${CONN_MSGS:-?} messages, one mailbox at a time" ;;
@@ -82,33 +95,52 @@ CONN_SIZES="${CONN_SIZES:-?}" CONN_CONFIGS="$CONN_CONFIGS" CONN_PAR=$CONN_PAR.
 
 Messages per second fetched from a Dovecot upstream (POP3 with implicit TLS on 127.0.0.1) into local
 mailboxes and deleted upstream: POP3conneX (\`pop3connex connector run-once\`, delivering into its own
-store) against fetchmail (Debian package, delivering over LMTP into a second Dovecot), TLS certificate
-verification on for both. Target from the issue: POP3conneX at least 2× fetchmail.
+store) against fetchmail (Debian package) delivering over LMTP into a second Dovecot, TLS certificate
+verification on for both. fetchmail is measured twice: with LMTP over the sink Dovecot's UNIX socket
+(\`smtphost /path/to/lmtp\`, the usual local set-up) and over TCP (\`smtphost 127.0.0.1/PORT\`).
+Target from the issue: POP3conneX at least 2× fetchmail; checked per round against the faster of the
+two fetchmail set-ups.
 
 ### Results
 
-Median of ${CONN_ROUNDS:-?} rounds; the ratio is the median of the per-round ratios (both sides fetch the same corpus
-in the same round, one right after the other).
+Median of ${CONN_ROUNDS:-?} rounds; ratios are medians of the per-round ratios (all sides fetch the same corpus in
+the same round, one right after the other).
 
-| Configuration | Concurrency (POP3conneX / fetchmail) | POP3conneX msg/s | fetchmail msg/s | POP3conneX / fetchmail | POP3conneX MB/s | fetchmail MB/s | ≥ 2×? |
+| Configuration | Concurrency (POP3conneX / fetchmail) | POP3conneX msg/s | fetchmail, UNIX-socket LMTP, msg/s | fetchmail, TCP LMTP, msg/s | POP3conneX / fetchmail (UNIX) | POP3conneX / fetchmail (TCP) | ≥ 2× against both? |
 | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |
 EOF
 for cfg in $CONN_CONFIGS; do
     [[ -n $(vals "$cfg" pop3connex "$RATE") ]] || continue
-    rt=$(ratios "$cfg" | median)
-    met=$(awk -v r="$rt" 'BEGIN { if (r == "n/a") print "n/a"; else if (r >= 2) print "yes"; else print "**no**" }')
-    echo "| $(label "$cfg") | $(conc "$cfg") | $(fmt "$(vals "$cfg" pop3connex "$RATE" | median)" 1) | $(fmt "$(vals "$cfg" fetchmail "$RATE" | median)" 1) | **$(fmt "$rt" 2)×** | $(fmt "$(vals "$cfg" pop3connex "$MBPS" | median)" 2) | $(fmt "$(vals "$cfg" fetchmail "$MBPS" | median)" 2) | $met |"
+    wr=$(worst_ratios "$cfg" | median)
+    met=$(awk -v r="$wr" 'BEGIN { if (r == "n/a") print "n/a"; else if (r >= 2) print "yes"; else print "**no**" }')
+    echo "| $(label "$cfg") | $(conc "$cfg") | $(fmt "$(vals "$cfg" pop3connex "$RATE" | median)" 1) | $(fmt "$(vals "$cfg" fetchmail-unix "$RATE" | median)" 1) | $(fmt "$(vals "$cfg" fetchmail "$RATE" | median)" 1) | **$(fmt "$(ratios "$cfg" fetchmail-unix | median)" 2)×** | $(fmt "$(ratios "$cfg" fetchmail | median)" 2)× | $met |"
 done
 cat <<EOF
 
-Per round (messages/s; in odd rounds POP3conneX fetched first, in even rounds fetchmail):
+Throughput in MB/s (upstream POP3 size fetched per second, median):
 
-| Configuration | Messages per run | POP3conneX, rounds | fetchmail, rounds | POP3conneX / fetchmail, rounds |
-| --- | ---: | --- | --- | --- |
+| Configuration | POP3conneX | fetchmail, UNIX-socket LMTP | fetchmail, TCP LMTP |
+| --- | ---: | ---: | ---: |
 EOF
 for cfg in $CONN_CONFIGS; do
     [[ -n $(vals "$cfg" pop3connex "$RATE") ]] || continue
-    echo "| $cfg | $(vals "$cfg" pop3connex 'f["messages"]' | head -n 1) | $(vals "$cfg" pop3connex "$RATE" | list 1) | $(vals "$cfg" fetchmail "$RATE" | list 1) | $(ratios "$cfg" | list 2) |"
+    echo "| $cfg | $(fmt "$(vals "$cfg" pop3connex "$MBPS" | median)" 2) | $(fmt "$(vals "$cfg" fetchmail-unix "$MBPS" | median)" 2) | $(fmt "$(vals "$cfg" fetchmail "$MBPS" | median)" 2) |"
+done
+cat <<EOF
+
+Per round (messages/s; sides in the order POP3conneX, fetchmail UNIX, fetchmail TCP in odd rounds,
+reversed in even rounds):
+
+| Configuration | Messages per run | Side | Rounds, msg/s | POP3conneX / this side, rounds |
+| --- | ---: | --- | --- | --- |
+EOF
+for cfg in $CONN_CONFIGS; do
+    for side in $SIDES; do
+        [[ -n $(vals "$cfg" "$side" "$RATE") ]] || continue
+        r="–"
+        [[ $side != pop3connex ]] && r=$(ratios "$cfg" "$side" | list 2)
+        echo "| $cfg | $(vals "$cfg" "$side" 'f["messages"]' | head -n 1) | $(side_label "$side") | $(vals "$cfg" "$side" "$RATE" | list 1) | $r |"
+    done
 done
 cat <<EOF
 
@@ -120,9 +152,9 @@ is the sink Dovecot's LMTP, so the comparable client-side figure is fetchmail + 
 | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |
 EOF
 for cfg in $CONN_CONFIGS; do
-    for side in pop3connex fetchmail; do
+    for side in $SIDES; do
         [[ -n $(vals "$cfg" "$side" "$RATE") ]] || continue
-        echo "| $cfg | $side | $(fmt "$(vals "$cfg" "$side" '1000 * f["client_cpu_s"] / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '1000 * f["sink_cpu_s"] / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '1000 * (f["client_cpu_s"] + f["sink_cpu_s"]) / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '1000 * f["upstream_cpu_s"] / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '1000 * f["wall_s"] / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '(f["client_cpu_s"] + f["sink_cpu_s"] + f["upstream_cpu_s"]) / f["wall_s"]' | median)" 2) |"
+        echo "| $cfg | $(side_label "$side") | $(fmt "$(vals "$cfg" "$side" '1000 * f["client_cpu_s"] / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '1000 * f["sink_cpu_s"] / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '1000 * (f["client_cpu_s"] + f["sink_cpu_s"]) / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '1000 * f["upstream_cpu_s"] / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '1000 * f["wall_s"] / f["messages"]' | median)" 2) | $(fmt "$(vals "$cfg" "$side" '(f["client_cpu_s"] + f["sink_cpu_s"] + f["upstream_cpu_s"]) / f["wall_s"]' | median)" 2) |"
     done
 done
 cat <<EOF

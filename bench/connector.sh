@@ -6,18 +6,20 @@
 #
 # Knobs (environment): CONN_ACCOUNTS=20 CONN_MSGS=100 CONN_SINGLE_MSGS=1000 CONN_ROUNDS=5
 #   CONN_SIZES="3000 6000 12000 24000 48000 96000" (message i has size number i mod 6)
-#   CONN_CONFIGS="seq par4 single" CONN_PAR=4 CONN_SIDES="pop3connex fetchmail" WAIT_QUIET=0 WORK=bench/work/connector OUT=docs/BENCHMARKS.md
+#   CONN_CONFIGS="seq par4 single" CONN_PAR=4 CONN_SIDES="pop3connex fetchmail-unix fetchmail" WAIT_QUIET=0 WORK=bench/work/connector OUT=docs/BENCHMARKS.md
 #
-# Configurations, each timed for both sides in every round (order alternates between rounds):
-#   seq     CONN_ACCOUNTS mailboxes x CONN_MSGS messages; one mailbox at a time on both sides
+# Configurations, each timed for every side in every round (order reversed in even rounds):
+#   seq     CONN_ACCOUNTS mailboxes x CONN_MSGS messages; one mailbox at a time on every side
 #           (POP3conneX [connector] max_concurrent = 1; one fetchmail process, which polls in sequence)
-#   par4    the same mailboxes, CONN_PAR at a time on both sides (max_concurrent = CONN_PAR;
+#   par4    the same mailboxes, CONN_PAR at a time on every side (max_concurrent = CONN_PAR;
 #           CONN_PAR fetchmail processes, each with its own rcfile holding a share of the mailboxes)
 #   single  one mailbox x CONN_SINGLE_MSGS messages
 # Upstream: a private Dovecot (POP3 with implicit TLS, certificate from a test CA made here,
 # passwd-file with SHA512-CRYPT, auth_mechanisms = plain), filled over its LMTP before every timed
-# fetch with the same deterministic corpus for both sides. POP3conneX delivers into its own store
-# (`connector run-once`); fetchmail delivers over LMTP into a second private Dovecot (the sink).
+# fetch with the same deterministic corpus for every side. POP3conneX delivers into its own store
+# (`connector run-once`); fetchmail delivers over LMTP into a second private Dovecot (the sink),
+# as side "fetchmail-unix" over the sink's LMTP UNIX socket and as side "fetchmail" over TCP
+# (127.0.0.1/PORT).
 # Every fetch is verified: upstream empty afterwards, every local mailbox grew by exactly what was
 # upstream, POP3conneX reports no duplicate, quarantined, skipped or deferred message.
 # Only the "## Connector" section of OUT is replaced. Needs root (Dovecot, apt-get if missing).
@@ -37,7 +39,7 @@ CONN_ROUNDS=${CONN_ROUNDS:-5}
 CONN_SIZES=${CONN_SIZES:-3000 6000 12000 24000 48000 96000}
 CONN_CONFIGS=${CONN_CONFIGS:-seq par4 single}
 CONN_PAR=${CONN_PAR:-4}
-CONN_SIDES=${CONN_SIDES:-pop3connex fetchmail}
+CONN_SIDES=${CONN_SIDES:-pop3connex fetchmail-unix fetchmail}
 WORK=${WORK:-$ROOT/bench/work/connector}
 OUT=${OUT:-$ROOT/docs/BENCHMARKS.md}
 CMDLINE=${CMDLINE:-bench/connector.sh}
@@ -248,9 +250,9 @@ px_status() { "$PX" --config "$PXD/connector-c1.toml" user list | awk 'NR > 1 { 
 # ---------------------------------------------------------------------------------------------
 # fetchmail: one rcfile per process. Verification on: ssl + sslcertck + sslcertfile (the test CA
 # only), name checked against "localhost" (the poll name; it resolves to 127.0.0.1 only).
-write_rcfile() { # file upstream_user...
-    local f=$1 u pw
-    shift
+write_rcfile() { # file smtphost upstream_user...
+    local f=$1 smtphost=$2 u pw
+    shift 2
     {
         printf 'set no syslog\nset no bouncemail\n\n'
         printf 'poll localhost protocol POP3 service %s timeout 60\n' "$UP_POP3S"
@@ -259,22 +261,29 @@ write_rcfile() { # file upstream_user...
             printf '  user "%s" there with password "%s" is "%s" here\n' "$u" "$pw" "$(local_of "$u" dst)"
             printf '    ssl sslcertck sslcertfile "%s"\n' "$TLS/ca.pem"
             printf '    fetchall nokeep\n'
-            printf '    lmtp smtphost "127.0.0.1/%s" smtpaddress localhost\n' "$SINK_LMTP"
+            printf '    lmtp smtphost "%s" smtpaddress localhost\n' "$smtphost"
         done
     } >"$f"
     chmod 600 "$f"
 }
-mkdir -p "$FM"
-chmod 700 "$FM"
-# shellcheck disable=SC2086
-write_rcfile "$FM/seq.rc" $MULTI
+# fetchmail (TCP): smtphost 127.0.0.1/PORT; fetchmail-unix: the sink's LMTP UNIX socket.
+[[ -S $SINK/run/lmtp ]] || die "no LMTP UNIX socket $SINK/run/lmtp"
 read -r -a MULTI_ARR <<<"$MULTI"
-for ((p = 0; p < CONN_PAR; p++)); do
-    slice=()
-    for ((i = p; i < CONN_ACCOUNTS; i += CONN_PAR)); do slice+=("${MULTI_ARR[$i]}"); done
-    write_rcfile "$FM/par$CONN_PAR-$p.rc" "${slice[@]}"
+for side in fetchmail fetchmail-unix; do
+    dir=$FM/$side
+    mkdir -p "$dir"
+    chmod 700 "$FM" "$dir"
+    host=127.0.0.1/$SINK_LMTP
+    [[ $side == fetchmail-unix ]] && host=$SINK/run/lmtp
+    # shellcheck disable=SC2086
+    write_rcfile "$dir/seq.rc" "$host" $MULTI
+    for ((p = 0; p < CONN_PAR; p++)); do
+        slice=()
+        for ((i = p; i < CONN_ACCOUNTS; i += CONN_PAR)); do slice+=("${MULTI_ARR[$i]}"); done
+        write_rcfile "$dir/par$CONN_PAR-$p.rc" "$host" "${slice[@]}"
+    done
+    write_rcfile "$dir/single.rc" "$host" solo
 done
-write_rcfile "$FM/single.rc" solo
 FETCHMAIL_VER=$(fetchmail --version 2>/dev/null | head -n 1 || true)
 
 # ---------------------------------------------------------------------------------------------
@@ -359,8 +368,8 @@ timed_fetch() { # tag side config expected_msgs octets users...
         { time "$PX" --config "$conf" connector run-once "$@" >"$out" 2>"$err"; } 2>"$tf" ||
             { tail -n 5 "$err" >&2; die "$tag: pop3connex connector run-once failed"; }
     else
-        local rcs=("$FM/$cfg.rc")
-        [[ $cfg == par* ]] && rcs=("$FM/$cfg"-*.rc)
+        local rcs=("$FM/$side/$cfg.rc")
+        [[ $cfg == par* ]] && rcs=("$FM/$side/$cfg"-*.rc)
         { time (
             pids=() rc=0
             for f in "${rcs[@]}"; do
@@ -439,7 +448,7 @@ log "measurements done (background CPU busy after: $BG_AFTER%); writing the Conn
 export ROOT WORK RES TSV OUT CMDLINE CONN_ACCOUNTS CONN_MSGS CONN_SINGLE_MSGS CONN_ROUNDS CONN_SIZES CONN_CONFIGS CONN_PAR \
     BG_BEFORE BG_AFTER FETCHMAIL_VER
 export ELAPSED=$((T_END - T_RUN)) WAITED=$((T_RUN - T_START))
-"$ROOT/bench/connector-report.sh" >"$WORK/connector-section.md"
+{ "$ROOT/bench/connector-report.sh"; echo; } >"$WORK/connector-section.md"
 splice_section "$OUT" Connector "$WORK/connector-section.md"
 log "total $((T_END - T_START)) s"
 exit 0
