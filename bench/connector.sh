@@ -447,7 +447,14 @@ T_END=$(date +%s)
 log "measurements done (background CPU busy after: $BG_AFTER%); writing the Connector section of $OUT"
 export ROOT WORK RES TSV OUT CMDLINE CONN_ACCOUNTS CONN_MSGS CONN_SINGLE_MSGS CONN_ROUNDS CONN_SIZES CONN_CONFIGS CONN_PAR \
     BG_BEFORE BG_AFTER FETCHMAIL_VER
-export ELAPSED=$((T_END - T_RUN)) WAITED=$((T_RUN - T_START))
+export ELAPSED=$((T_END - T_RUN)) WAITED=$((T_RUN - T_START)) GENERATED_AT=$(date -u +'%Y-%m-%d %H:%M UTC')
+GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "uncommitted tree")
+if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null | head -n 1) ]]; then GIT_REV="$GIT_REV (with uncommitted changes)"; fi
+# The knobs of this run, so that bench/connector-report.sh can be re-run by hand on its results.
+for v in CMDLINE CONN_ACCOUNTS CONN_MSGS CONN_SINGLE_MSGS CONN_ROUNDS CONN_SIZES CONN_CONFIGS CONN_PAR \
+    BG_BEFORE BG_AFTER FETCHMAIL_VER ELAPSED WAITED GENERATED_AT GIT_REV; do
+    printf '%s=%q\n' "$v" "${!v}"
+done >"$RES/report.env"
 { "$ROOT/bench/connector-report.sh"; echo; } >"$WORK/connector-section.md"
 splice_section "$OUT" Connector "$WORK/connector-section.md"
 log "total $((T_END - T_START)) s"
