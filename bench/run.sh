@@ -3,6 +3,7 @@
 #
 #   bench/run.sh                      # full run (PHASES="main auth": < 15 min + the auth phases), writes docs/BENCHMARKS.md
 #   PHASES=auth bench/run.sh          # authentication phases only (< 10 min), rewrites only their section
+#   PHASES=connector bench/run.sh     # connector vs fetchmail (bench/connector.sh), rewrites only its section
 #   SERVERS=dovecot bench/run.sh      # harness check against Dovecot alone (report in bench/work)
 #
 # Knobs (environment): USERS=200 MSGS=20 SIZE=4400 DURATION=20 WARMUP=2 ROUNDS=2
@@ -29,6 +30,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PHASES=${PHASES:-main auth}
 has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
+# PHASES=connector: only the connector benchmark (bench/connector.sh, its own knobs and section).
+if [[ $PHASES == connector ]]; then exec "$ROOT/bench/connector.sh"; fi
 has_phase main || IDLE_SESSIONS=${IDLE_SESSIONS:-10}
 SCRAM_USERS=${SCRAM_USERS:-50}
 FLOOD_CONCURRENCY=${FLOOD_CONCURRENCY:-8}
@@ -71,9 +74,8 @@ PXD=$WORK/pop3connex
 RES=$WORK/results
 CMDLINE="$(printf '%q ' "$0" "$@")"
 T_START=$(date +%s)
-
-log() { printf '[%4ss] %s\n' "$(($(date +%s) - T_START))" "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 has_server() { [[ " $SERVERS " == *" $1 "* ]]; }
 
 [[ $(id -u) == 0 ]] || die "run as root (Dovecot setup, RLIMIT_NOFILE)"
@@ -95,11 +97,7 @@ stop_pop3connex() {
     PX_PID=""
 }
 stop_dovecot() {
-    if [[ -n $DV_PID ]] && kill -0 "$DV_PID" 2>/dev/null; then
-        kill -TERM "$DV_PID" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$DV_PID" 2>/dev/null || break; sleep 0.2; done
-        kill -KILL "$DV_PID" 2>/dev/null || true
-    fi
+    stop_dovecot_master "$DV_PID"
     DV_PID=""
 }
 cleanup() {
@@ -117,46 +115,12 @@ ulimit -Hn 65536 2>/dev/null || true
 ulimit -n "$(ulimit -Hn)"
 [[ $(ulimit -n) -ge $((IDLE_SESSIONS * 2 + 1000)) ]] || die "RLIMIT_NOFILE $(ulimit -n) too low"
 
-if ! command -v dovecot >/dev/null || ! dpkg -s dovecot-pop3d dovecot-lmtpd >/dev/null 2>&1; then
-    log "installing dovecot (apt-get)"
-    # Keep the package scripts from starting the system-wide Dovecot on 0.0.0.0:110/995.
-    POLICY_CREATED=0
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        POLICY_CREATED=1
-    fi
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y dovecot-core dovecot-pop3d dovecot-lmtpd openssl
-    [[ $POLICY_CREATED == 1 ]] && rm -f /usr/sbin/policy-rc.d
-fi
+ensure_packages dovecot-core dovecot-pop3d dovecot-lmtpd openssl
 command -v openssl >/dev/null || die "openssl missing"
 
-for port in $DV_POP3S $DV_LMTP $PX_POP3S $PX_STARTTLS $PX_LMTP; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port already in use"; fi
-done
+assert_ports_free $DV_POP3S $DV_LMTP $PX_POP3S $PX_STARTTLS $PX_LMTP
 
-# Share of the machine's CPU that is busy while this script does nothing (other users' work).
-busy_pct() { # seconds
-    local a b
-    a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
-    sleep "$1"
-    b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.1f\n", (d > 0 ? 100 * (y[1] - x[1]) / d : 0) }'
-}
-BG_BEFORE=$(busy_pct 5)
-# WAIT_QUIET=SECS: on a shared machine, wait up to SECS for other work to stop first.
-WAIT_QUIET=${WAIT_QUIET:-0}
-while awk -v l="$BG_BEFORE" 'BEGIN { exit !(l > 5) }' && (($(date +%s) - T_START < WAIT_QUIET)); do
-    log "waiting for a quiet machine (background CPU busy: $BG_BEFORE%)"
-    sleep 25
-    BG_BEFORE=$(busy_pct 5)
-done
-log "background CPU busy before start: $BG_BEFORE%"
-T_RUN=$(date +%s) # after any WAIT_QUIET wait: the report states the benchmark's own duration
-if awk -v l="$BG_BEFORE" 'BEGIN { exit !(l > 5) }'; then
-    log "WARNING: other work is using $BG_BEFORE% of the CPU: results will be skewed"
-fi
+wait_quiet
 
 log "building (release)"
 cd "$ROOT"
@@ -174,28 +138,10 @@ chmod 755 "$WORK"
 # ---------------------------------------------------------------------------------------------
 log "TLS: one ECDSA P-256 CA and one ECDSA P-256 leaf (localhost, 127.0.0.1) for both servers"
 TLS=$WORK/tls
-mkdir -p "$TLS"
-(
-    cd "$TLS"
-    openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem 2>/dev/null
-    openssl req -x509 -new -key ca-key.pem -sha256 -days 30 -subj "/CN=pop3bench CA" \
-        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-        -out ca.pem 2>/dev/null
-    openssl ecparam -name prime256v1 -genkey -noout -out leaf.pem 2>/dev/null
-    openssl pkcs8 -topk8 -nocrypt -in leaf.pem -out key.pem
-    openssl req -new -key key.pem -subj "/CN=localhost" -out leaf.csr 2>/dev/null
-    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n' >leaf.ext
-    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 30 -sha256 \
-        -extfile leaf.ext -out cert.pem 2>/dev/null
-    chmod 600 key.pem ca-key.pem leaf.pem
-)
+make_test_pki "$TLS"
 
 log "accounts: $USERS corpus users, $IDLE_SESSIONS idle users, $LMTP_SINKS LMTP sink users"
 mkdir -p "$WORK/accounts"
-gen_accounts() { # prefix count width -> name:password lines (random 20-hex-digit passwords)
-    openssl rand -hex $((10 * $2)) | fold -w 20 |
-        awk -v p="$1" -v w="$3" '{ printf "%s" "%0" w "d" ":pw-%s\n", p, NR, $0 }'
-}
 gen_accounts user "$USERS" 4 >"$WORK/accounts/users.txt"
 gen_accounts idle "$IDLE_SESSIONS" 5 >"$WORK/accounts/idle.txt"
 gen_accounts sink "$LMTP_SINKS" 3 >"$WORK/accounts/sinks.txt"
@@ -229,13 +175,8 @@ setup_dovecot() {
     log "dovecot: configuring private instance in $DV"
     mkdir -p "$DV/run" "$DV/state" "$DV/log" "$DV/mail"
     chown nobody:nogroup "$DV/mail"
-    # {SHA512-CRYPT}: glibc crypt $6$ with the default 5000 rounds (openssl passwd -6).
-    cut -d: -f2- "$WORK/accounts/all.txt" | openssl passwd -6 -stdin >"$DV/hashes"
     # name:{SHA512-CRYPT}hash:uid:gid:gecos:home:shell:extra
-    paste -d: <(cut -d: -f1 "$WORK/accounts/all.txt") <(sed 's/^/{SHA512-CRYPT}/' "$DV/hashes") |
-        awk -F: -v uid="$(id -u nobody)" -v gid="$(getent group nogroup | cut -d: -f3)" -v mail="$DV/mail" \
-            '{ printf "%s:%s:%s:%s::%s/%s::\n", $1, $2, uid, gid, mail, $1 }' >"$DV/passwd"
-    rm -f "$DV/hashes"
+    dovecot_passwd "$WORK/accounts/all.txt" "$DV/mail" >"$DV/passwd"
     # SCRAM users: {SCRAM-SHA-256} (doveadm pw, 4096 PBKDF2 iterations, same as POP3conneX).
     local name pw
     while IFS=: read -r name pw; do
@@ -307,13 +248,7 @@ EOF
 }
 
 start_dovecot() {
-    dovecot -c "$DV/dovecot.conf"
-    for _ in $(seq 100); do
-        [[ -s $DV/run/master.pid ]] && (exec 3<>"/dev/tcp/127.0.0.1/$DV_POP3S") 2>/dev/null && break
-        sleep 0.1
-    done
-    DV_PID=$(cat "$DV/run/master.pid")
-    kill -0 "$DV_PID" || die "dovecot did not start"
+    DV_PID=$(start_dovecot_instance "$DV/dovecot.conf" "$DV/run" "$DV_POP3S")
     (exec 3<>"/dev/tcp/127.0.0.1/$DV_LMTP") 2>/dev/null || die "dovecot LMTP not listening"
     log "dovecot: master pid $DV_PID"
 }
@@ -669,22 +604,25 @@ export ELAPSED=$((T_END - T_RUN)) WAITED=$((T_RUN - T_START))
 if [[ " $SERVERS " == *" pop3connex "* && " $SERVERS " == *" dovecot "* ]] && ! has_phase main; then
     # Only the auth phases ran: replace (or add) the Authentication section of OUT, keep the rest.
     AUTH_ONLY=1 "$ROOT/bench/report.sh" >"$WORK/auth-section.md"
-    touch "$OUT"
-    awk -v sec="$WORK/auth-section.md" '
-        /^## Authentication/ { skip = 1; if (!done) { while ((getline l < sec) > 0) print l; done = 1 }; next }
-        skip && /^## / { skip = 0 }
-        !skip && /^## Machine and versions/ && !done { while ((getline l < sec) > 0) print l; done = 1 }
-        !skip { print }
-        END { if (!done) while ((getline l < sec) > 0) print l }' "$OUT" >"$OUT.new"
-    mv "$OUT.new" "$OUT"
+    splice_section "$OUT" Authentication "$WORK/auth-section.md"
     log "wrote the Authentication section of $OUT"
 elif [[ " $SERVERS " == *" pop3connex "* && " $SERVERS " == *" dovecot "* ]]; then
+    # The connector section comes from bench/connector.sh: keep the one already in OUT.
+    extract_section "$OUT" Connector >"$WORK/connector-section.md"
     "$ROOT/bench/report.sh" >"$OUT"
+    if [[ -s $WORK/connector-section.md ]]; then
+        printf '\n' >>"$WORK/connector-section.md"
+        splice_section "$OUT" Connector "$WORK/connector-section.md"
+    fi
     log "wrote $OUT"
 else
     "$ROOT/bench/report.sh" >"$WORK/BENCHMARKS-partial.md"
     log "wrote $WORK/BENCHMARKS-partial.md (partial run: docs/BENCHMARKS.md left alone)"
 fi
 log "total $((T_END - T_START)) s"
+if has_phase connector; then
+    log "connector phase: bench/connector.sh"
+    WORK=$WORK/connector OUT=$OUT "$ROOT/bench/connector.sh"
+fi
 exit 0
 }
