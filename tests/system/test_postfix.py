@@ -42,39 +42,9 @@ SNIPPET_PORT = 2400          # the placeholder port written in the snippet
 DELIVERY_WAIT = 60           # seconds, per wait for a message to arrive
 ENVELOPE_SENDER = "sender@example.org"
 
-# The harness part of main.cf (the snippet is appended after it).
-MAIN_CF = """\
-# private test instance written by tests/system/test_postfix.py
-compatibility_level = 3.6
-queue_directory = {root}/spool
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = {root}/postfix.log
-maillog_file_prefixes = {root}
-myhostname = postfix.test.invalid
-mydomain = test.invalid
-myorigin = $myhostname
-mydestination =
-relayhost =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-smtpd_peername_lookup = no
-alias_maps =
-alias_database =
-biff = no
-# nothing may leave this machine: every other transport is an error
-default_transport = error:5.7.1 this test instance delivers nowhere but to POP3conneX
-relay_transport = error:5.7.1 this test instance delivers nowhere but to POP3conneX
-local_transport = error:5.7.1 this test instance has no local delivery
-# short retry times, so a deferred message is retried within the test
-queue_run_delay = 2s
-minimal_backoff_time = 2s
-maximal_backoff_time = 4s
-delay_warning_time = 0
-"""
+# The harness part of main.cf (the snippet is appended after it): the shared private-instance
+# settings of peers.py.
+MAIN_CF = peers.POSTFIX_BASE_CF
 
 
 TOOLS: dict[str, str] = {}

@@ -362,6 +362,9 @@ macro_rules! bounded {
     )*};
 }
 
+/// Used by the connector's config module too.
+pub(crate) use bounded;
+
 bounded! {
     secs_1_300: 1, 300, " seconds";
     secs_0_3600: 0, 3600, " seconds";

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{de::Error as _, Deserialize, Deserializer, Serialize};
 
+use crate::config::bounded;
 use crate::secret::SecretRef;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -423,20 +424,6 @@ fn ser_opt_secret<S: serde::Serializer>(r: &Option<SecretRef>, s: S) -> Result<S
         Some(r) => s.serialize_some(&r.to_string()),
         None => s.serialize_none(),
     }
-}
-
-macro_rules! bounded {
-    ($($name:ident: $min:expr, $max:expr, $unit:expr;)*) => {$(
-        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-            let v = u64::deserialize(d)?;
-            if !($min..=$max).contains(&v) {
-                return Err(D::Error::custom(format!(
-                    "must be between {} and {}{}, got {}", $min, $max, $unit, v
-                )));
-            }
-            Ok(v)
-        }
-    )*};
 }
 
 bounded! {
