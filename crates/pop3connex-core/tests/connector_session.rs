@@ -35,7 +35,11 @@ struct Setup {
 
 /// Serves LMTP from `fx` on 127.0.0.1 (the forwarding target); returns the port.
 async fn downstream_lmtp(fx: &Fixture) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    downstream_lmtp_on(fx, 0).await
+}
+
+async fn downstream_lmtp_on(fx: &Fixture, port: u16) -> u16 {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let ctx = Arc::new(pop3connex_core::lmtp::LmtpContext {
         cfg: pop3connex_core::config::LmtpConfig::default(),
@@ -332,4 +336,35 @@ async fn per_run_caps_leave_the_rest_for_the_next_run() {
     assert_eq!(fetched, [1, 2, 1]);
     assert_eq!(s.run().await.fetched, 0);
     assert_eq!(s.local.count("alice").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_downstream_defers_and_ends_the_run_early() {
+    let down = Fixture::new("deferred-down").await;
+    down.add_user("carol").await;
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let global = format!(
+        "[[connector.downstreams]]\nname = \"corp\"\nprotocol = \"lmtp\"\nhost = \"127.0.0.1\"\nport = {port}\n\
+         tls = \"none\"\ntimeout_secs = 5\n"
+    );
+    let route = "deliver_to = { forward = \"carol@corp.example\", via = \"corp\" }";
+    let s = setup_with("deferred", "delete = \"after-delivery\"", route, &global).await;
+    for i in 0..3 {
+        s.up.deliver("remote", &message(&format!("q{i}"), "")).await;
+    }
+    let account = s.connector.account("isp").await.unwrap();
+    let e = s.connector.run_account(&account).await.unwrap_err();
+    assert_eq!(e.kind(), "downstream", "{e}");
+    assert_eq!(s.up.count("remote").await, 3, "nothing deleted upstream");
+    assert_eq!(s.local.count("quarantine").await, 0, "a temporary failure is not a quarantine");
+    let (status, seen) = s.connector.status("isp").await.unwrap();
+    assert_eq!((status.unwrap().fetched_total, seen), (0, 0), "the deferred message stays unseen");
+    // The server comes back: everything is forwarded once and deleted upstream.
+    downstream_lmtp_on(&down, port).await;
+    let r = s.run().await;
+    assert_eq!((r.fetched, r.forwarded, r.deleted, r.duplicates), (3, 3, 3, 0), "{r}");
+    assert_eq!(down.count("carol").await, 3);
 }

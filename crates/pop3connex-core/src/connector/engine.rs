@@ -22,7 +22,7 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use tokio::sync::{watch, Semaphore};
 use zeroize::Zeroizing;
 
-use super::config::{AccountConfig, DeletePolicy, OversizePolicy, UpstreamAuth};
+use super::config::{AccountConfig, DeletePolicy, OversizePolicy, Target, UpstreamAuth};
 use super::oauth2::{OAuth2Error, RefreshTokenStore, TokenSource};
 use super::route::{self, Decision, Destination};
 use super::smtp::{self, Envelope, RcptOutcome, SmtpError};
@@ -339,6 +339,10 @@ impl Connector {
         let mut bytes = 0u64;
         let mut fetched = 0u64;
         let mut deferred_downstream = false;
+        // Fixed-host downstreams that failed as a whole during this run: not
+        // contacted again until the next run (a dead server would otherwise
+        // cost a connect timeout per message).
+        let mut down: HashSet<String> = HashSet::new();
         for (n, uidl) in listing.iter().filter(|(_, u)| !seen.contains_key(u)) {
             let size = sizes.get(n).copied().unwrap_or(0);
             if size > account.max_message_size {
@@ -385,13 +389,21 @@ impl Connector {
             bytes += body.len() as u64;
             report.fetched += 1;
             report.octets += body.len() as u64;
-            match self.process(account, uidl, &body, &mut report).await? {
+            match self.process(account, uidl, &body, &mut report, &mut down).await? {
                 Processed::Done => {
                     if account.delete == DeletePolicy::AfterDelivery {
                         to_delete.push((*n, uidl.clone()));
                     }
                 }
                 Processed::Deferred => deferred_downstream = true,
+            }
+            // With a fixed forward target whose server is unreachable, every
+            // further message would be downloaded only to be deferred.
+            if let Some(Target::Forward { via, .. }) = &account.route.deliver_to {
+                if down.contains(via) {
+                    tracing::info!(account = %account.name, downstream = %via, "downstream unavailable; run ends early");
+                    break;
+                }
             }
         }
 
@@ -432,6 +444,7 @@ impl Connector {
         uidl: &str,
         body: &[u8],
         report: &mut RunReport,
+        down: &mut HashSet<String>,
     ) -> Result<Processed, RunError> {
         let cfg = &self.cfg.connector;
         let msg = route::inspect(body, account.route.envelope_header);
@@ -496,13 +509,19 @@ impl Connector {
             };
             let helo = ds.helo.clone().unwrap_or_else(|| self.cfg.server.hostname.clone());
             let with_trace = self.trace_header(account, &envelope.recipients, body);
-            let outcomes = match smtp::deliver_with(ds, &helo, &self.resolver, &self.sts, &envelope, &with_trace).await
-            {
-                Ok(o) => o,
-                Err(SmtpError::Temporary(d)) => {
-                    vec![RcptOutcome::Temporary(d); rcpts.len()]
+            let outcomes = if down.contains(via) {
+                vec![RcptOutcome::Temporary(format!("{via} was unavailable earlier in this run")); rcpts.len()]
+            } else {
+                match smtp::deliver_with(ds, &helo, &self.resolver, &self.sts, &envelope, &with_trace).await {
+                    Ok(o) => o,
+                    Err(SmtpError::Temporary(d)) => {
+                        if ds.host.is_some() {
+                            down.insert(via.to_owned());
+                        }
+                        vec![RcptOutcome::Temporary(d); rcpts.len()]
+                    }
+                    Err(SmtpError::Permanent(d)) => vec![RcptOutcome::Permanent(d); rcpts.len()],
                 }
-                Err(SmtpError::Permanent(d)) => vec![RcptOutcome::Permanent(d); rcpts.len()],
             };
             for ((address, key), o) in rcpts.iter().zip(outcomes) {
                 match o {
