@@ -9,6 +9,7 @@ use common::Fixture;
 use pop3connex_core::config::LmtpConfig;
 use pop3connex_core::connector::config::{DnsConfig, DownstreamConfig, DownstreamProtocol, DownstreamTls};
 use pop3connex_core::connector::dns::Resolver;
+use pop3connex_core::connector::mtasts::PolicyCache;
 use pop3connex_core::connector::smtp::{deliver, Envelope, RcptOutcome};
 use pop3connex_core::lmtp::LmtpContext;
 use pop3connex_core::types::UserName;
@@ -52,13 +53,15 @@ async fn lmtp_over_tcp_per_recipient_outcomes_and_exact_body() {
         pop3connex_core::lmtp::serve(c, s, peer.to_string(), rx).await;
     });
     let resolver = Resolver::new(&DnsConfig::default()).unwrap();
+    let sts = PolicyCache::new(&DnsConfig::default());
     let env = Envelope {
         mail_from: "s@example.org".into(),
         recipients: vec!["alice@x".into(), "nobody@x".into(), "bob@x".into()],
     };
     // Bare LF line ends and lines starting with "." survive the trip exactly.
     let msg = b"Subject: dots\n\n.leading dot\n..two\n.\nend";
-    let out = deliver(&downstream("127.0.0.1".into(), Some(port)), "client.test", &resolver, &env, msg).await.unwrap();
+    let out =
+        deliver(&downstream("127.0.0.1".into(), Some(port)), "client.test", &resolver, &sts, &env, msg).await.unwrap();
     assert_eq!(out[0], RcptOutcome::Accepted);
     assert!(matches!(&out[1], RcptOutcome::Permanent(m) if m.starts_with("550")), "{out:?}");
     assert_eq!(out[2], RcptOutcome::Accepted);
@@ -82,9 +85,11 @@ async fn lmtp_over_unix_socket() {
         pop3connex_core::lmtp::serve(c, s, "unix".into(), rx).await;
     });
     let resolver = Resolver::new(&DnsConfig::default()).unwrap();
+    let sts = PolicyCache::new(&DnsConfig::default());
     let env = Envelope { mail_from: String::new(), recipients: vec!["alice@x".into()] };
     let d = downstream(format!("unix:{}", path.display()), None);
-    let out = deliver(&d, "client.test", &resolver, &env, "Subject: ü\r\n\r\nGrüße\r\n".as_bytes()).await.unwrap();
+    let out =
+        deliver(&d, "client.test", &resolver, &sts, &env, "Subject: ü\r\n\r\nGrüße\r\n".as_bytes()).await.unwrap();
     assert_eq!(out, vec![RcptOutcome::Accepted]);
     assert_eq!(f.count("alice").await, 1);
     assert!(body_of(&f, "alice", 0).await.ends_with("Subject: ü\r\n\r\nGrüße\r\n"));

@@ -231,8 +231,12 @@ impl Connector {
             }
         }
         store.put_connector_status(status).await?;
-        let days = self.cfg.connector.dedup_days as i64;
-        store.dedup_prune(self.now() - days * 86_400).await?;
+        // Keys are only added by runs that fetched something; an idle run
+        // (the common case) costs no extra write.
+        if matches!(&result, Ok(r) if r.fetched > 0) {
+            let days = self.cfg.connector.dedup_days as i64;
+            store.dedup_prune(self.now() - days * 86_400).await?;
+        }
         result
     }
 
@@ -512,7 +516,7 @@ impl Connector {
             let outcomes = if down.contains(via) {
                 vec![RcptOutcome::Temporary(format!("{via} was unavailable earlier in this run")); rcpts.len()]
             } else {
-                match smtp::deliver_with(ds, &helo, &self.resolver, &self.sts, &envelope, &with_trace).await {
+                match smtp::deliver(ds, &helo, &self.resolver, &self.sts, &envelope, &with_trace).await {
                     Ok(o) => o,
                     Err(SmtpError::Temporary(d)) => {
                         if ds.host.is_some() {

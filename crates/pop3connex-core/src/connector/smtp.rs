@@ -44,15 +44,9 @@
 //! the message was sent marks the unconfirmed recipients `Temporary`.
 //! When the recipients span several domains, a domain's `Err` becomes that
 //! domain's recipients' outcomes.
-//!
-//! # MTA-STS policy cache
-//!
-//! [`deliver`] uses a process-wide [`PolicyCache`] built from
-//! `DnsConfig::default()` (port 443, system roots). The engine should own a
-//! cache built from `[connector.dns]` and call [`deliver_with`].
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
@@ -62,7 +56,7 @@ use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
-use super::config::{DnsConfig, DownstreamConfig, DownstreamProtocol, DownstreamTls};
+use super::config::{DownstreamConfig, DownstreamProtocol, DownstreamTls};
 use super::dane::DaneVerifier;
 use super::dns::{DnsError, Resolver, Security, TlsaRecord};
 use super::mtasts::{Mode, MtaStsError, Policy, PolicyCache};
@@ -130,26 +124,11 @@ fn sanitize(s: &str) -> String {
     out
 }
 
-static DEFAULT_STS: OnceLock<PolicyCache> = OnceLock::new();
-
 /// Delivers one message to every recipient through `downstream`; returns one
 /// outcome per recipient, in order. `helo` is the default EHLO/LHLO name
-/// (`downstream.helo` overrides it). Uses a process-wide MTA-STS cache with
-/// default DNS settings; see [`deliver_with`].
+/// (`downstream.helo` overrides it); `sts` is the MTA-STS policy cache built
+/// from the configured `[connector.dns]`.
 pub async fn deliver(
-    downstream: &DownstreamConfig,
-    helo: &str,
-    resolver: &Resolver,
-    envelope: &Envelope,
-    message: &[u8],
-) -> Result<Vec<RcptOutcome>, SmtpError> {
-    let sts = DEFAULT_STS.get_or_init(|| PolicyCache::new(&DnsConfig::default()));
-    deliver_with(downstream, helo, resolver, sts, envelope, message).await
-}
-
-/// [`deliver`] with the caller's MTA-STS policy cache (built from the
-/// configured `[connector.dns]`).
-pub async fn deliver_with(
     downstream: &DownstreamConfig,
     helo: &str,
     resolver: &Resolver,
@@ -280,7 +259,7 @@ fn server_name(host: &str) -> Result<ServerName<'static>, SmtpError> {
     ServerName::try_from(h.to_owned()).map_err(|_| temp(format!("`{}` is not a valid host name", sanitize(host))))
 }
 
-fn roots(d: &DownstreamConfig) -> Result<rustls::RootCertStore, SmtpError> {
+fn roots(d: &DownstreamConfig) -> Result<Arc<rustls::RootCertStore>, SmtpError> {
     tlsclient::root_store(d.ca_file.as_deref()).map_err(|e| temp(e.to_string()))
 }
 

@@ -811,8 +811,7 @@ async fn recipients_of_several_domains_are_merged_in_order() {
 #[allow(dead_code)]
 fn deliver_futures_are_send(d: &DownstreamConfig, r: &Resolver, sts: &PolicyCache, e: &Envelope) {
     fn is_send<T: Send>(_: &T) {}
-    is_send(&deliver(d, "h", r, e, b""));
-    is_send(&deliver_with(d, "h", r, sts, e, b""));
+    is_send(&deliver(d, "h", r, sts, e, b""));
 }
 
 #[tokio::test]

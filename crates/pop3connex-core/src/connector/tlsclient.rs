@@ -25,7 +25,37 @@ pub enum TlsClientError {
 }
 
 /// Trust anchors: the CA bundle at `ca_file`, or the system roots.
-pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsClientError> {
+///
+/// Loaded once and shared: every upstream run and every forwarded message
+/// needs them, and parsing the system bundle costs far more than a
+/// handshake. A CA file is read again when its size or modification time
+/// changes, so a replaced bundle takes effect without a restart.
+pub fn root_store(ca_file: Option<&Path>) -> Result<Arc<RootCertStore>, TlsClientError> {
+    type Stamp = Option<(u64, std::time::SystemTime)>;
+    type Entry = (Option<std::path::PathBuf>, Stamp, Arc<RootCertStore>);
+    static CACHE: std::sync::Mutex<Vec<Entry>> = std::sync::Mutex::new(Vec::new());
+    let stamp: Stamp =
+        ca_file.and_then(|p| std::fs::metadata(p).ok()).and_then(|m| Some((m.len(), m.modified().ok()?)));
+    let key = ca_file.map(Path::to_path_buf);
+    if let Ok(cache) = CACHE.lock() {
+        // System roots stay for the life of the process; a file entry only
+        // while its size and mtime are unchanged (and readable).
+        let fresh = |k: &Option<std::path::PathBuf>, st: &Stamp| {
+            *k == key && (key.is_none() || (stamp.is_some() && *st == stamp))
+        };
+        if let Some((_, _, roots)) = cache.iter().find(|(k, st, _)| fresh(k, st)) {
+            return Ok(roots.clone());
+        }
+    }
+    let roots = Arc::new(load_roots(ca_file)?);
+    if let Ok(mut cache) = CACHE.lock() {
+        cache.retain(|(k, _, _)| *k != key);
+        cache.push((key, stamp, roots.clone()));
+    }
+    Ok(roots)
+}
+
+fn load_roots(ca_file: Option<&Path>) -> Result<RootCertStore, TlsClientError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -98,10 +128,6 @@ impl<C: CertCheck> Checked<C> {
     pub fn new(check: C) -> Self {
         Checked { check, algs: provider().signature_verification_algorithms }
     }
-
-    pub fn inner(&self) -> &C {
-        &self.check
-    }
 }
 
 impl<C: CertCheck> ServerCertVerifier for Checked<C> {
@@ -166,8 +192,8 @@ impl CertCheck for Pinned {
 }
 
 /// A webpki verifier for `roots` (chain, validity, EKU and name checks).
-pub fn webpki_verifier(roots: RootCertStore) -> Result<Arc<WebPkiServerVerifier>, TlsClientError> {
-    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+pub fn webpki_verifier(roots: Arc<RootCertStore>) -> Result<Arc<WebPkiServerVerifier>, TlsClientError> {
+    WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| TlsClientError::Config(e.to_string()))
 }
@@ -178,15 +204,18 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// A client config that verifies chains against `roots` and, when `pins` is
 /// not empty, requires one certificate of the chain to match a pin.
-pub fn client_config(roots: RootCertStore, pins: &[String], alpn: &[&[u8]]) -> Result<ClientConfig, TlsClientError> {
-    let roots = Arc::new(roots);
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    pins: &[String],
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsClientError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsClientError::Config(e.to_string()))?;
     let mut cfg = if pins.is_empty() {
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
-        let inner = webpki_verifier(Arc::unwrap_or_clone(roots))?;
+        let inner = webpki_verifier(roots)?;
         let verifier = Checked::new(Pinned { inner, pins: parse_pins(pins) });
         builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
     };
