@@ -11,6 +11,7 @@ Dovecot and Postfix run their masters as root.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pwd
@@ -77,6 +78,22 @@ def world_readable_tmpdir(prefix: str) -> Path:
 # --------------------------------------------------------------------------
 # test CA
 # --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def running(prefix: str, make, *configure_args, **configure_kwargs):
+    """A private daemon (`make(root)`: PrivateDovecot, PostfixDownstream, ...)
+    in a fresh temporary root, configured and started for the `with` block,
+    then stopped and its root removed."""
+    root = world_readable_tmpdir(prefix)
+    peer = make(root)
+    try:
+        peer.configure(*configure_args, **configure_kwargs)
+        peer.start()
+        yield peer
+    finally:
+        peer.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
 
 class TestCA:
     """A throw-away CA made with the openssl CLI; issues server certificates

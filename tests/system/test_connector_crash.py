@@ -19,7 +19,6 @@ dovecot-pop3d, openssl.
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 import threading
 import time
@@ -42,15 +41,9 @@ KILL_PHASE_SECONDS = 120
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     ca = peers.TestCA(tmp_path_factory.mktemp("ca"))
-    root = peers.world_readable_tmpdir("pop3connex-crash-upstream-")
-    d = peers.PrivateDovecot(root)
-    try:
-        d.configure({"crash": syslib.new_password()}, pop3=True, cert=ca.issue("upstream"), ca=ca)
-        d.start()
+    with peers.running("pop3connex-crash-upstream-", peers.PrivateDovecot,
+                       {"crash": syslib.new_password()}, pop3=True, cert=ca.issue("upstream"), ca=ca) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def crash_message(tag: str, rng: random.Random) -> bytes:

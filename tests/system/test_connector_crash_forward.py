@@ -128,15 +128,9 @@ def ca(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def upstream(ca):
-    root = peers.world_readable_tmpdir("pop3connex-crashfwd-upstream-")
-    d = peers.PrivateDovecot(root)
-    try:
-        d.configure({"crash": syslib.new_password()}, pop3=True, cert=ca.issue("upstream"), ca=ca)
-        d.start()
+    with peers.running("pop3connex-crashfwd-upstream-", peers.PrivateDovecot,
+                       {"crash": syslib.new_password()}, pop3=True, cert=ca.issue("upstream"), ca=ca) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

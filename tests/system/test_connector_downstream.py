@@ -20,7 +20,6 @@ dovecot-pop3d, openssl.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 
 import pytest
@@ -49,15 +48,9 @@ def wrong_ca(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def upstream(ca):
-    root = peers.world_readable_tmpdir("pop3connex-upstream-")
-    d = peers.PrivateDovecot(root)
-    try:
-        d.configure({"seed": syslib.new_password()}, pop3=True, cert=ca.issue("upstream"), ca=ca)
-        d.start()
+    with peers.running("pop3connex-upstream-", peers.PrivateDovecot,
+                       {"seed": syslib.new_password()}, pop3=True, cert=ca.issue("upstream"), ca=ca) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 MAILBOXES = ["fwd", "fwd2", "busy", "gone", "tlsfail", "never"]
@@ -66,28 +59,19 @@ MAILBOXES = ["fwd", "fwd2", "busy", "gone", "tlsfail", "never"]
 @pytest.fixture(scope="module")
 def postfix(ca):
     peers.PrivatePostfix.check_installed()
-    root = peers.world_readable_tmpdir("pop3connex-downstream-postfix-")
-    pf = peers.PostfixDownstream(root, syslib.free_port(), DOMAIN)
-    try:
-        pf.configure(MAILBOXES, ca.issue("postfix", ("DNS:localhost", "IP:127.0.0.1")))
-        pf.start()
+    def make(root):
+        return peers.PostfixDownstream(root, syslib.free_port(), DOMAIN)
+
+    with peers.running("pop3connex-downstream-postfix-", make, MAILBOXES,
+                       ca.issue("postfix", ("DNS:localhost", "IP:127.0.0.1"))) as pf:
         yield pf
-    finally:
-        pf.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def lmtp_down(ca):
-    root = peers.world_readable_tmpdir("pop3connex-downstream-lmtp-")
-    d = peers.PrivateDovecot(root)
-    try:
-        d.configure(["dave", "dora"], cert=ca.issue("lmtp-down"), ca=ca)
-        d.start()
+    with peers.running("pop3connex-downstream-lmtp-", peers.PrivateDovecot,
+                       ["dave", "dora"], cert=ca.issue("lmtp-down"), ca=ca) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -115,15 +115,9 @@ def wrong_ca(tmp_path_factory):
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     up_ca = peers.TestCA(tmp_path_factory.mktemp("up-ca"), "up-ca")
-    root = peers.world_readable_tmpdir("pop3connex-upstream-")
-    d = peers.PrivateDovecot(root)
-    try:
-        d.configure({"seed": syslib.new_password()}, pop3=True, cert=up_ca.issue("upstream"), ca=up_ca)
-        d.start()
+    with peers.running("pop3connex-upstream-", peers.PrivateDovecot,
+                       {"seed": syslib.new_password()}, pop3=True, cert=up_ca.issue("upstream"), ca=up_ca) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

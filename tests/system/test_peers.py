@@ -33,17 +33,11 @@ def ca(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dovecot(ca):
-    root = peers.world_readable_tmpdir("pop3connex-peer-dovecot-")
-    d = peers.PrivateDovecot(root)
-    try:
-        d.configure({"alice": syslib.new_password(), "catchall": syslib.new_password()}, pop3=True,
-                    cert=ca.issue("dovecot"), ca=ca, mechanisms="plain scram-sha-256",
-                    aliases={"bob": "catchall", "carol": "catchall"})
-        d.start()
+    with peers.running("pop3connex-peer-dovecot-", peers.PrivateDovecot,
+                       {"alice": syslib.new_password(), "catchall": syslib.new_password()}, pop3=True,
+                       cert=ca.issue("dovecot"), ca=ca, mechanisms="plain scram-sha-256",
+                       aliases={"bob": "catchall", "carol": "catchall"}) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_dovecot_upstream_serves_lmtp_mail_over_pop3s_and_stls(dovecot, ca):
