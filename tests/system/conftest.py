@@ -51,6 +51,14 @@ def binary() -> Path:
     return b
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Shows what randomised tests exercised (syslib.summary)."""
+    if syslib.SUMMARY:
+        terminalreporter.section("exercised")
+        for line in syslib.SUMMARY:
+            terminalreporter.write_line(line)
+
+
 # --------------------------------------------------------------------------
 # per-test watchdog: no test may hang the suite
 # --------------------------------------------------------------------------
