@@ -514,9 +514,8 @@ fn user_table(users: &[pop3connex_core::store::UserSummary]) -> String {
         })
         .collect();
     let header = ["user", "messages", "octets", "status"].map(str::to_owned);
-    let width = |col: usize| {
-        rows.iter().chain(std::iter::once(&header)).map(|r| r[col].chars().count()).max().unwrap_or(0)
-    };
+    let width =
+        |col: usize| rows.iter().chain(std::iter::once(&header)).map(|r| r[col].chars().count()).max().unwrap_or(0);
     let (w0, w1, w2) = (width(0), width(1), width(2));
     let mut out = String::new();
     for [name, messages, octets, status] in std::iter::once(&header).chain(&rows) {
