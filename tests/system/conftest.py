@@ -8,6 +8,11 @@ and its own `serve` process on fresh loopback ports; tests that need special
 settings or kill the server use `server_factory` for private instances.
 A module can set SERVER_SETTINGS = {("section", "key"): value} and
 TEST_TIMEOUT = seconds (per-test watchdog, default 240).
+
+A server counts as started once its own process holds each listener; a
+start that meets a port taken meanwhile retries on new ports (syslib.Server).
+Lines passed to syslib.summary() (e.g. where the crash tests' kills landed)
+are repeated in an "exercised" section of the terminal summary.
 """
 
 from __future__ import annotations
