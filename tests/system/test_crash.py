@@ -8,6 +8,11 @@ Invariants:
 - a QUIT with no reply applied all or none of its session's DELEs;
 - a session cut before QUIT applied none;
 - after every restart the store opens and mailboxes are not locked.
+
+Each kill test also asserts that it hit the window it exists for at least
+once (a final dot sent without a reply; a QUIT with DELEs sent without a
+reply): every other round aims its kill there. The counts are shown in the
+"exercised" section of the pytest summary.
 """
 
 from __future__ import annotations
