@@ -8,6 +8,11 @@ and its own `serve` process on fresh loopback ports; tests that need special
 settings or kill the server use `server_factory` for private instances.
 A module can set SERVER_SETTINGS = {("section", "key"): value} and
 TEST_TIMEOUT = seconds (per-test watchdog, default 240).
+
+A server counts as started once its own process holds each listener; a
+start that meets a port taken meanwhile retries on new ports (syslib.Server).
+Lines passed to syslib.summary() (e.g. where the crash tests' kills landed)
+are repeated in an "exercised" section of the terminal summary.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ def binary() -> Path:
         pytest.fail(f"server binary not found at {b}: build it with "
                     f"`cargo build --release -p pop3connex` or set POP3CONNEX_BIN", pytrace=False)
     return b
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Shows what randomised tests exercised (syslib.summary)."""
+    if syslib.SUMMARY:
+        terminalreporter.section("exercised")
+        for line in syslib.SUMMARY:
+            terminalreporter.write_line(line)
 
 
 # --------------------------------------------------------------------------

@@ -273,26 +273,52 @@ class PrivateDovecot:
         # the next lookup must come in a later second than the last one.
         time.sleep(1.1)
 
+    # Ports found free may be taken by someone else before Dovecot binds
+    # them: a start that fails with "address in use" moves to new ports.
+    START_ATTEMPTS = 4
+
     def start(self):
         # The daemonized master keeps its stdio: give it a file, not a pipe.
         out = self.root / "dovecot-start.out"
         self.started = True
-        with open(out, "wb") as f:
-            rc = subprocess.run([tool("dovecot", "dovecot-core"), "-c", str(self.conf)], stdout=f,
-                                stderr=subprocess.STDOUT, timeout=30, stdin=subprocess.DEVNULL).returncode
-        assert rc == 0, f"`dovecot -c {self.conf}` failed: {out.read_text(errors='replace')}\n{self.log()}"
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            with open(out, "wb") as f:
+                rc = subprocess.run([tool("dovecot", "dovecot-core"), "-c", str(self.conf)], stdout=f,
+                                    stderr=subprocess.STDOUT, timeout=30, stdin=subprocess.DEVNULL).returncode
+            said = out.read_text(errors="replace")
+            if rc == 0 or "in use" not in said or attempt == self.START_ATTEMPTS:
+                break
+            self._move_ports()
+        assert rc == 0, f"`dovecot -c {self.conf}` failed: {said}\n{self.log()}"
         syslib.wait_until(self.master_pid, 15, 0.05, "Dovecot master.pid")
 
+        # Ready means: Dovecot's own master holds the listener, and it answers.
         def lmtp_up():
+            if not syslib.listener_owned_by(self.master_pid() or -1, self.port):
+                return False
             with syslib.Lmtp(LOOPBACK, self.port, timeout=5) as l:
                 return l.greeting.code == 220
         syslib.wait_until(lmtp_up, 30, 0.1, f"Dovecot LMTP on port {self.port}")
         if getattr(self, "has_pop3", False):
             def pop3_up():
+                if not all(syslib.listener_owned_by(self.master_pid() or -1, p)
+                           for p in (self.pop3_port, self.pop3s_port)):
+                    return False
                 with socket.create_connection((LOOPBACK, self.pop3_port), timeout=5) as s:
                     s.settimeout(5)
                     return s.recv(256).startswith(b"+OK")
             syslib.wait_until(pop3_up, 30, 0.1, f"Dovecot POP3 on port {self.pop3_port}")
+
+    def _move_ports(self):
+        """Points every listener of the configuration at new free ports."""
+        old = [self.port, self.pop3_port, self.pop3s_port]
+        new = syslib.free_ports(3)
+        text = self.conf.read_text()
+        for o, n in zip(old, new):
+            text = re.sub(rf"(?m)^(\s*port = ){o}$", rf"\g<1>{n}", text)
+        self.conf.write_text(text)
+        self.port, self.pop3_port, self.pop3s_port = new
+        self.lmtp_port = self.port
 
     def master_pid(self) -> int | None:
         try:
@@ -506,12 +532,24 @@ class PrivatePostfix:
         # The daemonized master may keep its stdio: give it a file, not a pipe.
         out = self.root / "postfix-start.out"
         self.started = True
-        with open(out, "wb") as f:
-            rc = subprocess.run([tool("postfix", "postfix"), "-c", str(self.conf), "start"], stdout=f,
-                                stderr=subprocess.STDOUT, timeout=60, stdin=subprocess.DEVNULL).returncode
+        # A port found free may be taken before the master binds it: a start
+        # that fails with "address in use" moves smtpd to a new port.
+        for attempt in range(1, 5):
+            with open(out, "wb") as f:
+                rc = subprocess.run([tool("postfix", "postfix"), "-c", str(self.conf), "start"], stdout=f,
+                                    stderr=subprocess.STDOUT, timeout=60, stdin=subprocess.DEVNULL).returncode
+            said = out.read_text(errors="replace") + self.log()
+            if rc == 0 or "in use" not in said or attempt == 4:
+                break
+            self.smtp_port = syslib.free_port()
+            (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"{LOOPBACK}:{self.smtp_port}"))
         assert rc == 0, f"`postfix start` failed:\n{out.read_text(errors='replace')}\nlog:\n{self.log()}"
 
+        # Ready means: this instance's master holds the listener (not some
+        # other SMTP server on the port), and smtpd answers.
         def banner():
+            if not syslib.listener_owned_by(self.master_pid() or -1, self.smtp_port):
+                return False
             with socket.create_connection((LOOPBACK, self.smtp_port), timeout=5) as s:
                 s.settimeout(5)
                 return s.recv(512).startswith(b"220 ")

@@ -51,6 +51,60 @@ def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
             s.close()
 
 
+def _tcp_listen_inodes(port: int) -> set[int]:
+    """Socket inodes of TCP sockets in LISTEN state on `port` (any local
+    address), from /proc/net/tcp and /proc/net/tcp6."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            cols = row.split()
+            # sl local_address rem_address st ... uid timeout inode
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(cols[9]))
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """Socket inodes among the open file descriptors of process `pid`."""
+    out = set()
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for fd in fds:
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def listener_owned_by(pid: int, port: int) -> bool:
+    """True if the process `pid` itself holds a socket listening on TCP
+    `port`: a listener of someone else on that port does not count."""
+    listening = _tcp_listen_inodes(port)
+    return bool(listening) and bool(listening & _socket_inodes(pid))
+
+
+# Lines a test wants in the pytest terminal summary (conftest.py prints
+# them): what a randomised test actually exercised, visible without -s.
+SUMMARY: list[str] = []
+
+
+def summary(line: str) -> None:
+    """Prints `line` now and again in the terminal summary at the end."""
+    print(line)
+    SUMMARY.append(line)
+
+
 def reap(pid: int | None, timeout: float = 15) -> None:
     """Waits for a daemon we started (and asked to stop) to exit; SIGKILLs
     it if it has not exited within `timeout` seconds."""
@@ -107,6 +161,9 @@ def toml_value(v) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        # an inline table; keys quoted, so any string is a valid key
+        return "{ " + ", ".join(f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"unsupported TOML value {v!r}")
 
 
@@ -227,14 +284,20 @@ class Server:
     def configure(self, **extra):
         """Rewrites listener addresses to fresh loopback ports and applies
         settings: {("section", "key"): value}."""
+        self.assign_ports()
+        text = self.config.read_text()
+        for (section, key), value in {**self.settings, **extra}.items():
+            text = toml_set(text, section, key, value)
+        self.config.write_text(text)
+
+    def assign_ports(self):
+        """Points the three listeners at ports that were free a moment ago."""
         pop3s, pop3, lmtp = free_ports(3)
         self.ports = Ports(pop3s=pop3s, pop3=pop3, lmtp=lmtp)
         text = self.config.read_text()
         text = toml_set(text, "pop3", "implicit_tls", [f"{LOOPBACK}:{self.ports.pop3s}"])
         text = toml_set(text, "pop3", "starttls", [f"{LOOPBACK}:{self.ports.pop3}"])
         text = toml_set(text, "lmtp", "listen", [f"{LOOPBACK}:{self.ports.lmtp}"])
-        for (section, key), value in {**self.settings, **extra}.items():
-            text = toml_set(text, section, key, value)
         self.config.write_text(text)
 
     def set_option(self, section: str, key: str, value):
@@ -252,8 +315,36 @@ class Server:
         return int(m1.group(1)), int(m2.group(1))
 
     # ---- process ---------------------------------------------------------
+    # A port found free is only free until someone else binds it (another
+    # test, another suite on the machine): starts that fail with "address in
+    # use" are retried on new ports, a bounded number of times.
+    START_ATTEMPTS = 4
+
     def start(self, timeout: float = 30):
         assert self.proc is None or self.proc.poll() is not None, "server already running"
+        first_start = self.starts == 0
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            log_from = len(self.log_bytes())
+            self._spawn()
+            try:
+                self.wait_ready(timeout)
+                return self
+            except ServerError:
+                log = self.log_bytes()[log_from:].decode(errors="replace")
+                in_use = self.proc.poll() is not None and (
+                    "Address already in use" in log or "os error 98" in log)
+                if not in_use or attempt == self.START_ATTEMPTS:
+                    raise
+            # Only a first start moves to new ports: after that, tests may
+            # have handed the ports to clients, so a restart retries the
+            # same ones (whoever took them may let go again).
+            if first_start:
+                self.assign_ports()
+            else:
+                time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def _spawn(self):
         self.starts += 1
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== test harness: start #{self.starts} ====\n".encode())
@@ -262,10 +353,11 @@ class Server:
                 [str(self.binary), "--config", str(self.config), "serve"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=str(self.data_dir), env=self.env())
-        self.wait_ready(timeout)
-        return self
 
     def wait_ready(self, timeout: float = 30):
+        """Waits until each port accepts connections AND the listening socket
+        belongs to our server process (not to whoever else may hold the
+        port), while the process is alive."""
         deadline = time.monotonic() + timeout
         pending = [self.ports.pop3s, self.ports.pop3, self.ports.lmtp]
         while pending:
@@ -273,15 +365,23 @@ class Server:
                 raise ServerError(f"server exited with {self.proc.returncode} during startup; log:\n"
                                   + self.log_text()[-4000:])
             if time.monotonic() > deadline:
-                raise ServerError(f"server ports {pending} not accepting after {timeout}s; log:\n"
-                                  + self.log_text()[-4000:])
+                foreign = [p for p in pending if _tcp_listen_inodes(p)]
+                raise ServerError(f"server ports {pending} not accepting after {timeout}s"
+                                  + (f" (held by another process: {foreign})" if foreign else "")
+                                  + "; log:\n" + self.log_text()[-4000:])
             port = pending[0]
+            if not listener_owned_by(self.proc.pid, port):
+                time.sleep(0.05)
+                continue
             try:
                 with socket.create_connection((LOOPBACK, port), timeout=1):
                     pass
                 pending.pop(0)
             except OSError:
                 time.sleep(0.05)
+        if self.proc.poll() is not None:
+            raise ServerError(f"server exited with {self.proc.returncode} right after binding; log:\n"
+                              + self.log_text()[-4000:])
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

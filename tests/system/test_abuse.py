@@ -608,11 +608,12 @@ def test_brute_force_bans_address_and_locks_account_except_known_address(server_
     replies = []
     for i in range(15):
         try:
-            with srv.pop3s(timeout=15) as p:
-                p.cmd(f"USER {name}", expect_ok=None)
-                replies.append(p.cmd(f"PASS guess-{i}", expect_ok=False))
-        except (syslib.Closed, OSError, AssertionError):
-            break  # banned: the connection is refused or closed
+            p = srv.pop3s(timeout=15)
+        except (syslib.Closed, OSError):
+            break  # banned: dropped at accept, before the TLS handshake and greeting
+        with p:
+            p.cmd(f"USER {name}", expect_ok=None)
+            replies.append(p.cmd(f"PASS guess-{i}", expect_ok=False))
     assert len(replies) >= 1
     assert all(r.startswith("-ERR") for r in replies), replies
     assert len(replies) <= 10, f"{len(replies)} failed logins answered from one address without a ban"
@@ -654,12 +655,20 @@ def test_protocol_abuse_bans_the_source_only(server_factory, make_user):
     closed_for_abuse = 0
     for i in range(8):
         try:
-            with srv.pop3(timeout=10) as p:
+            p = srv.pop3(timeout=10)
+        except (syslib.Closed, OSError):
+            break  # banned: dropped at accept, before the greeting
+        with p:
+            try:
                 for _ in range(500):
                     p.send(b"XYZZY garbage\r\n")
-                    p.status()
-        except (syslib.Closed, OSError, AssertionError):
-            closed_for_abuse += 1
+                    p.status(expect_ok=False)
+            except (syslib.Closed, OSError):
+                pass
+        last = p.transcript[-1]
+        assert last.startswith(b"-ERR Too many bad commands"), \
+            f"connection ended without the bad-command limit reply: {p.transcript[-3:]!r}"
+        closed_for_abuse += 1
         if refused(srv):
             break
     assert refused(srv), f"still served after {closed_for_abuse} connections closed for protocol abuse"

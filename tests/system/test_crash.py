@@ -8,6 +8,11 @@ Invariants:
 - a QUIT with no reply applied all or none of its session's DELEs;
 - a session cut before QUIT applied none;
 - after every restart the store opens and mailboxes are not locked.
+
+Each kill test also asserts that it hit the window it exists for at least
+once (a final dot sent without a reply; a QUIT with DELEs sent without a
+reply): every other round aims its kill there. The counts are shown in the
+"exercised" section of the pytest summary.
 """
 
 from __future__ import annotations
@@ -65,6 +70,11 @@ def test_kill9_during_lmtp_deliveries(server_factory):
     acked: set[tuple[str, str]] = set()  # (tid, user) with 250
     lock = threading.Lock()
     t_start = time.monotonic()
+    # Where the kills landed: a delivery whose whole message (up to the
+    # final dot) was sent but which got no reply is the window this test
+    # exists for (committed or not, never acknowledged and lost).
+    windows = {"data_sent_no_reply": 0, "cut_in_body": 0, "cut_before_data": 0}
+    data_sent = threading.Event()  # a worker has just sent a final dot
 
     def deliverer(round_no: int, worker: int, seed: int):
         wrng = random.Random(seed)
@@ -80,14 +90,34 @@ def test_kill9_during_lmtp_deliveries(server_factory):
                 rcpts = wrng.sample([u for u, _ in users], wrng.choice([1, 1, 2, 3]))
                 with lock:
                     sent[tid] = msg
-                res = lm.send_mail("sender@example.org", [addr(u) for u in rcpts], msg)
-                with lock:
+                phase = "before_data"
+                try:
+                    r = lm.cmd("MAIL FROM:<sender@example.org>")
+                    assert r.code == 250, f"MAIL FROM: {r}"
                     for u in rcpts:
-                        code = res.get(addr(u))
-                        if code == 250:
+                        r = lm.cmd(f"RCPT TO:<{addr(u)}>")
+                        assert r.code == 250, f"RCPT TO {u}: {r}"
+                    r = lm.cmd("DATA")
+                    assert r.code == 354, f"DATA: {r}"
+                    phase = "in_body"
+                    lm.ls.send(syslib.dot_stuff(msg) + b".\r\n")
+                    phase = "data_sent"
+                    data_sent.set()
+                    for u in rcpts:
+                        r = lm.reply()
+                        assert r.code == 250, f"delivery of {tid} to {u} refused with {r}"
+                        with lock:
                             acked.add((tid, u))
-                        elif code is not None and code != 250:
-                            raise AssertionError(f"delivery of {tid} to {u} refused with {code}")
+                        phase = "partly_acked"
+                except (syslib.Closed, OSError):
+                    with lock:
+                        if phase == "data_sent":
+                            windows["data_sent_no_reply"] += 1
+                        elif phase == "in_body":
+                            windows["cut_in_body"] += 1
+                        elif phase == "before_data":
+                            windows["cut_before_data"] += 1
+                    raise
                 if wrng.random() < 0.2:
                     lm.quit()
                     lm.close()
@@ -118,6 +148,11 @@ def test_kill9_during_lmtp_deliveries(server_factory):
         for t in threads:
             t.start()
         time.sleep(rng.uniform(0.05, 0.9))
+        if r % 2:
+            # Aimed: kill just after a message's final dot went out, while
+            # the server is committing it, before its 250.
+            data_sent.clear()
+            data_sent.wait(5)
         srv.kill9()
         for t in threads:
             t.join(15)
@@ -127,7 +162,10 @@ def test_kill9_during_lmtp_deliveries(server_factory):
         rounds_done += 1
     assert rounds_done >= 10, f"only {rounds_done} kill rounds fit in the time budget"
     assert len(acked) > 0, "no delivery was acknowledged at all"
-    print(f"LMTP crash: {rounds_done} rounds, {len(sent)} messages sent, {len(acked)} (message, recipient) acks")
+    syslib.summary(f"LMTP crash: {rounds_done} rounds, {len(sent)} messages sent, "
+                   f"{len(acked)} (message, recipient) acks; kills landed: {windows}")
+    assert windows["data_sent_no_reply"] >= 1, \
+        f"no kill landed between a message's final dot and its reply: {windows}"
 
     counts = {}
     for name, pw in users:
@@ -174,6 +212,7 @@ def test_kill9_during_quit(server_factory):
     stats = {"committed": 0, "no_reply": 0, "cut_before_quit": 0, "in_use_retries": 0,
              "no_reply_applied": 0, "no_reply_not_applied": 0}
     t_start = time.monotonic()
+    quit_sent_event = threading.Event()  # a worker has just sent QUIT
 
     # per user: outcome of the session that was running when the server died
     def worker(name, pw, seed, outcome: dict):
@@ -208,6 +247,7 @@ def test_kill9_during_quit(server_factory):
                         dels.append(listing[n])
                     quit_sent = True
                     p.send(b"QUIT\r\n")
+                    quit_sent_event.set()
                     r = p.status()
                     assert r.startswith("+OK"), f"QUIT answered {r!r}"
                 finally:
@@ -236,6 +276,11 @@ def test_kill9_during_quit(server_factory):
         for t in threads:
             t.start()
         time.sleep(rng.uniform(0.05, 0.8))
+        if r % 2:
+            # Aimed: kill just after a QUIT went out, while the server
+            # applies its DELEs, before the +OK.
+            quit_sent_event.clear()
+            quit_sent_event.wait(5)
         srv.kill9()
         for t in threads:
             t.join(15)
@@ -273,7 +318,11 @@ def test_kill9_during_quit(server_factory):
                 expected[name] = uids(name, pw)
     assert rounds_done >= 10, f"only {rounds_done} kill rounds fit in the time budget"
     assert stats["committed"] > 0, f"no session ever committed: {stats}"
-    print("QUIT crash outcomes:", stats)
+    syslib.summary(f"QUIT crash: {rounds_done} rounds; outcomes: {stats}")
+    # the window this test exists for: a QUIT with DELEs to apply, killed
+    # before its reply (a drained mailbox can make a QUIT with none)
+    assert stats["no_reply_applied"] + stats["no_reply_not_applied"] >= 1, \
+        f"no kill landed between a QUIT with DELEs and its reply: {stats}"
     # the store opens cleanly offline
     srv.stop()
     for name, pw in users:
@@ -333,9 +382,12 @@ def test_sighup_reloads_certificate(server_factory):
     key = srv.data_dir / "tls" / "key.pem"
     good_cert = cert.read_bytes()
     cert.write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    failed_before = srv.log_text().count('event="tls_reload_failed"')
     srv.proc.send_signal(signal.SIGHUP)
-    time.sleep(1.0)
+    syslib.wait_until(lambda: srv.log_text().count('event="tls_reload_failed"') > failed_before
+                      or not srv.alive(), 10, 0.05, "the tls_reload_failed event")
     assert srv.alive(), "server died on SIGHUP with a broken certificate file"
+    assert srv.log_text().count('event="tls_reloaded"') == 0, "a broken certificate was reported as reloaded"
     assert verifies(srv.ca), "a failed reload dropped the working certificate"
     cert.write_bytes(good_cert)
     # swap in the other instance's certificate and key

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import poplib
 import shutil
+import socket
 import smtplib
 import ssl
 import urllib.error
@@ -195,3 +196,55 @@ def test_dovecot_users_and_aliases_added_later(dovecot):
     got = dovecot.upstream("late")
     assert len(got) == 1 and syslib.header_value(got[0][1], "Delivered-To") == "lateralias@corp.test"
     assert dovecot.passwords["late"] == pw
+
+
+# --------------------------------------------------------------------------
+# the harness: a port taken between "found free" and the daemon's bind
+# --------------------------------------------------------------------------
+
+def squat(port: int) -> socket.socket:
+    """Another process's listener on `port` (this test process's)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((LOOPBACK, port))
+    s.listen(1)
+    return s
+
+
+def test_dovecot_start_moves_off_a_taken_port(ca):
+    root = peers.world_readable_tmpdir("pop3connex-peer-dovecot-port-")
+    d = peers.PrivateDovecot(root)
+    squatter = None
+    try:
+        d.configure({"alice": syslib.new_password()}, pop3=True, cert=ca.issue("dovecot"), ca=ca)
+        taken = d.pop3s_port
+        squatter = squat(taken)
+        d.start()
+        assert d.pop3s_port != taken, "Dovecot claims a port another process listens on"
+        for port in (d.lmtp_port, d.pop3_port, d.pop3s_port):
+            assert syslib.listener_owned_by(d.master_pid(), port), port
+        with d.pop3("alice") as p:
+            assert p.stat()[0] == 0
+            p.quit()
+    finally:
+        if squatter:
+            squatter.close()
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postfix_start_moves_off_a_taken_port(ca):
+    root = peers.world_readable_tmpdir("pop3connex-peer-postfix-port-")
+    taken = syslib.free_port()
+    squatter = squat(taken)
+    pf = peers.PostfixDownstream(root, taken, "down.test")
+    try:
+        pf.configure(["erin"], ca.issue("postfix", ("DNS:localhost", "IP:127.0.0.1")))
+        pf.start()
+        assert pf.smtp_port != taken, "Postfix claims a port another process listens on"
+        assert syslib.listener_owned_by(pf.master_pid(), pf.smtp_port)
+        with smtplib.SMTP(LOOPBACK, pf.smtp_port, local_hostname="client.test", timeout=30) as s:
+            assert s.ehlo()[0] == 250
+    finally:
+        squatter.close()
+        pf.stop()
+        shutil.rmtree(root, ignore_errors=True)

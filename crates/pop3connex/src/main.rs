@@ -400,13 +400,7 @@ async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
             auth.set_password(&name, pw.as_bytes()).await.map_err(|e| account_err(e, &name))?;
             println!("password changed for {name}");
         }
-        UserCmd::List => {
-            println!("{:<40} {:>8} {:>12}  status", "user", "messages", "octets");
-            for u in store.users().await? {
-                let status = if u.disabled { "disabled" } else { "active" };
-                println!("{:<40} {:>8} {:>12}  {status}", u.name, u.messages, u.octets);
-            }
-        }
+        UserCmd::List => print!("{}", user_table(&store.users().await?)),
         UserCmd::Disable { name } => {
             let name = UserName::parse(&name)?;
             store.set_disabled(&name, true).await.map_err(|e| account_err(e.into(), &name))?;
@@ -505,6 +499,30 @@ async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `user list` as a table whose columns fit the longest value, header
+/// included. `UserName`'s `Display` ignores width and alignment, so names
+/// are padded as `&str`.
+fn user_table(users: &[pop3connex_core::store::UserSummary]) -> String {
+    use std::fmt::Write;
+    let rows: Vec<[String; 4]> = users
+        .iter()
+        .map(|u| {
+            let status = if u.disabled { "disabled" } else { "active" };
+            [u.name.as_str().to_owned(), u.messages.to_string(), u.octets.to_string(), status.to_owned()]
+        })
+        .collect();
+    let header = ["user", "messages", "octets", "status"].map(str::to_owned);
+    let width =
+        |col: usize| rows.iter().chain(std::iter::once(&header)).map(|r| r[col].chars().count()).max().unwrap_or(0);
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let mut out = String::new();
+    for [name, messages, octets, status] in std::iter::once(&header).chain(&rows) {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{name:<w0$}  {messages:>w1$}  {octets:>w2$}  {status}");
+    }
+    out
 }
 
 async fn connector(cfg: Config, cmd: ConnectorCmd) -> Result<()> {

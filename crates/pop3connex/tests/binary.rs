@@ -243,3 +243,52 @@ fn dovecot_hashes_import_log_in_and_are_upgraded() {
     let rows = String::from_utf8_lossy(&out.stdout);
     assert_eq!(rows.lines().filter(|l| l.starts_with("$argon2id$") && l.ends_with("True")).count(), 3, "{rows}");
 }
+
+/// `user list` once printed the header padded to 40 columns and the rows
+/// not padded at all (`UserName`'s `Display` ignores the width).
+#[test]
+fn user_list_header_and_rows_align() {
+    let d = data_dir("list");
+    let long = format!("long.{}@example.org", "n".repeat(50));
+    for name in ["al", long.as_str(), "bob"] {
+        let add = pop3connex(&d.0, &["user", "add", name, "--password-stdin"], "s3cret pass phrase\n");
+        assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    }
+    let srv = serve(&d.0);
+    assert!(deliver(&srv.lmtp, "bob@example.org", "Subject: t\r\n\r\nhello").starts_with("250 2.0.0"));
+    drop(srv);
+    let out = pop3connex(&d.0, &["user", "list"], "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines[0].split_whitespace().eq(["user", "messages", "octets", "status"]), "{text}");
+    for name in ["al", long.as_str(), "bob"] {
+        assert!(lines.iter().any(|l| l.split_whitespace().next() == Some(name)), "{name} missing: {text}");
+    }
+    // Byte offsets where each whitespace-separated field starts and ends.
+    let fields = |l: &str| -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut start = None;
+        for (i, c) in l.char_indices().chain(std::iter::once((l.len(), ' '))) {
+            match (c == ' ', start) {
+                (false, None) => start = Some(i),
+                (true, Some(s)) => {
+                    out.push((s, i));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        out
+    };
+    let header = fields(lines[0]);
+    for l in &lines[1..] {
+        let row = fields(l);
+        assert_eq!(row.len(), 4, "{l:?}");
+        assert_eq!(row[0].0, header[0].0, "names start where the header's does:\n{text}");
+        assert_eq!(row[1].1, header[1].1, "message counts end under \"messages\":\n{text}");
+        assert_eq!(row[2].1, header[2].1, "octets end under \"octets\":\n{text}");
+        assert_eq!(row[3].0, header[3].0, "status starts under \"status\":\n{text}");
+    }
+}
