@@ -35,7 +35,8 @@ impl UserName {
 
 impl fmt::Display for UserName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        // `pad` so width and alignment (`{:<20}`) apply like for `str`.
+        f.pad(&self.0)
     }
 }
 
