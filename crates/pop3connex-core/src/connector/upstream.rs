@@ -1178,6 +1178,81 @@ pub(crate) mod tests {
         Session::connect(&a, client_tls(&p, std::slice::from_ref(&p.pin))).await.unwrap();
     }
 
+    /// A CA for the pin tests: its certificate, signer and SPKI pin.
+    fn pin_ca(name: &str) -> (CertificateDer<'static>, rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let der = params.self_signed(&key).unwrap().der().clone();
+        let pin = format!("sha256/{}", B64.encode(tlsclient::spki_sha256(&der).unwrap()));
+        (der, Issuer::new(params, key), pin)
+    }
+
+    #[tokio::test]
+    async fn spki_pin_on_a_certificate_outside_the_verified_chain_is_refused() {
+        let (ca1, issuer1, pin_ca1) = pin_ca("pin test CA1");
+        let (ca2, _issuer2, pin_ca2) = pin_ca("pin test CA2 (unrelated)");
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer1)
+            .unwrap();
+        let pin_leaf = format!("sha256/{}", B64.encode(tlsclient::spki_sha256(leaf.der()).unwrap()));
+        // The leaf chains to CA1; the server appends CA2, which is not on
+        // its path. Both CAs are trusted, as with system roots.
+        let presented = vec![leaf.der().clone(), ca2.clone()];
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(presented, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())))
+            .unwrap();
+        let mut p = pki(&["unused.example"]);
+        p.server = Arc::new(server);
+        let pem = |der: &CertificateDer<'_>| {
+            format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", B64.encode(der))
+        };
+        std::fs::write(&p.ca_file, format!("{}{}", pem(&ca1), pem(&ca2))).unwrap();
+
+        for (pin, accepted) in [(&pin_ca2, false), (&pin_ca1, true), (&pin_leaf, true)] {
+            let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+            let log = seen.clone();
+            let (port, task) = serve(&p, true, move |mut peer| async move {
+                peer.hello("USER\r\n").await;
+                loop {
+                    let line = peer.line().await;
+                    if line.is_empty() {
+                        break;
+                    }
+                    log.lock().unwrap().push(line);
+                    peer.send(b"+OK\r\n").await;
+                }
+            })
+            .await;
+            let a = account(port, UpstreamTls::Implicit, "user");
+            let result = match Session::connect(&a, client_tls(&p, std::slice::from_ref(pin))).await {
+                Ok(mut s) => s.login(&a, &password("secret")).await.map(drop),
+                Err(e) => Err(e),
+            };
+            if accepted {
+                result.unwrap();
+            } else {
+                let e = result.unwrap_err();
+                assert_eq!(e.kind(), "tls", "{e}");
+                assert!(e.to_string().contains("SPKI pin"), "{e}");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            let seen = seen.lock().unwrap().clone();
+            if accepted {
+                assert_eq!(seen, ["USER alice", "PASS secret"], "pin {pin}");
+            } else {
+                assert!(seen.is_empty(), "credentials sent to an unpinned server: {seen:?}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn stls_refused_or_injected_fails() {
         let p = pki(&["localhost", "127.0.0.1"]);
