@@ -14,8 +14,9 @@
 //!   overall deadline of `timeout_secs` plus one second per
 //!   [`MIN_RATE`] octets received, so a server dripping bytes cannot hold a
 //!   session open;
-//! * listings hold at most [`MAX_LISTING`] entries with strictly positive,
-//!   unique message numbers and unique, RFC 1939-valid UIDLs;
+//! * listings hold at most [`MAX_LISTING`] entries and
+//!   [`MAX_LISTING_BYTES`] (lines plus a per-entry cost), with strictly
+//!   positive, unique message numbers and unique, RFC 1939-valid UIDLs;
 //! * `RETR` stops at the caller's size limit.
 //!
 //! After a protocol violation, a timeout, an I/O error or an over-size
@@ -53,6 +54,17 @@ pub const MAX_STATUS_LINE: usize = 1024;
 pub const MAX_MESSAGE_LINE: usize = 64 * 1024;
 /// Most entries a UIDL or LIST response may have.
 pub const MAX_LISTING: usize = 1_000_000;
+/// What a whole UIDL or LIST response may cost: every entry counts its line
+/// (CRLF included) plus [`LISTING_ENTRY_COST`]. The entry limit alone let a
+/// hostile server make the connector hold a million entries and their
+/// duplicate checks (hundreds of MiB); 16 MiB still fits about 170 000
+/// messages with 30-octet unique ids, far more than a POP3 maildrop
+/// serves, and keeps one listing's memory to a few tens of MiB.
+pub const MAX_LISTING_BYTES: usize = 16 * 1024 * 1024;
+/// Octets one listing entry costs in memory beyond its text: the parsed
+/// tuple in a growing vector, a unique id's allocation and header, and the
+/// duplicate check.
+pub const LISTING_ENTRY_COST: usize = 64;
 /// Most CAPA lines.
 pub const MAX_CAPA_LINES: usize = 100;
 /// Minimum average rate (octets per second) a response must arrive at once
@@ -690,9 +702,18 @@ impl Session {
     ) -> Result<Vec<T>, UpstreamError> {
         self.simple(cmd).await?;
         let mut out = Vec::new();
+        let mut cost = 0usize;
         while let Some(line) = self.conn.data_line(MAX_STATUS_LINE).await? {
             if out.len() >= MAX_LISTING {
                 return Err(UpstreamError::Protocol(format!("{cmd} listing has more than {MAX_LISTING} entries")));
+            }
+            cost += line.len() + 2 + LISTING_ENTRY_COST;
+            if cost > MAX_LISTING_BYTES {
+                return Err(UpstreamError::Protocol(format!(
+                    "{cmd} listing exceeds {} MiB after {} entries",
+                    MAX_LISTING_BYTES >> 20,
+                    out.len()
+                )));
             }
             out.push(parse(&line).map_err(|e| UpstreamError::Protocol(format!("{cmd} listing: {e}")))?);
         }
@@ -702,8 +723,6 @@ impl Session {
     /// `UIDL`: (message number, unique id) for every message.
     pub async fn uidl_all(&mut self) -> Result<Vec<(u32, String)>, UpstreamError> {
         self.usable()?;
-        let mut numbers = std::collections::HashSet::new();
-        let mut uids = std::collections::HashSet::new();
         let r = self
             .listing("UIDL", |line| {
                 let (n, uid) = split_pair(line)?;
@@ -712,15 +731,13 @@ impl Session {
                     return Err("a unique id is not 1 to 70 printable characters");
                 }
                 let uid = String::from_utf8(uid.to_vec()).map_err(|_| "a unique id is not ASCII")?;
-                if !numbers.insert(n) {
-                    return Err("duplicate message number");
-                }
-                if !uids.insert(uid.clone()) {
-                    return Err("duplicate unique id");
-                }
                 Ok((n, uid))
             })
-            .await;
+            .await
+            .and_then(|entries| match uidl_duplicate(&entries) {
+                Some(e) => Err(UpstreamError::Protocol(format!("UIDL listing: {e}"))),
+                None => Ok(entries),
+            });
         self.guard(r)
     }
 
@@ -787,6 +804,21 @@ impl Session {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.stream.shutdown()).await;
         Ok(())
     }
+}
+
+/// A repeated message number or unique id in a UIDL listing. Found by
+/// sorting (numbers, then borrowed ids) rather than hash sets that would
+/// hold a second copy of every id while the listing is read.
+fn uidl_duplicate(entries: &[(u32, String)]) -> Option<&'static str> {
+    let mut numbers: Vec<u32> = entries.iter().map(|(n, _)| *n).collect();
+    numbers.sort_unstable();
+    if numbers.windows(2).any(|w| w[0] == w[1]) {
+        return Some("duplicate message number");
+    }
+    drop(numbers);
+    let mut ids: Vec<&str> = entries.iter().map(|(_, u)| u.as_str()).collect();
+    ids.sort_unstable();
+    ids.windows(2).any(|w| w[0] == w[1]).then_some("duplicate unique id")
 }
 
 /// Splits `a SP b` (trailing blanks tolerated) into exactly two words.
@@ -1346,6 +1378,69 @@ pub(crate) mod tests {
         })
         .await;
         assert_eq!(s.list_all().await.unwrap_err().kind(), "protocol");
+    }
+
+    /// A listing of `entries` lines made by `line`, sent in 64 KiB batches
+    /// (the server stops when the client gives up).
+    async fn send_listing(peer: &mut Peer, entries: usize, line: impl Fn(usize) -> String) {
+        peer.send(b"+OK\r\n").await;
+        let mut batch = Vec::with_capacity(70 * 1024);
+        for i in 1..=entries {
+            batch.extend_from_slice(line(i).as_bytes());
+            if batch.len() >= 64 * 1024 {
+                peer.send(&batch).await;
+                batch.clear();
+            }
+        }
+        batch.extend_from_slice(b".\r\n");
+        peer.send(&batch).await;
+    }
+
+    #[tokio::test]
+    async fn hostile_listing_of_a_million_entries_is_cut_by_the_byte_budget() {
+        // A million short UIDL entries: within MAX_LISTING, over the budget.
+        let (mut s, _task, _p) = logged_in(|mut peer| async move {
+            peer.expect("UIDL").await;
+            send_listing(&mut peer, MAX_LISTING, |i| format!("{i} u{i}\r\n")).await;
+            peer.line().await;
+        })
+        .await;
+        let e = s.uidl_all().await.unwrap_err();
+        assert_eq!(e.kind(), "protocol", "{e}");
+        assert!(e.to_string().contains("UIDL listing exceeds 16 MiB"), "{e}");
+        assert!(!s.is_usable(), "poisoned");
+        assert_eq!(s.list_all().await.unwrap_err().kind(), "io");
+
+        // A few huge-ish entries: LIST lines near the line limit (the text
+        // after the size is ignored, but it still counts).
+        let pad = "x".repeat(MAX_STATUS_LINE - 40);
+        let (mut s, _task, _p) = logged_in(move |mut peer| async move {
+            peer.expect("LIST").await;
+            send_listing(&mut peer, 20_000, |i| format!("{i} 100 {pad}\r\n")).await;
+            peer.line().await;
+        })
+        .await;
+        let e = s.list_all().await.unwrap_err();
+        assert!(e.to_string().contains("LIST listing exceeds 16 MiB"), "{e}");
+        assert!(!s.is_usable(), "poisoned");
+    }
+
+    #[tokio::test]
+    async fn large_honest_listing_fits_the_byte_budget() {
+        // 100 000 messages with 40-octet unique ids: well within the budget.
+        let n = 100_000;
+        let (mut s, task, _p) = logged_in(move |mut peer| async move {
+            peer.expect("UIDL").await;
+            send_listing(&mut peer, n, |i| format!("{i} {i:0>40}\r\n")).await;
+            peer.expect("QUIT").await;
+            peer.send(b"+OK\r\n").await;
+        })
+        .await;
+        let listing = s.uidl_all().await.unwrap();
+        assert_eq!(listing.len(), n);
+        assert_eq!(listing[n - 1], (n as u32, format!("{n:0>40}")));
+        s.quit().await.unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test]
