@@ -8,7 +8,12 @@ run.
 Invariants:
 - after every kill, every message missing upstream is in the local mailbox
   (nothing is deleted upstream before it is durable locally);
-- no message is ever stored twice locally;
+- no message is ever stored twice locally, and duplicate detection never
+  fires (no `connector_duplicate` event in any run, `duplicates=0` in the
+  summaries): a message is never fetched again after its commit, so the
+  seen-list is committed together with the mail; duplicate detection
+  alone would also keep the mailbox free of copies and hide a seen-list
+  committed separately;
 - after the final clean run the upstream mailbox is empty and every message
   is in the local mailbox exactly once, byte for byte as Dovecot served it.
 
@@ -78,10 +83,12 @@ def local_ids(srv: syslib.Server, user: str, pw: str) -> list[str]:
 
 
 class Progress:
-    """Counts connector_fetched events on a run-once's stderr (JSON log)."""
+    """Counts connector_fetched events on a run-once's stderr (JSON log) and
+    keeps its connector_duplicate events."""
 
     def __init__(self, proc: subprocess.Popen):
         self.count = 0
+        self.duplicates: list[str] = []
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
         self.thread.start()
@@ -92,6 +99,8 @@ class Progress:
                 with self.cond:
                     self.count += 1
                     self.cond.notify_all()
+            elif b'"connector_duplicate"' in line:
+                self.duplicates.append(line.decode(errors="replace").strip())
         with self.cond:
             self.count = 1 << 30  # EOF: the process is gone
             self.cond.notify_all()
@@ -126,6 +135,7 @@ def test_kill9_during_fetch_loses_and_duplicates_nothing(module_server, server, 
     r = cl.run_once(srv, "crashacct")
     t_cal = time.monotonic() - t_cal
     assert r.rc == 0, f"calibration run failed\n{r.describe()}"
+    assert r.counts("crashacct")["duplicates"] == 0, f"calibration run saw duplicates\n{r.describe()}"
 
     t0 = time.monotonic()
     kills = finished = 0
@@ -154,6 +164,8 @@ def test_kill9_during_fetch_loses_and_duplicates_nothing(module_server, server, 
         proc.wait(10)
         fetched.thread.join(10)
         proc.stderr.close()
+        assert not fetched.duplicates, (f"round {rnd}: a committed message was fetched again (the seen-list "
+                                        f"was not committed with it): {fetched.duplicates}")
         up = set(upstream_ids(upstream))
         loc = local_ids(srv, local, local_pw)
         dup = [m for m, n in Counter(loc).items() if n > 1]
@@ -168,6 +180,8 @@ def test_kill9_during_fetch_loses_and_duplicates_nothing(module_server, server, 
 
     r = cl.run_once(srv, "crashacct", timeout=120)
     assert r.rc == 0, f"the clean run after the kills failed\n{r.describe()}"
+    assert r.counts("crashacct")["duplicates"] == 0, f"the clean run refetched committed mail\n{r.describe()}"
+    assert "connector_duplicate" not in r.event_names(), r.describe()
     assert upstream_ids(upstream) == [], "upstream not empty after the clean run"
     got = cl.local_messages(srv, local, local_pw)
     by_id: dict[str, list[bytes]] = {}

@@ -201,9 +201,12 @@ def fwd(module_server, upstream, postfix, dns, mx_ca):
                 upstream.deliver(f"{self.up_user}@upstream.test", m)
             return upstream.upstream(self.up_user)
 
-        def configure(self, rcpt: str, tls: str | None, ca_file=None, sts: str = "stsok"):
+        def configure(self, rcpt: str, tls: str | None, ca_file=None, sts: str = "stsok", auth: bool = False):
             down = {"name": "mx", "protocol": "smtp", "port": postfix.smtp_port, "helo": "connector.test",
                     "timeout_secs": 10}
+            if auth:
+                down["auth_user"] = "relay"
+                down["auth_password"] = cl.secret_file(module_server, "relay-" + self.acct, "relay-secret")
             if tls is not None:
                 down["tls"] = tls
             if ca_file is not None:
@@ -366,3 +369,31 @@ def test_mta_sts_enforce_foreign_mx_defers(module_server, postfix, fwd, dns, mx_
     deferred(module_server, postfix, fwd, "a@stsbad.insecure.test", f"sts-bad-{tls}",
              reason="not allowed by the MTA-STS policy")
     assert dns["stsbad"].hits > hits, "the MTA-STS policy was never fetched"
+
+
+# --------------------------------------------------------------------------
+# SMTP AUTH
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tls", ["verify", "secure", "mta-sts"])
+def test_config_check_refuses_smtp_auth_to_mx_chosen_by_unsigned_dns(module_server, fwd, mx_ca, tls):
+    fwd.configure("a@insecure.test", tls, ca_file=mx_ca.cert, auth=True)
+    bad = module_server.cli("config", "check", check=False)
+    out = (bad.stdout + bad.stderr).decode(errors="replace")
+    assert bad.returncode != 0 and 'needs tls = "dane"' in out, out
+    fwd.configure("a@insecure.test", "dane", ca_file=mx_ca.cert, auth=True)
+    ok = module_server.cli("config", "check", check=False)
+    assert ok.returncode == 0, (ok.stdout + ok.stderr).decode(errors="replace")
+
+
+def test_smtp_auth_is_never_sent_to_an_mx_chosen_by_unsigned_dns(module_server, postfix, fwd, mx_ca, wrong_ca):
+    # `dane` for an unsigned domain falls back to certificate checks, which
+    # pass here (CA trusted, MX name in the certificate): the MX host was
+    # still picked by unsigned DNS, so the credentials are withheld and the
+    # mail deferred.
+    fwd.configure("a@insecure.test", "dane", ca_file=mx_ca.cert, auth=True)
+    deferred(module_server, postfix, fwd, "a@insecure.test", "auth-unsigned", reason="not authenticated by DANE")
+    # A DANE-authenticated MX host passes the guard and gets as far as AUTH
+    # (this Postfix offers none, so that attempt defers too).
+    fwd.configure("a@ee.secure.test", "dane", ca_file=wrong_ca.cert, auth=True)
+    deferred(module_server, postfix, fwd, "a@ee.secure.test", "auth-dane", reason="does not offer AUTH PLAIN")

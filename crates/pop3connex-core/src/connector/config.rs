@@ -595,6 +595,16 @@ impl ConnectorConfig {
             if d.auth_user.is_some() && tls == DownstreamTls::None {
                 return Err(format!("downstream `{}`: SMTP AUTH is only sent over TLS", d.name));
             }
+            // Credentials go to a fixed host or a DANE-authenticated MX,
+            // never to an MX host that unsigned DNS picked (the client
+            // enforces this per host as well).
+            if d.auth_user.is_some() && d.host.is_none() && tls != DownstreamTls::Dane {
+                return Err(format!(
+                    "downstream `{}`: SMTP AUTH to MX hosts needs tls = \"dane\" (credentials are only sent to a \
+                     fixed host or a DANE-authenticated MX host)",
+                    d.name
+                ));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for a in &self.accounts {
@@ -716,5 +726,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("only sent over TLS"), "{e}");
+    }
+
+    #[test]
+    fn smtp_auth_to_mx_chosen_by_unsigned_dns_is_refused() {
+        let auth = "auth_user = \"u\"\nauth_password = \"env:P\"\n";
+        for tls in ["verify", "secure", "mta-sts"] {
+            let e = parse(&format!("[[downstreams]]\nname = \"x\"\nprotocol = \"smtp\"\ntls = \"{tls}\"\n{auth}"))
+                .unwrap_err();
+            assert!(e.contains("needs tls = \"dane\"") && e.contains("`x`"), "{tls}: {e}");
+        }
+        // DANE MX (also the default without host) and fixed hosts may authenticate.
+        parse(&format!("[[downstreams]]\nname = \"x\"\nprotocol = \"smtp\"\ntls = \"dane\"\n{auth}")).unwrap();
+        parse(&format!("[[downstreams]]\nname = \"x\"\nprotocol = \"smtp\"\n{auth}")).unwrap();
+        for tls in ["verify", "secure"] {
+            parse(&format!(
+                "[[downstreams]]\nname = \"x\"\nprotocol = \"smtp\"\nhost = \"relay.example.net\"\ntls = \"{tls}\"\n{auth}"
+            ))
+            .unwrap();
+        }
     }
 }

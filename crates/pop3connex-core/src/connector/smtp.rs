@@ -251,7 +251,23 @@ async fn deliver_inner<L: Lookup>(
 #[derive(Clone)]
 enum TlsMode {
     Off,
-    Required { config: Arc<ClientConfig>, name: ServerName<'static> },
+    Required { config: Arc<ClientConfig>, name: ServerName<'static>, identity: Identity },
+}
+
+/// Where the server's identity comes from. It decides whether SMTP AUTH
+/// credentials may be sent: only to a server the operator named or one
+/// DNSSEC vouches for, never to a host whoever forges an unsigned DNS answer
+/// could pick (a verified certificate for a name DNS handed us proves
+/// nothing about who should get the relay password).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Identity {
+    /// The configured `host`.
+    Fixed,
+    /// An MX host authenticated by DANE (signed MX, addresses and TLSA).
+    Dane,
+    /// An MX host found through DNS without DANE (`verify`, `secure`,
+    /// `mta-sts`, or `dane` without usable TLSA records).
+    UnsignedMx,
 }
 
 fn server_name(host: &str) -> Result<ServerName<'static>, SmtpError> {
@@ -264,9 +280,9 @@ fn roots(d: &DownstreamConfig) -> Result<Arc<rustls::RootCertStore>, SmtpError> 
 }
 
 /// Verified TLS (chain and name) to `name`.
-fn verified(d: &DownstreamConfig, name: &str) -> Result<TlsMode, SmtpError> {
+fn verified(d: &DownstreamConfig, name: &str, identity: Identity) -> Result<TlsMode, SmtpError> {
     let config = tlsclient::client_config(roots(d)?, &[], &[]).map_err(|e| temp(e.to_string()))?;
-    Ok(TlsMode::Required { config: Arc::new(config), name: server_name(name)? })
+    Ok(TlsMode::Required { config: Arc::new(config), name: server_name(name)?, identity })
 }
 
 /// Chain verified; the certificate must be valid for one of `names`.
@@ -306,13 +322,13 @@ fn secure_mx(d: &DownstreamConfig, domain: &str, mx: &str) -> Result<TlsMode, Sm
     let inner = tlsclient::webpki_verifier(roots(d)?).map_err(|e| temp(e.to_string()))?;
     let verifier = Arc::new(tlsclient::Checked::new(AnyName { inner, names }));
     let config = tlsclient::client_config_with_verifier(verifier).map_err(|e| temp(e.to_string()))?;
-    Ok(TlsMode::Required { config: Arc::new(config), name: server_name(mx)? })
+    Ok(TlsMode::Required { config: Arc::new(config), name: server_name(mx)?, identity: Identity::UnsignedMx })
 }
 
 fn dane_tls(verifier: DaneVerifier, mx: &str) -> Result<TlsMode, SmtpError> {
     let verifier = Arc::new(tlsclient::Checked::new(verifier));
     let config = tlsclient::client_config_with_verifier(verifier).map_err(|e| temp(e.to_string()))?;
-    Ok(TlsMode::Required { config: Arc::new(config), name: server_name(mx)? })
+    Ok(TlsMode::Required { config: Arc::new(config), name: server_name(mx)?, identity: Identity::Dane })
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -386,7 +402,7 @@ async fn fixed_host(
     }
     let tls = match d.tls() {
         DownstreamTls::None => TlsMode::Off,
-        DownstreamTls::Verify | DownstreamTls::Secure => verified(d, host)?,
+        DownstreamTls::Verify | DownstreamTls::Secure => verified(d, host, Identity::Fixed)?,
         DownstreamTls::Dane | DownstreamTls::MtaSts => {
             return Err(temp("tls = \"dane\"/\"mta-sts\" apply to MX delivery only"))
         }
@@ -490,7 +506,7 @@ async fn mx_domain<L: Lookup>(
         };
         let tls = match policy {
             DownstreamTls::None => unreachable!("checked above"),
-            DownstreamTls::Verify => verified(d, &host),
+            DownstreamTls::Verify => verified(d, &host, Identity::UnsignedMx),
             DownstreamTls::Secure => secure_mx(d, domain, &host),
             DownstreamTls::Dane | DownstreamTls::MtaSts => {
                 let secure_path =
@@ -505,7 +521,7 @@ async fn mx_domain<L: Lookup>(
                             Sts::Enforce(p) if !p.mx_matches(&host) => {
                                 Err(temp(format!("MX host {host} is not allowed by the MTA-STS policy")))
                             }
-                            _ => verified(d, &host),
+                            _ => verified(d, &host, Identity::UnsignedMx),
                         }
                     }
                 }
@@ -789,7 +805,7 @@ async fn session(
     }
     let mut ext = Extensions::parse(&ehlo);
     let mut secured = false;
-    if let TlsMode::Required { config, name } = tls {
+    if let TlsMode::Required { config, name, .. } = tls {
         if !ext.has("STARTTLS") {
             return Err(temp("the server does not offer STARTTLS, which this downstream requires"));
         }
@@ -820,6 +836,15 @@ async fn session(
     if let (Some(user), Some(secret)) = (&d.auth_user, &d.auth_password) {
         if !secured {
             return Err(temp("refusing to send SMTP AUTH credentials without TLS"));
+        }
+        if let TlsMode::Required { identity: Identity::UnsignedMx, name, .. } = tls {
+            // The config check refuses the obvious cases; this also covers
+            // `dane` falling back to certificate checks for a domain
+            // without usable TLSA records.
+            return Err(temp(format!(
+                "refusing to send SMTP AUTH credentials to {}, an MX host not authenticated by DANE",
+                sanitize(&name.to_str())
+            )));
         }
         if !ext.auth_plain() {
             return Err(temp("the server does not offer AUTH PLAIN"));

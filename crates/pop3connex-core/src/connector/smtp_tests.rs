@@ -828,3 +828,50 @@ async fn mta_sts_enforce_skips_mx_hosts_outside_the_policy() {
     assert!(is_temp(&r, "not allowed by the MTA-STS policy"), "{r:?}");
     h.abort();
 }
+
+#[tokio::test]
+async fn smtp_auth_is_never_sent_to_an_mx_chosen_by_unsigned_dns() {
+    let ca = TestCa::new();
+    let auth_script = |names: &[&str]| {
+        let mut s = starttls_script(&ca, names);
+        s.exts_tls = Some(vec!["AUTH PLAIN".into()]);
+        s
+    };
+    // Certificate checks pass in every case: only the source of the MX name differs.
+    let mut fallback =
+        dane_mock(vec![TlsaRecord { usage: 1, selector: 1, matching: 1, data: vec![1; 32] }], Security::Secure);
+    fallback.sts = Box::new(|_| Ok(None));
+    let cases: [(DownstreamTls, &[&str], Mock); 4] = [
+        (DownstreamTls::MtaSts, &["mx.x.test"], Mock::default()),
+        (DownstreamTls::Verify, &["mx.x.test"], Mock::default()),
+        (DownstreamTls::Secure, &["x.test"], Mock::default()),
+        // `dane` without usable TLSA records falls back to certificate checks.
+        (DownstreamTls::Dane, &["mx.x.test"], fallback),
+    ];
+    for (policy, names, lookup) in cases {
+        let (port, h) = start(auth_script(names)).await;
+        let d = with_auth(downstream(None, port, policy, Some(&ca)));
+        let r = run_mx(&d, &lookup, &["a@x.test"]).await;
+        assert!(is_temp(&r, "not authenticated by DANE"), "{policy:?}: {r:?}");
+        let t = transcript(h).await;
+        assert!(!t.sent("AUTH") && !t.sent("MAIL"), "{policy:?}: {:?}", t.commands);
+    }
+
+    // A DANE-authenticated MX gets the credentials.
+    let untrusted = TestCa::new();
+    let (tls, spki) = untrusted.server(&["whatever.test"]);
+    let script = Script {
+        exts: vec!["STARTTLS".into()],
+        exts_tls: Some(vec!["AUTH PLAIN".into()]),
+        tls: Some(tls),
+        ..Script::default()
+    };
+    let (port, h) = start(script).await;
+    let d = with_auth(downstream(None, port, DownstreamTls::Dane, Some(&ca)));
+    let good = TlsaRecord { usage: 3, selector: 1, matching: 1, data: Sha256::digest(&spki).to_vec() };
+    assert_eq!(
+        run_mx(&d, &dane_mock(vec![good], Security::Secure), &["a@x.test"]).await.unwrap(),
+        vec![RcptOutcome::Accepted]
+    );
+    assert!(transcript(h).await.tls_commands.iter().any(|c| c.starts_with("AUTH PLAIN ")));
+}

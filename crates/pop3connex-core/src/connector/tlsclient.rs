@@ -166,10 +166,60 @@ impl<C: CertCheck> ServerCertVerifier for Checked<C> {
 }
 
 /// Chain and name verification by rustls/webpki, then the pin check.
+///
+/// A pin must match a certificate of the *verified* path (leaf, the
+/// intermediates actually used, trust anchor), never merely one the server
+/// presents: anybody can append a copy of a pinned CA certificate to an
+/// unrelated chain, since certificates are public.
 #[derive(Debug)]
 struct Pinned {
     inner: Arc<WebPkiServerVerifier>,
+    /// The trust anchors the path is built to (the same as `inner`'s).
+    roots: Arc<RootCertStore>,
     pins: Vec<[u8; 32]>,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl Pinned {
+    fn pinned(&self, spki: &[u8]) -> bool {
+        let hash: [u8; 32] = Sha256::digest(spki).into();
+        self.pins.iter().any(|p| p == &hash)
+    }
+
+    /// Whether a path from `end_entity` to a trust anchor exists that
+    /// contains a pinned key. webpki tries every candidate path and keeps
+    /// the first the callback accepts, so a valid cross-signed path through
+    /// a pinned intermediate is found even when another path exists.
+    fn verified_path_is_pinned(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> bool {
+        let Ok(ee) = webpki::EndEntityCert::try_from(end_entity) else {
+            return false;
+        };
+        let in_path = |path: &webpki::VerifiedPath<'_>| -> Result<(), webpki::Error> {
+            let ee_pinned = self.pinned(path.end_entity().subject_public_key_info().as_ref());
+            let ca_pinned = path.intermediate_certificates().any(|c| self.pinned(c.subject_public_key_info().as_ref()));
+            let anchor_pinned = self.pinned(webpki::spki_for_anchor(path.anchor()).as_ref());
+            if ee_pinned || ca_pinned || anchor_pinned {
+                Ok(())
+            } else {
+                Err(webpki::Error::UnknownIssuer)
+            }
+        };
+        ee.verify_for_usage(
+            self.algs.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            Some(&in_path),
+        )
+        .is_ok()
+    }
 }
 
 impl CertCheck for Pinned {
@@ -181,11 +231,12 @@ impl CertCheck for Pinned {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        // rustls first: chain, validity, EKU and name, with its error texts.
         let verified = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
-        let chain = std::iter::once(end_entity).chain(intermediates);
-        let pinned = chain.filter_map(spki_sha256).any(|h| self.pins.iter().any(|p| p == &h));
-        if !pinned {
-            return Err(rustls::Error::General("certificate does not match any configured SPKI pin".into()));
+        if !self.verified_path_is_pinned(end_entity, intermediates, now) {
+            return Err(rustls::Error::General(
+                "no certificate of the verified chain matches a configured SPKI pin".into(),
+            ));
         }
         Ok(verified)
     }
@@ -203,7 +254,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// A client config that verifies chains against `roots` and, when `pins` is
-/// not empty, requires one certificate of the chain to match a pin.
+/// not empty, requires one certificate of the verified path (leaf, path
+/// intermediates or trust anchor) to match a pin.
 pub fn client_config(
     roots: Arc<RootCertStore>,
     pins: &[String],
@@ -215,8 +267,9 @@ pub fn client_config(
     let mut cfg = if pins.is_empty() {
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
-        let inner = webpki_verifier(roots)?;
-        let verifier = Checked::new(Pinned { inner, pins: parse_pins(pins) });
+        let inner = webpki_verifier(roots.clone())?;
+        let algs = provider().signature_verification_algorithms;
+        let verifier = Checked::new(Pinned { inner, roots, pins: parse_pins(pins), algs });
         builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

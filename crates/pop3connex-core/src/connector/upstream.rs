@@ -14,8 +14,9 @@
 //!   overall deadline of `timeout_secs` plus one second per
 //!   [`MIN_RATE`] octets received, so a server dripping bytes cannot hold a
 //!   session open;
-//! * listings hold at most [`MAX_LISTING`] entries with strictly positive,
-//!   unique message numbers and unique, RFC 1939-valid UIDLs;
+//! * listings hold at most [`MAX_LISTING`] entries and
+//!   [`MAX_LISTING_BYTES`] (lines plus a per-entry cost), with strictly
+//!   positive, unique message numbers and unique, RFC 1939-valid UIDLs;
 //! * `RETR` stops at the caller's size limit.
 //!
 //! After a protocol violation, a timeout, an I/O error or an over-size
@@ -53,6 +54,17 @@ pub const MAX_STATUS_LINE: usize = 1024;
 pub const MAX_MESSAGE_LINE: usize = 64 * 1024;
 /// Most entries a UIDL or LIST response may have.
 pub const MAX_LISTING: usize = 1_000_000;
+/// What a whole UIDL or LIST response may cost: every entry counts its line
+/// (CRLF included) plus [`LISTING_ENTRY_COST`]. The entry limit alone let a
+/// hostile server make the connector hold a million entries and their
+/// duplicate checks (about 170 MiB measured); 16 MiB still fits about 160 000
+/// messages with 30-octet unique ids, far more than a POP3 maildrop
+/// serves, and keeps one listing's memory to a few tens of MiB.
+pub const MAX_LISTING_BYTES: usize = 16 * 1024 * 1024;
+/// Octets one listing entry costs in memory beyond its text: the parsed
+/// tuple in a growing vector, a unique id's allocation and header, and the
+/// duplicate check.
+pub const LISTING_ENTRY_COST: usize = 64;
 /// Most CAPA lines.
 pub const MAX_CAPA_LINES: usize = 100;
 /// Minimum average rate (octets per second) a response must arrive at once
@@ -690,9 +702,18 @@ impl Session {
     ) -> Result<Vec<T>, UpstreamError> {
         self.simple(cmd).await?;
         let mut out = Vec::new();
+        let mut cost = 0usize;
         while let Some(line) = self.conn.data_line(MAX_STATUS_LINE).await? {
             if out.len() >= MAX_LISTING {
                 return Err(UpstreamError::Protocol(format!("{cmd} listing has more than {MAX_LISTING} entries")));
+            }
+            cost += line.len() + 2 + LISTING_ENTRY_COST;
+            if cost > MAX_LISTING_BYTES {
+                return Err(UpstreamError::Protocol(format!(
+                    "{cmd} listing exceeds {} MiB after {} entries",
+                    MAX_LISTING_BYTES >> 20,
+                    out.len()
+                )));
             }
             out.push(parse(&line).map_err(|e| UpstreamError::Protocol(format!("{cmd} listing: {e}")))?);
         }
@@ -702,8 +723,6 @@ impl Session {
     /// `UIDL`: (message number, unique id) for every message.
     pub async fn uidl_all(&mut self) -> Result<Vec<(u32, String)>, UpstreamError> {
         self.usable()?;
-        let mut numbers = std::collections::HashSet::new();
-        let mut uids = std::collections::HashSet::new();
         let r = self
             .listing("UIDL", |line| {
                 let (n, uid) = split_pair(line)?;
@@ -712,15 +731,13 @@ impl Session {
                     return Err("a unique id is not 1 to 70 printable characters");
                 }
                 let uid = String::from_utf8(uid.to_vec()).map_err(|_| "a unique id is not ASCII")?;
-                if !numbers.insert(n) {
-                    return Err("duplicate message number");
-                }
-                if !uids.insert(uid.clone()) {
-                    return Err("duplicate unique id");
-                }
                 Ok((n, uid))
             })
-            .await;
+            .await
+            .and_then(|entries| match uidl_duplicate(&entries) {
+                Some(e) => Err(UpstreamError::Protocol(format!("UIDL listing: {e}"))),
+                None => Ok(entries),
+            });
         self.guard(r)
     }
 
@@ -787,6 +804,21 @@ impl Session {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.stream.shutdown()).await;
         Ok(())
     }
+}
+
+/// A repeated message number or unique id in a UIDL listing. Found by
+/// sorting (numbers, then borrowed ids) rather than hash sets that would
+/// hold a second copy of every id while the listing is read.
+fn uidl_duplicate(entries: &[(u32, String)]) -> Option<&'static str> {
+    let mut numbers: Vec<u32> = entries.iter().map(|(n, _)| *n).collect();
+    numbers.sort_unstable();
+    if numbers.windows(2).any(|w| w[0] == w[1]) {
+        return Some("duplicate message number");
+    }
+    drop(numbers);
+    let mut ids: Vec<&str> = entries.iter().map(|(_, u)| u.as_str()).collect();
+    ids.sort_unstable();
+    ids.windows(2).any(|w| w[0] == w[1]).then_some("duplicate unique id")
 }
 
 /// Splits `a SP b` (trailing blanks tolerated) into exactly two words.
@@ -1178,6 +1210,81 @@ pub(crate) mod tests {
         Session::connect(&a, client_tls(&p, std::slice::from_ref(&p.pin))).await.unwrap();
     }
 
+    /// A CA for the pin tests: its certificate, signer and SPKI pin.
+    fn pin_ca(name: &str) -> (CertificateDer<'static>, rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let der = params.self_signed(&key).unwrap().der().clone();
+        let pin = format!("sha256/{}", B64.encode(tlsclient::spki_sha256(&der).unwrap()));
+        (der, Issuer::new(params, key), pin)
+    }
+
+    #[tokio::test]
+    async fn spki_pin_on_a_certificate_outside_the_verified_chain_is_refused() {
+        let (ca1, issuer1, pin_ca1) = pin_ca("pin test CA1");
+        let (ca2, _issuer2, pin_ca2) = pin_ca("pin test CA2 (unrelated)");
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer1)
+            .unwrap();
+        let pin_leaf = format!("sha256/{}", B64.encode(tlsclient::spki_sha256(leaf.der()).unwrap()));
+        // The leaf chains to CA1; the server appends CA2, which is not on
+        // its path. Both CAs are trusted, as with system roots.
+        let presented = vec![leaf.der().clone(), ca2.clone()];
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(presented, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())))
+            .unwrap();
+        let mut p = pki(&["unused.example"]);
+        p.server = Arc::new(server);
+        let pem = |der: &CertificateDer<'_>| {
+            format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", B64.encode(der))
+        };
+        std::fs::write(&p.ca_file, format!("{}{}", pem(&ca1), pem(&ca2))).unwrap();
+
+        for (pin, accepted) in [(&pin_ca2, false), (&pin_ca1, true), (&pin_leaf, true)] {
+            let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+            let log = seen.clone();
+            let (port, task) = serve(&p, true, move |mut peer| async move {
+                peer.hello("USER\r\n").await;
+                loop {
+                    let line = peer.line().await;
+                    if line.is_empty() {
+                        break;
+                    }
+                    log.lock().unwrap().push(line);
+                    peer.send(b"+OK\r\n").await;
+                }
+            })
+            .await;
+            let a = account(port, UpstreamTls::Implicit, "user");
+            let result = match Session::connect(&a, client_tls(&p, std::slice::from_ref(pin))).await {
+                Ok(mut s) => s.login(&a, &password("secret")).await.map(drop),
+                Err(e) => Err(e),
+            };
+            if accepted {
+                result.unwrap();
+            } else {
+                let e = result.unwrap_err();
+                assert_eq!(e.kind(), "tls", "{e}");
+                assert!(e.to_string().contains("SPKI pin"), "{e}");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            let seen = seen.lock().unwrap().clone();
+            if accepted {
+                assert_eq!(seen, ["USER alice", "PASS secret"], "pin {pin}");
+            } else {
+                assert!(seen.is_empty(), "credentials sent to an unpinned server: {seen:?}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn stls_refused_or_injected_fails() {
         let p = pki(&["localhost", "127.0.0.1"]);
@@ -1271,6 +1378,69 @@ pub(crate) mod tests {
         })
         .await;
         assert_eq!(s.list_all().await.unwrap_err().kind(), "protocol");
+    }
+
+    /// A listing of `entries` lines made by `line`, sent in 64 KiB batches
+    /// (the server stops when the client gives up).
+    async fn send_listing(peer: &mut Peer, entries: usize, line: impl Fn(usize) -> String) {
+        peer.send(b"+OK\r\n").await;
+        let mut batch = Vec::with_capacity(70 * 1024);
+        for i in 1..=entries {
+            batch.extend_from_slice(line(i).as_bytes());
+            if batch.len() >= 64 * 1024 {
+                peer.send(&batch).await;
+                batch.clear();
+            }
+        }
+        batch.extend_from_slice(b".\r\n");
+        peer.send(&batch).await;
+    }
+
+    #[tokio::test]
+    async fn hostile_listing_of_a_million_entries_is_cut_by_the_byte_budget() {
+        // A million short UIDL entries: within MAX_LISTING, over the budget.
+        let (mut s, _task, _p) = logged_in(|mut peer| async move {
+            peer.expect("UIDL").await;
+            send_listing(&mut peer, MAX_LISTING, |i| format!("{i} u{i}\r\n")).await;
+            peer.line().await;
+        })
+        .await;
+        let e = s.uidl_all().await.unwrap_err();
+        assert_eq!(e.kind(), "protocol", "{e}");
+        assert!(e.to_string().contains("UIDL listing exceeds 16 MiB"), "{e}");
+        assert!(!s.is_usable(), "poisoned");
+        assert_eq!(s.list_all().await.unwrap_err().kind(), "io");
+
+        // A few huge-ish entries: LIST lines near the line limit (the text
+        // after the size is ignored, but it still counts).
+        let pad = "x".repeat(MAX_STATUS_LINE - 40);
+        let (mut s, _task, _p) = logged_in(move |mut peer| async move {
+            peer.expect("LIST").await;
+            send_listing(&mut peer, 20_000, |i| format!("{i} 100 {pad}\r\n")).await;
+            peer.line().await;
+        })
+        .await;
+        let e = s.list_all().await.unwrap_err();
+        assert!(e.to_string().contains("LIST listing exceeds 16 MiB"), "{e}");
+        assert!(!s.is_usable(), "poisoned");
+    }
+
+    #[tokio::test]
+    async fn large_honest_listing_fits_the_byte_budget() {
+        // 100 000 messages with 40-octet unique ids: well within the budget.
+        let n = 100_000;
+        let (mut s, task, _p) = logged_in(move |mut peer| async move {
+            peer.expect("UIDL").await;
+            send_listing(&mut peer, n, |i| format!("{i} {i:0>40}\r\n")).await;
+            peer.expect("QUIT").await;
+            peer.send(b"+OK\r\n").await;
+        })
+        .await;
+        let listing = s.uidl_all().await.unwrap();
+        assert_eq!(listing.len(), n);
+        assert_eq!(listing[n - 1], (n as u32, format!("{n:0>40}")));
+        s.quit().await.unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test]
