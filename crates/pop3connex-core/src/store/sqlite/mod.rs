@@ -585,12 +585,22 @@ impl Writer {
             self.conn = Some(open_connection(&self.shared.path, false).map_err(|e| e.to_string())?);
         }
         let conn = self.conn.as_ref().ok_or("no write connection")?;
-        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;").map_err(|e| {
-            if !conn.is_autocommit() {
-                let _ = conn.execute_batch("ROLLBACK");
+        match conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;") {
+            Ok(()) => Ok(()),
+            // Another process holding the write lock (an import, a CLI
+            // command) says nothing about space.
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+            {
+                Ok(())
             }
-            e.to_string()
-        })
+            Err(e) => {
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                Err(e.to_string())
+            }
+        }
     }
 
     fn probe(&mut self) {
