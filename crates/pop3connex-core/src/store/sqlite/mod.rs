@@ -193,6 +193,12 @@ impl Shared {
     }
 
     fn reader(&self) -> StoreResult<(Connection, u64)> {
+        // Immutable readers are right only while nothing writes. Another
+        // process (a CLI command once space is back) writes to the WAL
+        // first: from then on read through the WAL like everyone else.
+        if self.readers_immutable() && !wal_is_empty(&self.path) {
+            self.set_readers_immutable(false);
+        }
         let (pooled, immutable, generation) = {
             let mut pool = self.readers.lock().map_err(|_| StoreError::Permanent("reader pool poisoned".into()))?;
             (pool.idle.pop(), pool.immutable, pool.generation)
@@ -209,6 +215,10 @@ impl Shared {
                 pool.idle.push(conn);
             }
         }
+    }
+
+    fn readers_immutable(&self) -> bool {
+        self.readers.lock().map(|p| p.immutable).unwrap_or(false)
     }
 
     fn set_readers_immutable(&self, immutable: bool) {
