@@ -1076,6 +1076,23 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn immutable_readers_see_writes_made_after_space_came_back() {
+        let dir = TempDir::new("immutable");
+        let server = SqliteStore::open(&dir.db()).unwrap();
+        server.set_key_check(vec![1]).await.unwrap();
+        let plain = Connection::open(dir.db()).unwrap();
+        plain.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        drop(plain);
+        // As after a read-only start on a full disk.
+        server.shared.set_readers_immutable(true);
+        assert_eq!(server.key_check().await.unwrap(), Some(vec![1]));
+        // Space is back and another process (a CLI command) writes first.
+        let cli = SqliteStore::open(&dir.db()).unwrap();
+        cli.set_key_check(vec![2]).await.unwrap();
+        assert_eq!(server.key_check().await.unwrap(), Some(vec![2]), "a reader missed a committed write");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn store_on_full_disk_starts_read_only_and_recovers() {
         let dir = TempDir::new("readonly");
         let store = SqliteStore::open(&dir.db()).unwrap();
