@@ -79,6 +79,13 @@ pub enum SecurityEvent<'a> {
         ok: bool,
         detail: &'a str,
     },
+    /// The store cannot write (disk full, I/O errors): mail is still served,
+    /// deliveries get 451 and POP3 deletions `[SYS/TEMP]` until it can.
+    StoreReadOnly {
+        reason: &'a str,
+    },
+    /// The store writes again after [`SecurityEvent::StoreReadOnly`].
+    StoreWritableAgain,
 }
 
 const TARGET: &str = "pop3connex::security";
@@ -130,6 +137,13 @@ pub fn emit(event: SecurityEvent<'_>) {
         TlsReloaded { ok: false, detail } => tracing::error!(
             target: TARGET, event = "tls_reload_failed", detail, "TLS reload failed; keeping the old certificate"
         ),
+        StoreReadOnly { reason } => tracing::error!(
+            target: TARGET, event = "store_read_only", reason,
+            "store is read-only: mail is served, deliveries and deletions wait for disk space"
+        ),
+        StoreWritableAgain => {
+            tracing::info!(target: TARGET, event = "store_writable_again", "store is writable again")
+        }
     }
 }
 

@@ -1,6 +1,10 @@
 //! DELE, RSET and QUIT. Deletes are marks until QUIT; QUIT applies them in
 //! one durable transaction (RFC 1939 UPDATE state). A session that ends any
 //! other way deletes nothing.
+//!
+//! On a read-only store (disk full) DELE still marks, as it changes nothing
+//! stored; QUIT then answers `-ERR [SYS/TEMP]` (RFC 2449) and the maildrop
+//! stays as it was, so the client deletes again at its next session.
 
 use pop3_proto::{MsgNum, RespCode, StatusLine};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -52,6 +56,12 @@ impl Session<'_> {
                     tracing::info!(deleted = count, "maildrop updated");
                 }
                 conn.reply(StatusLine::ok(format!("Bye, {count} messages deleted, {left} left")));
+            }
+            // A read-only store (disk full) refuses at once and has
+            // already said why: a warning per session, not an error.
+            Err(e) if !store.writable() => {
+                tracing::warn!(error = %e, "QUIT could not apply deletes: the store is read-only");
+                conn.reply(StatusLine::err_code(RespCode::SysTemp, "Deleted messages were not removed, try again"));
             }
             Err(e) => {
                 tracing::error!(error = %e, "QUIT could not apply deletes");

@@ -25,7 +25,8 @@ pub enum StoreError {
     NoSuchUser,
     #[error("user already exists")]
     UserExists,
-    /// Temporary trouble (busy database, I/O error): the caller may retry.
+    /// Temporary trouble (busy database, I/O error, disk full, a read-only
+    /// store): the caller may retry.
     #[error("storage temporarily unavailable: {0}")]
     Temporary(String),
     /// Corruption or an impossible state: needs an operator.
@@ -196,6 +197,13 @@ impl MaildropLock {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// False while the store cannot write (disk full, I/O errors): reads
+    /// work, every write fails with [`StoreError::Temporary`] and changes
+    /// nothing. A backend returns to writable by itself when it can.
+    fn writable(&self) -> bool {
+        true
+    }
+
     /// Value stored at initialisation to detect a wrong master key.
     async fn key_check(&self) -> StoreResult<Option<Vec<u8>>>;
     async fn set_key_check(&self, check: Vec<u8>) -> StoreResult<()>;

@@ -6,7 +6,23 @@
 //!   writes in groups (group commit): under concurrent LMTP load many
 //!   deliveries share one fsync, yet every caller is answered only after the
 //!   commit that contains its write. Each write runs in its own savepoint,
-//!   so one failing write does not take the others down with it.
+//!   so one failing write does not take the others down with it; a group
+//!   that fails for want of space or I/O is rolled back whole and every
+//!   write in it gets a temporary error.
+//! - Read-only mode: when the database cannot be written (disk full, I/O
+//!   errors) the store keeps serving reads and answers every write with a
+//!   temporary error without touching the database. It starts that way
+//!   when it opens on a full disk (an existing database at the current
+//!   schema opens without writing anything), and enters it when a commit
+//!   fails and the database cannot be written. The writer probes every
+//!   [`PROBE_INTERVAL`] (free space, then a write transaction opened and
+//!   rolled back) and returns to normal by itself. Both changes are
+//!   events (`store_read_only`, `store_writable_again`).
+//! - Space under pressure: the WAL is truncated back to
+//!   [`WAL_SIZE_LIMIT`] after checkpoints, and to zero after every commit
+//!   while less than [`LOW_SPACE_BYTES`] are free and after a failed
+//!   commit, so freed space goes to mail instead of a WAL growing beside
+//!   the database.
 //! - Readers use a small pool of read-only connections on the blocking pool.
 //! - Maildrop locks are `flock`s on one file per mailbox next to the
 //!   database: exclusive across sessions and processes, released by the
@@ -20,7 +36,9 @@ mod security;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
@@ -31,6 +49,7 @@ use super::{
     SeenUid, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
 };
 use crate::crypto::RecordId;
+use crate::events::{emit, SecurityEvent};
 use crate::types::UserName;
 
 /// Most writes committed in one transaction; bounds the latency one
@@ -41,6 +60,18 @@ const MAX_IDLE_READERS: usize = 8;
 /// How long a connection waits for another process's lock before the
 /// operation fails with a temporary error.
 const BUSY_TIMEOUT_MS: u64 = 5000;
+/// How often a read-only store checks whether it can write again.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Free bytes a read-only store waits for before it writes again: room for
+/// a delivery and its WAL copy, so it does not fail again at once.
+const RESUME_FREE_BYTES: u64 = 1 << 20;
+/// Below this many free bytes every commit is followed by a truncating
+/// checkpoint: the WAL then never holds space the next delivery needs.
+const LOW_SPACE_BYTES: u64 = 64 << 20;
+/// Bytes the WAL keeps after a checkpoint (SQLite `journal_size_limit`):
+/// the default auto-checkpoint size, so one large transaction does not
+/// leave a WAL of its size behind for good.
+const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
 const SCHEMA_VERSION: i64 = 6;
 const SCHEMA: &str = "
@@ -118,15 +149,107 @@ struct Job {
 }
 
 pub struct SqliteStore {
-    path: PathBuf,
     lock_dir: PathBuf,
     writer: Mutex<mpsc::Sender<Job>>,
-    readers: Arc<Mutex<Vec<Connection>>>,
+    shared: Arc<Shared>,
+}
+
+/// Free bytes on the file system holding the database; `None` when
+/// unknown. A function so tests can simulate a full disk.
+type FreeSpace = Arc<dyn Fn(&Path) -> Option<u64> + Send + Sync>;
+
+/// What the writer thread and the readers share.
+struct Shared {
+    path: PathBuf,
+    /// False while the store refuses writes because it cannot write (disk
+    /// full, I/O errors): reads go on, writes answer a temporary error
+    /// without touching the database, and the writer probes until it can
+    /// write again.
+    writable: AtomicBool,
+    readers: Mutex<ReaderPool>,
+    free_space: FreeSpace,
+}
+
+/// Idle read connections.
+struct ReaderPool {
+    idle: Vec<Connection>,
+    /// Readers open the database `immutable`: only after a read-only start
+    /// on a full disk where the WAL index (`-shm`) cannot be created and the
+    /// WAL is empty, so the database file alone is the whole state and no
+    /// one can write it until space comes back.
+    immutable: bool,
+    /// Bumped when `immutable` changes, so a connection of the old kind is
+    /// closed instead of pooled again.
+    generation: u64,
+}
+
+impl Shared {
+    fn writable(&self) -> bool {
+        self.writable.load(Ordering::SeqCst)
+    }
+
+    fn free_space(&self) -> Option<u64> {
+        (self.free_space)(&self.path)
+    }
+
+    fn reader(&self) -> StoreResult<(Connection, u64)> {
+        // Immutable readers are right only while nothing writes. Another
+        // process (a CLI command once space is back) writes to the WAL
+        // first: from then on read through the WAL like everyone else.
+        if self.readers_immutable() && !wal_is_empty(&self.path) {
+            self.set_readers_immutable(false);
+        }
+        let (pooled, immutable, generation) = {
+            let mut pool = self.readers.lock().map_err(|_| StoreError::Permanent("reader pool poisoned".into()))?;
+            (pool.idle.pop(), pool.immutable, pool.generation)
+        };
+        match pooled {
+            Some(c) => Ok((c, generation)),
+            None => Ok((open_reader(&self.path, immutable)?, generation)),
+        }
+    }
+
+    fn give_back(&self, conn: Connection, generation: u64) {
+        if let Ok(mut pool) = self.readers.lock() {
+            if pool.generation == generation && pool.idle.len() < MAX_IDLE_READERS {
+                pool.idle.push(conn);
+            }
+        }
+    }
+
+    fn readers_immutable(&self) -> bool {
+        self.readers.lock().map(|p| p.immutable).unwrap_or(false)
+    }
+
+    fn set_readers_immutable(&self, immutable: bool) {
+        if let Ok(mut pool) = self.readers.lock() {
+            if pool.immutable != immutable {
+                pool.immutable = immutable;
+                pool.generation += 1;
+                pool.idle.clear();
+            }
+        }
+    }
+}
+
+/// Free space reported by `statvfs` for unprivileged users.
+fn statvfs_free(path: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(path).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
+    ///
+    /// A database that exists and needs no schema change opens without a
+    /// single write. When it cannot be written (disk full, read-only file
+    /// system, I/O errors) the store starts read-only; a needed schema
+    /// upgrade that cannot be written refuses to start instead.
     pub fn open(path: &Path) -> StoreResult<Self> {
+        Self::open_with(path, Arc::new(statvfs_free))
+    }
+
+    fn open_with(path: &Path, free_space: FreeSpace) -> StoreResult<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Permanent(format!("create {}: {e}", dir.display())))?;
@@ -143,26 +266,62 @@ impl SqliteStore {
         std::fs::create_dir_all(&lock_dir)
             .map_err(|e| StoreError::Permanent(format!("create {}: {e}", lock_dir.display())))?;
 
-        let conn = open_connection(path, false)?;
-        conn.execute_batch(SCHEMA).map_err(map_err)?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(map_err)?;
+        let shared = Arc::new(Shared {
+            path: path.to_owned(),
+            writable: AtomicBool::new(true),
+            readers: Mutex::new(ReaderPool { idle: Vec::new(), immutable: false, generation: 0 }),
+            free_space,
+        });
+        let (conn, version) = match open_connection(path, false).and_then(|c| {
+            let v = schema_version(&c)?;
+            Ok((c, v))
+        }) {
+            Ok((c, v)) => (Some(c), v),
+            // Cannot open for writing (typically: the WAL index cannot be
+            // created on a full disk): read what is there.
+            Err(StoreError::Temporary(why)) => {
+                tracing::warn!(error = %why, "store cannot be opened for writing");
+                (None, startup_read(&shared, schema_version)?)
+            }
+            Err(e) => return Err(e),
+        };
         if version > SCHEMA_VERSION {
             return Err(StoreError::Permanent(format!(
                 "database schema {version} is newer than this program understands ({SCHEMA_VERSION})"
             )));
         }
-        migrate(&conn, version)?;
-        let integrity: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(map_err)?;
+        if version < SCHEMA_VERSION {
+            // Data safety first: an upgrade is one transaction, and one that
+            // cannot be written leaves the database as it was.
+            let upgraded = match &conn {
+                Some(c) => c.execute_batch(SCHEMA).map_err(map_err).and_then(|()| migrate(c, version)),
+                None => Err(StoreError::Temporary("cannot open the database for writing".into())),
+            };
+            if let Err(e) = upgraded {
+                return Err(StoreError::Permanent(format!(
+                    "the database needs an upgrade from schema {version} to {SCHEMA_VERSION}, which could not be \
+                     written ({e}); it is unchanged: free disk space on its file system and start again"
+                )));
+            }
+        }
+        let integrity = match &conn {
+            Some(c) => quick_check(c)?,
+            None => startup_read(&shared, quick_check)?,
+        };
         if integrity != "ok" {
             return Err(StoreError::Permanent(format!("database integrity check failed: {integrity}")));
         }
 
+        let mut writer = Writer { shared: shared.clone(), conn, apply, next_probe: Instant::now() };
+        if let Err(why) = writer.can_write() {
+            writer.enter_read_only(&why);
+        }
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Permanent(format!("spawn writer: {e}")))?;
-        Ok(Self { path: path.to_owned(), lock_dir, writer: Mutex::new(tx), readers: Arc::new(Mutex::new(Vec::new())) })
+        Ok(Self { lock_dir, writer: Mutex::new(tx), shared })
     }
 
     async fn write(&self, op: WriteOp) -> StoreResult<()> {
@@ -187,24 +346,52 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> StoreResult<T> {
-        let readers = self.readers.clone();
-        let path = self.path.clone();
+        let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = readers.lock().ok().and_then(|mut r| r.pop());
-            let conn = match pooled {
-                Some(c) => c,
-                None => open_connection(&path, true)?,
-            };
+            let (conn, generation) = shared.reader()?;
             let result = f(&conn).map_err(map_err);
-            if let Ok(mut r) = readers.lock() {
-                if r.len() < MAX_IDLE_READERS {
-                    r.push(conn);
-                }
-            }
+            shared.give_back(conn, generation);
             result
         })
         .await
         .map_err(|e| StoreError::Permanent(format!("reader task: {e}")))?
+    }
+}
+
+fn schema_version(conn: &Connection) -> StoreResult<i64> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(map_err)
+}
+
+fn quick_check(conn: &Connection) -> StoreResult<String> {
+    conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(map_err)
+}
+
+/// A startup read through a read-only connection. On a full disk after a
+/// clean stop even a reader cannot create the WAL index; when the WAL holds
+/// nothing the database file is complete, and readers open it immutable.
+fn startup_read<T>(shared: &Shared, f: impl Fn(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+    let attempt = |shared: &Shared| {
+        let (conn, generation) = shared.reader()?;
+        let r = f(&conn)?;
+        shared.give_back(conn, generation);
+        Ok(r)
+    };
+    match attempt(shared) {
+        Err(StoreError::Temporary(why)) if wal_is_empty(&shared.path) => {
+            tracing::warn!(error = %why, "the WAL index cannot be created; reading the database file as it is");
+            shared.set_readers_immutable(true);
+            attempt(shared)
+        }
+        other => other,
+    }
+}
+
+fn wal_is_empty(path: &Path) -> bool {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    match std::fs::metadata(PathBuf::from(wal)) {
+        Ok(m) => m.len() == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
 
@@ -252,7 +439,12 @@ fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
         }
     }
     sql.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
-    conn.execute_batch(&sql).map_err(map_err)
+    conn.execute_batch(&sql).map_err(|e| {
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        map_err(e)
+    })
 }
 
 fn open_connection(path: &Path, read_only: bool) -> StoreResult<Connection> {
@@ -262,54 +454,218 @@ fn open_connection(path: &Path, read_only: bool) -> StoreResult<Connection> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let conn = Connection::open_with_flags(path, flags).map_err(map_err)?;
-    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(map_err)?;
-    if !read_only {
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").map_err(map_err)?;
-    }
-    conn.execute_batch("PRAGMA foreign_keys = ON;").map_err(map_err)?;
+    configure(&conn, read_only)?;
     Ok(conn)
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
+fn configure(conn: &Connection, read_only: bool) -> StoreResult<()> {
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(map_err)?;
+    if !read_only {
+        // Setting WAL mode writes only when the database is not in it yet.
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
+        ))
+        .map_err(map_err)?;
+    }
+    conn.execute_batch("PRAGMA foreign_keys = ON;").map_err(map_err)
+}
+
+/// A read-only connection; `immutable` reads the database file alone,
+/// without the WAL and its index (see [`ReaderPool::immutable`]).
+fn open_reader(path: &Path, immutable: bool) -> StoreResult<Connection> {
+    if !immutable {
+        return open_connection(path, true);
+    }
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
         }
-        let outcome = commit_group(&mut conn, &batch);
-        match outcome {
+    }
+    uri.push_str("?immutable=1");
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(uri, flags).map_err(map_err)?;
+    configure(&conn, true)?;
+    Ok(conn)
+}
+
+/// The writer thread: owns the only write connection (none while it
+/// cannot be opened) and the writable/read-only state.
+struct Writer {
+    shared: Arc<Shared>,
+    conn: Option<Connection>,
+    /// [`apply`]; a field so tests can inject the failures of a full disk.
+    apply: ApplyFn,
+    /// When a read-only store next checks whether it can write again.
+    next_probe: Instant,
+}
+
+type ApplyFn = fn(&Connection, &WriteOp) -> StoreResult<()>;
+
+/// What a refused write answers while the store is read-only.
+const READ_ONLY: &str = "the store is read-only until disk space is available";
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        loop {
+            if !self.shared.writable() && Instant::now() >= self.next_probe {
+                self.probe();
+            }
+            let first = if self.shared.writable() {
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            } else {
+                match rx.recv_timeout(self.next_probe.saturating_duration_since(Instant::now())) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Job>) {
+        let conn = match &self.conn {
+            Some(c) if self.shared.writable() => c,
+            _ => {
+                for job in batch {
+                    let _ = job.reply.send(Err(StoreError::Temporary(READ_ONLY.into())));
+                }
+                return;
+            }
+        };
+        let ops: Vec<&WriteOp> = batch.iter().map(|j| &j.op).collect();
+        match commit_group(conn, &ops, self.apply) {
             Ok(results) => {
                 for (job, r) in batch.into_iter().zip(results) {
                     let _ = job.reply.send(r);
                 }
+                if self.shared.free_space().is_some_and(|f| f < LOW_SPACE_BYTES) {
+                    self.truncate_wal();
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "store commit failed");
+            Err(cause) => {
+                // Whatever the failed group left in the WAL goes back to
+                // the file system before deciding whether we can go on.
+                self.truncate_wal();
+                match self.can_write() {
+                    Ok(()) => tracing::error!(error = %cause, "store commit failed"),
+                    Err(why) => self.enter_read_only(&format!("{cause}; {why}")),
+                }
                 for job in batch {
-                    let _ = job.reply.send(Err(StoreError::Temporary(e.to_string())));
+                    let _ = job.reply.send(Err(StoreError::Temporary(cause.clone())));
                 }
             }
         }
     }
+
+    /// Checkpoints the whole WAL into the database and truncates it to zero
+    /// bytes, so the space it held is free again (best effort).
+    fn truncate_wal(&self) {
+        if let Some(c) = &self.conn {
+            if let Err(e) = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::debug!(error = %e, "WAL checkpoint failed");
+            }
+        }
+    }
+
+    /// Whether a write can be committed now: enough free space, a write
+    /// connection, and the write lock (a transaction opened and rolled
+    /// back, which writes nothing).
+    fn can_write(&mut self) -> Result<(), String> {
+        if let Some(free) = self.shared.free_space() {
+            if free < RESUME_FREE_BYTES {
+                return Err(format!("{free} bytes free, {RESUME_FREE_BYTES} needed"));
+            }
+        }
+        if self.conn.is_none() {
+            self.conn = Some(open_connection(&self.shared.path, false).map_err(|e| e.to_string())?);
+        }
+        let conn = self.conn.as_ref().ok_or("no write connection")?;
+        match conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;") {
+            Ok(()) => Ok(()),
+            // Another process holding the write lock (an import, a CLI
+            // command) says nothing about space.
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+            {
+                Ok(())
+            }
+            Err(e) => {
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn probe(&mut self) {
+        self.next_probe = Instant::now() + PROBE_INTERVAL;
+        if self.can_write().is_ok() {
+            self.shared.set_readers_immutable(false);
+            self.truncate_wal();
+            self.shared.writable.store(true, Ordering::SeqCst);
+            emit(SecurityEvent::StoreWritableAgain);
+        }
+    }
+
+    fn enter_read_only(&mut self, why: &str) {
+        self.next_probe = Instant::now() + PROBE_INTERVAL;
+        if self.shared.writable.swap(false, Ordering::SeqCst) {
+            emit(SecurityEvent::StoreReadOnly { reason: why });
+        }
+    }
 }
 
-fn commit_group(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<StoreResult<()>>> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        tx.execute_batch("SAVEPOINT op")?;
-        let r = apply(&tx, &job.op);
-        if r.is_ok() {
-            tx.execute_batch("RELEASE op")?;
-        } else {
-            tx.execute_batch("ROLLBACK TO op; RELEASE op")?;
+/// Commits `ops` in one transaction, each in its own savepoint so one
+/// failing write does not take the others down with it. A temporary error
+/// (disk full, I/O) or a failure of the transaction itself rolls back the
+/// whole group, explicitly: SQLite may already have rolled the transaction
+/// back on its own, taking every savepoint with it.
+fn commit_group(
+    conn: &Connection,
+    ops: &[&WriteOp],
+    apply: impl Fn(&Connection, &WriteOp) -> StoreResult<()>,
+) -> Result<Vec<StoreResult<()>>, String> {
+    fn abort(conn: &Connection, cause: String) -> String {
+        if !conn.is_autocommit() {
+            if let Err(e) = conn.execute_batch("ROLLBACK") {
+                tracing::warn!(error = %e, "rollback of a failed commit group failed");
+            }
         }
-        results.push(r);
+        cause
     }
-    tx.commit()?;
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| abort(conn, e.to_string()))?;
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        conn.execute_batch("SAVEPOINT op").map_err(|e| abort(conn, e.to_string()))?;
+        match apply(conn, op) {
+            Ok(()) => conn.execute_batch("RELEASE op").map_err(|e| abort(conn, e.to_string()))?,
+            Err(e @ StoreError::Temporary(_)) => return Err(abort(conn, e.to_string())),
+            Err(e) if conn.is_autocommit() => return Err(abort(conn, e.to_string())),
+            Err(e) => {
+                conn.execute_batch("ROLLBACK TO op; RELEASE op").map_err(|e| abort(conn, e.to_string()))?;
+                results.push(Err(e));
+                continue;
+            }
+        }
+        results.push(Ok(()));
+    }
+    conn.execute_batch("COMMIT").map_err(|e| abort(conn, e.to_string()))?;
     Ok(results)
 }
 
@@ -373,6 +729,10 @@ pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn writable(&self) -> bool {
+        self.shared.writable()
+    }
+
     async fn key_check(&self) -> StoreResult<Option<Vec<u8>>> {
         self.read(|c| {
             use rusqlite::OptionalExtension;
@@ -455,7 +815,11 @@ impl Store for SqliteStore {
     async fn use_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<UserName>> {
         let found = self.read(move |c| mailbox::find_app_password(c, &keyed_hash)).await?;
         let Some((id, name)) = found else { return Ok(None) };
-        self.write(WriteOp::UseAppPassword { id }).await?;
+        // The last-use time is bookkeeping: a store that cannot write
+        // (read-only on a full disk) still lets the device read its mail.
+        if let Err(e) = self.write(WriteOp::UseAppPassword { id }).await {
+            tracing::warn!(error = %e, "app password last-use time not recorded");
+        }
         Ok(UserName::parse(&name).ok())
     }
 
@@ -577,5 +941,189 @@ impl Store for SqliteStore {
 
     async fn put_connector_secret(&self, account: &str, kind: &str, sealed: Vec<u8>) -> StoreResult<()> {
         self.write(WriteOp::PutConnectorSecret { account: account.to_owned(), kind: kind.to_owned(), sealed }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("p3x-sqlite-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        fn db(&self) -> PathBuf {
+            self.0.join("s.db")
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn name(n: &str) -> UserName {
+        UserName::parse(n).unwrap()
+    }
+
+    fn message(mailbox_id: i64, body: &[u8]) -> NewMessage {
+        NewMessage {
+            mailbox_id,
+            uid: crate::crypto::random_id(),
+            size: body.len() as u64,
+            chunks: vec![body.to_vec()],
+            import_key: None,
+        }
+    }
+
+    /// What SQLite does on SQLITE_FULL in the middle of a write: it rolls
+    /// the whole transaction back on its own (savepoints included) and the
+    /// statement fails with "database or disk is full". `DedupPrune(-1)`
+    /// is the write that meets the full disk.
+    fn apply_on_full_disk(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
+        if let WriteOp::DedupPrune(-1) = op {
+            conn.execute_batch("ROLLBACK").unwrap();
+            return Err(map_err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                Some("database or disk is full".into()),
+            )));
+        }
+        apply(conn, op)
+    }
+
+    fn writer_on(db: &Path) -> Writer {
+        let shared = Arc::new(Shared {
+            path: db.to_owned(),
+            writable: AtomicBool::new(true),
+            readers: Mutex::new(ReaderPool { idle: Vec::new(), immutable: false, generation: 0 }),
+            free_space: Arc::new(|_: &Path| None),
+        });
+        let conn = open_connection(db, false).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        migrate(&conn, 0).unwrap();
+        Writer { shared, conn: Some(conn), apply: apply_on_full_disk, next_probe: Instant::now() }
+    }
+
+    fn job(op: WriteOp) -> (Job, oneshot::Receiver<StoreResult<()>>) {
+        let (reply, rx) = oneshot::channel();
+        (Job { op, reply }, rx)
+    }
+
+    fn key_check(w: &Writer) -> Option<Vec<u8>> {
+        use rusqlite::OptionalExtension;
+        let conn = w.conn.as_ref().unwrap();
+        conn.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional().unwrap()
+    }
+
+    #[test]
+    fn disk_full_group_is_rolled_back_without_no_such_savepoint() {
+        let dir = TempDir::new("savepoint");
+        let mut w = writer_on(&dir.db());
+        let (a, ra) = job(WriteOp::SetKeyCheck(vec![1]));
+        let (b, rb) = job(WriteOp::DedupPrune(-1));
+        let (c, rc) = job(WriteOp::SetKeyCheck(vec![2]));
+        w.commit(vec![a, b, c]);
+        for mut rx in [ra, rb, rc] {
+            match rx.try_recv().expect("every job in the group is answered") {
+                Err(StoreError::Temporary(why)) => {
+                    assert!(!why.contains("savepoint"), "{why}");
+                    assert!(why.contains("full"), "{why}");
+                }
+                other => panic!("expected a temporary error (LMTP 451), got {other:?}"),
+            }
+        }
+        let conn = w.conn.as_ref().unwrap();
+        assert!(conn.is_autocommit(), "the failed group left a transaction open");
+        assert_eq!(key_check(&w), None, "a write of the failed group was committed");
+
+        // The next group commits normally.
+        let (d, mut rd) = job(WriteOp::SetKeyCheck(vec![3]));
+        w.commit(vec![d]);
+        assert!(matches!(rd.try_recv(), Ok(Ok(()))));
+        assert_eq!(key_check(&w), Some(vec![3]));
+    }
+
+    #[test]
+    fn one_refused_write_leaves_the_rest_of_its_group() {
+        let dir = TempDir::new("isolation");
+        let mut w = writer_on(&dir.db());
+        let (a, mut ra) = job(WriteOp::SetKeyCheck(vec![1]));
+        let (b, mut rb) = job(WriteOp::SetDisabled { name: name("ghost"), disabled: true });
+        let (c, mut rc) = job(WriteOp::SetKeyCheck(vec![2]));
+        w.commit(vec![a, b, c]);
+        assert!(matches!(ra.try_recv(), Ok(Ok(()))));
+        assert!(matches!(rb.try_recv(), Ok(Err(StoreError::NoSuchUser))));
+        assert!(matches!(rc.try_recv(), Ok(Ok(()))));
+        assert_eq!(key_check(&w), Some(vec![2]));
+    }
+
+    #[test]
+    fn reopening_a_current_store_writes_nothing() {
+        let dir = TempDir::new("nowrite");
+        let first = SqliteStore::open(&dir.db()).unwrap();
+        let mut wal = dir.db().into_os_string();
+        wal.push("-wal");
+        let before = (std::fs::read(&wal).unwrap(), std::fs::read(dir.db()).unwrap());
+        let second = SqliteStore::open(&dir.db()).unwrap();
+        let after = (std::fs::read(&wal).unwrap(), std::fs::read(dir.db()).unwrap());
+        assert!(before == after, "opening a store at the current schema wrote to the database");
+        drop((first, second));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn immutable_readers_see_writes_made_after_space_came_back() {
+        let dir = TempDir::new("immutable");
+        let server = SqliteStore::open(&dir.db()).unwrap();
+        server.set_key_check(vec![1]).await.unwrap();
+        let plain = Connection::open(dir.db()).unwrap();
+        plain.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        drop(plain);
+        // As after a read-only start on a full disk.
+        server.shared.set_readers_immutable(true);
+        assert_eq!(server.key_check().await.unwrap(), Some(vec![1]));
+        // Space is back and another process (a CLI command) writes first.
+        let cli = SqliteStore::open(&dir.db()).unwrap();
+        cli.set_key_check(vec![2]).await.unwrap();
+        assert_eq!(server.key_check().await.unwrap(), Some(vec![2]), "a reader missed a committed write");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn store_on_full_disk_starts_read_only_and_recovers() {
+        let dir = TempDir::new("readonly");
+        let store = SqliteStore::open(&dir.db()).unwrap();
+        let alice = name("alice");
+        store.create_user(&alice, &StoredCredentials::default(), crate::crypto::random_id(), vec![1]).await.unwrap();
+        let mailbox = store.user(&alice).await.unwrap().unwrap().mailbox.id;
+        store.deliver(vec![message(mailbox, b"kept")]).await.unwrap();
+        let listed = store.messages(mailbox).await.unwrap();
+
+        let free = Arc::new(AtomicU64::new(0));
+        let space = free.clone();
+        let full = SqliteStore::open_with(&dir.db(), Arc::new(move |_: &Path| Some(space.load(Ordering::SeqCst))))
+            .expect("a store on a full disk opens");
+        assert!(!full.writable());
+        assert_eq!(full.messages(mailbox).await.unwrap(), listed);
+        assert_eq!(full.chunk(listed[0].id, 0).await.unwrap(), b"kept");
+        let refused = full.deliver(vec![message(mailbox, b"refused")]).await;
+        assert!(matches!(refused, Err(StoreError::Temporary(_))), "{refused:?}");
+        let refused = full.delete_messages(mailbox, vec![listed[0].id]).await;
+        assert!(matches!(refused, Err(StoreError::Temporary(_))), "{refused:?}");
+        assert_eq!(full.messages(mailbox).await.unwrap(), listed, "a refused write changed the mailbox");
+
+        free.store(u64::MAX, Ordering::SeqCst);
+        let deadline = Instant::now() + PROBE_INTERVAL * 3;
+        while !full.writable() {
+            assert!(Instant::now() < deadline, "the store did not return to writable");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        full.deliver(vec![message(mailbox, b"after")]).await.unwrap();
+        full.delete_messages(mailbox, vec![listed[0].id]).await.unwrap();
+        assert_eq!(full.messages(mailbox).await.unwrap().len(), 1);
+        drop(store);
     }
 }
