@@ -144,7 +144,7 @@ async fn maildir_symlinked_cur_is_refused() {
     let real = src.join("real");
     maildir(&real);
     std::fs::write(real.join("new/1.a.host"), "Subject: a\n\nx\n").unwrap();
-    symlink(&secret.join("1.key.host"), real.join("new/2.b.host")).unwrap();
+    symlink(secret.join("1.key.host"), real.join("new/2.b.host")).unwrap();
     let link = src.join("link");
     symlink(&real, &link).unwrap();
     let err = import_maildir(&f.mail, &rec, &link, ImportOptions::default(), &mut |_, _| {}).await.unwrap_err();
