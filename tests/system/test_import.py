@@ -334,3 +334,124 @@ def test_import_mbox(module_server, tmp_path):
     assert run_import(srv, "mbox", name, path) == (1, len(originals))
     got2 = pop3s_all(srv, name, pw)
     assert got2[:-1] == got and got2[-1] == extra
+
+
+# --------------------------------------------------------------------------
+# hostile input (findings of an attack on the import path)
+# --------------------------------------------------------------------------
+
+HOSTILE_ARGON2 = "{ARGON2ID}$argon2id$v=19$m=4294967295,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
+SHA_999M = "{SHA512-CRYPT}$6$rounds=999999999$saltsalt$" + "A" * 86
+
+
+def login_reply(srv: syslib.Server, user: str, password: str) -> str:
+    with srv.pop3s() as p:
+        p.cmd(f"USER {user}")
+        return p.cmd(f"PASS {password}", expect_ok=False)
+
+
+def test_import_passwd_hostile_hash_refused_server_survives(server, tmp_path):
+    """A passwd line with Argon2 m=4 GiB or SHA512-CRYPT rounds=999999999 is
+    refused with its line number; every other skipped line is reported too,
+    and names are never echoed with raw control characters."""
+    srv = server
+    victim, slow = syslib.unique_name("vic"), syslib.unique_name("slow")
+    path = tmp_path / "passwd"
+    path.write_bytes(f"{victim}:{HOSTILE_ARGON2}::::::\n{slow}:{SHA_999M}\nnohash\n".encode()
+                     + b"esc\x1b[31mred:{PLAIN}x\n")
+    cp = srv.cli("user", "import-passwd", str(path), check=False)
+    out, err = cp.stdout.decode(), cp.stderr.decode()
+    assert "imported 0 users, skipped 4" in out, (out, err)
+    assert f"{path}:1: {victim}: hash refused: Argon2 memory m=4294967295 KiB is above the limit" in err, err
+    assert f"{path}:2: {slow}: hash refused: SHA512-CRYPT rounds=999999999 is above the limit" in err, err
+    assert f"{path}:3: nohash: no ':' in the line" in err, err
+    assert f"{path}:4: esc\\u{{1b}}[31mred: invalid user name" in err, err
+    assert b"\x1b" not in cp.stderr + cp.stdout, "a raw ESC reached the terminal"
+    listed = srv.cli("user", "list").stdout.decode()
+    assert victim not in listed and slow not in listed, listed
+    t0 = time.monotonic()
+    assert login_reply(srv, victim, "anything").startswith("-ERR")
+    assert time.monotonic() - t0 < 10
+    assert srv.alive(), "the server died on a login attempt"
+
+
+def test_stored_hostile_hash_fails_login_with_error_log(server, tmp_path):
+    """A hostile hash already in a store (imported by an earlier release) is
+    never run: the login fails like a wrong password, the server stays up,
+    and an ERROR names the user and the reason."""
+    import sqlite3
+    srv = server
+    victim, pw = syslib.unique_name("old"), syslib.new_password()
+    srv.add_user(victim, pw)
+    db = sqlite3.connect(str(srv.data_dir / "pop3connex.db"), timeout=10)
+    with db:
+        n = db.execute("UPDATE users SET password_hash = ?, scram = NULL WHERE name = ?", (HOSTILE_ARGON2, victim))
+        assert n.rowcount == 1
+    db.close()
+    t0 = time.monotonic()
+    assert login_reply(srv, victim, pw).startswith("-ERR")
+    assert time.monotonic() - t0 < 10
+    assert srv.alive(), "the server died on a login attempt"
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [l for l in srv.log_text().splitlines() if "cost parameters out of bounds" in l and victim in l]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert lines, f"no log line naming {victim}:\n{srv.log_text()[-3000:]}"
+    assert "ERROR" in lines[0] and "m=4294967295" in lines[0], lines[0]
+
+
+def test_import_maildir_symlinked_cur_refused_key_not_imported(server, tmp_path):
+    """`cur -> <data dir>/tls`: the import is refused and the server's TLS
+    key never reaches the mailbox."""
+    srv = server
+    name, pw = syslib.unique_name("mal"), syslib.new_password()
+    srv.add_user(name, pw)
+    md = tmp_path / "Maildir"
+    (md / "new").mkdir(parents=True)
+    (md / "tmp").mkdir()
+    (md / "cur").symlink_to(srv.data_dir / "tls")
+    assert any(b"PRIVATE KEY" in f.read_bytes() for f in (srv.data_dir / "tls").iterdir() if f.is_file())
+    cp = srv.cli("import", "maildir", name, str(md), check=False)
+    err = cp.stderr.decode(errors="replace")
+    assert cp.returncode != 0 and f"{md}/cur is a symbolic link: refused" in err, (cp.returncode, err)
+    assert srv.mailbox_stat(name) == (0, 0)
+    assert pop3s_all(srv, name, pw) == []
+
+
+def test_import_fifo_refused_quickly(server, tmp_path):
+    """A FIFO as the mbox, or inside a Maildir, never blocks the import."""
+    srv = server
+    name, pw = syslib.unique_name("fifo"), syslib.new_password()
+    srv.add_user(name, pw)
+    fifo = tmp_path / "inbox.mbox"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    cp = srv.cli("import", "mbox", name, str(fifo), check=False, timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert cp.returncode != 0 and "is not a regular file (it is a FIFO)" in cp.stderr.decode(), cp
+    md = tmp_path / "Maildir"
+    for sub in ["cur", "new", "tmp"]:
+        (md / sub).mkdir(parents=True)
+    os.mkfifo(md / "new" / "3000.F.host")
+    msg = make_message("fifo-neighbour")
+    (md / "new" / "3001.G.host").write_bytes(syslib.lf(msg))
+    t0 = time.monotonic()
+    cp = srv.cli("import", "maildir", name, str(md), check=False, timeout=20)
+    assert time.monotonic() - t0 < 5
+    out, err = cp.stdout.decode(), cp.stderr.decode()
+    assert cp.returncode != 0 and "skipped: new/3000.F.host: FIFO, not imported" in err, (out, err)
+    assert IMPORT_RE.search(out).groups() == ("1", "0"), out
+    assert pop3s_all(srv, name, pw) == [msg]
+
+
+def test_import_mbox_without_from_line_is_an_error(server, tmp_path):
+    srv = server
+    name, pw = syslib.unique_name("nofrom"), syslib.new_password()
+    srv.add_user(name, pw)
+    path = tmp_path / "not.mbox"
+    path.write_bytes(b"Subject: no From_ line at all\n\nbody\n")
+    cp = srv.cli("import", "mbox", name, str(path), check=False)
+    assert cp.returncode != 0 and "is not an mbox file" in cp.stderr.decode(), cp
+    assert srv.mailbox_stat(name) == (0, 0)

@@ -239,7 +239,9 @@ impl Authenticator {
         let ok = cached || {
             let _permit = self.hashing.acquire().await.map_err(|_| AuthFailure::Temporary)?;
             let pw = password.clone();
-            tokio::task::spawn_blocking(move || verify_password(&stored, &pw))
+            // Names the user in what verification logs (a refused stored hash).
+            let span = tracing::error_span!("verify", user = record.as_ref().map_or("", |r| r.name.as_str()));
+            tokio::task::spawn_blocking(move || span.in_scope(|| verify_password(&stored, &pw)))
                 .await
                 .map_err(|_| AuthFailure::Temporary)?
         };

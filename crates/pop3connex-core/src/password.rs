@@ -59,6 +59,10 @@ pub fn is_supported_hash(hash: &str) -> bool {
 /// Checks `password` against a stored hash of any supported scheme.
 /// Unknown or malformed hashes never verify.
 pub fn verify_password(stored: &str, password: &[u8]) -> bool {
+    if let Err(e) = check_hash_parameters(stored) {
+        tracing::error!(reason = %e, "stored password hash not verified: cost parameters out of bounds; set a new password");
+        return false;
+    }
     let stored = stored.strip_prefix("{ARGON2ID}").unwrap_or(stored);
     if let Some(crypt) = stored.strip_prefix("{SHA512-CRYPT}").or_else(|| stored.strip_prefix("$6$").map(|_| stored)) {
         let Ok(pw) = std::str::from_utf8(password) else { return false };
@@ -82,6 +86,111 @@ pub fn dummy_hash(cfg: &AuthConfig) -> Result<String, PasswordError> {
     getrandom::getrandom(&mut *pw).map_err(|_| PasswordError::Hash)?;
     let pw: Zeroizing<Vec<u8>> = Zeroizing::new(pw.iter().map(|b| b'a' + b % 26).collect());
     hash_password(cfg, &pw)
+}
+
+// ---------------------------------------------------------------------------
+// Bounds on the cost parameters a stored hash carries.
+//
+// Imported hashes (`user import-passwd`) bring their own cost; without a cap
+// one hash with Argon2 m=4 GiB aborts the process at the first login attempt
+// and one with SHA512-CRYPT rounds=999999999 ties a hashing slot up for
+// minutes. The bounds are checked at import (the line is refused) and before
+// every verification (the hash is never run). Budget: one verification costs
+// at most about 8 times the default Argon2id (19 MiB, t=2), which is what
+// Dovecot's own Argon2id default costs. Measured on a busy 2-core machine:
+// default Argon2id 64 ms; Dovecot's (64 MiB, t=3) 460 ms; SHA512-CRYPT
+// 5000 rounds 1.2 ms, 100000 rounds 79 ms; bcrypt cost 10 220 ms, cost 12
+// 860 ms.
+// ---------------------------------------------------------------------------
+
+/// Largest Argon2 memory, KiB: 128 MiB. At most 4 hashes run at once, so
+/// hashing never holds more than 512 MiB; Dovecot's default is 64 MiB.
+pub const MAX_ARGON2_MEMORY_KIB: u64 = 128 * 1024;
+/// Largest Argon2 pass count (Dovecot's default is 3).
+pub const MAX_ARGON2_PASSES: u64 = 10;
+/// Largest Argon2 lane count; the verifier runs lanes one after another,
+/// so lanes only split the memory.
+pub const MAX_ARGON2_LANES: u64 = 16;
+/// Largest Argon2 work, memory (KiB) times passes: Dovecot's default
+/// (64 MiB x 3), 5 times the work of ours (19456 KiB x 2).
+pub const MAX_ARGON2_WORK: u64 = 64 * 1024 * 3;
+/// Largest SHA512-CRYPT rounds: passlib's default, about 520 ms; glibc's
+/// and Dovecot's default is 5000 (rounds=2000000 took 3.3 s per login).
+pub const MAX_SHA512_ROUNDS: u64 = 656_000;
+/// Largest bcrypt cost (2^cost rounds): 11, about 440 ms; Dovecot's
+/// default is 5, common web defaults 10.
+pub const MAX_BCRYPT_COST: u64 = 11;
+
+/// Why a stored or imported hash is refused before it is ever run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HashParamError {
+    #[error("malformed {0} hash")]
+    Malformed(&'static str),
+    #[error("Argon2 memory m={0} KiB is above the limit of {MAX_ARGON2_MEMORY_KIB} KiB")]
+    Argon2Memory(u64),
+    #[error("Argon2 passes t={0} is above the limit of {MAX_ARGON2_PASSES}")]
+    Argon2Passes(u64),
+    #[error("Argon2 lanes p={0} is above the limit of {MAX_ARGON2_LANES}")]
+    Argon2Lanes(u64),
+    #[error("Argon2 work m*t={0} KiB is above the limit of {MAX_ARGON2_WORK}")]
+    Argon2Work(u64),
+    #[error("SHA512-CRYPT rounds={0} is above the limit of {MAX_SHA512_ROUNDS}")]
+    Sha512Rounds(u64),
+    #[error("bcrypt cost {0} is above the limit of {MAX_BCRYPT_COST}")]
+    BcryptCost(u64),
+}
+
+/// Checks the cost parameters of a hash in any form [`verify_password`]
+/// accepts, without running it. Forms it does not accept pass here (they
+/// never verify anyway); [`is_supported_hash`] decides about those.
+pub fn check_hash_parameters(hash: &str) -> Result<(), HashParamError> {
+    let hash = hash.strip_prefix("{ARGON2ID}").unwrap_or(hash);
+    if let Some(rest) = hash.strip_prefix("{SHA512-CRYPT}$6$").or_else(|| hash.strip_prefix("$6$")) {
+        // "$6$rounds=N$salt$hash"; without "rounds=" glibc uses 5000.
+        let Some(spec) = rest.strip_prefix("rounds=") else { return Ok(()) };
+        let digits = spec.split('$').next().unwrap_or_default();
+        if digits.is_empty() || digits.len() > 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(HashParamError::Malformed("SHA512-CRYPT"));
+        }
+        let rounds: u64 = digits.parse().map_err(|_| HashParamError::Malformed("SHA512-CRYPT"))?;
+        return if rounds > MAX_SHA512_ROUNDS { Err(HashParamError::Sha512Rounds(rounds)) } else { Ok(()) };
+    }
+    if let Some(rest) = hash.strip_prefix("{BLF-CRYPT}$2") {
+        // "$2y$NN$<53 chars>"
+        let mut parts = rest.splitn(3, '$');
+        let (_variant, cost) = (parts.next(), parts.next().unwrap_or_default());
+        if cost.len() != 2 || !cost.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(HashParamError::Malformed("BLF-CRYPT"));
+        }
+        let cost: u64 = cost.parse().map_err(|_| HashParamError::Malformed("BLF-CRYPT"))?;
+        return if cost > MAX_BCRYPT_COST { Err(HashParamError::BcryptCost(cost)) } else { Ok(()) };
+    }
+    if hash.starts_with("$argon2id$") {
+        let parsed = PasswordHash::new(hash).map_err(|_| HashParamError::Malformed("Argon2id"))?;
+        let param = |name: &str| -> Result<Option<u64>, HashParamError> {
+            match parsed.params.get(name) {
+                None => Ok(None),
+                Some(v) => v.decimal().map(|d| Some(u64::from(d))).map_err(|_| HashParamError::Malformed("Argon2id")),
+            }
+        };
+        // Absent parameters take the argon2 crate's defaults, all within bounds.
+        let m = param("m")?.unwrap_or(u64::from(Params::DEFAULT_M_COST));
+        let t = param("t")?.unwrap_or(u64::from(Params::DEFAULT_T_COST));
+        let p = param("p")?.unwrap_or(u64::from(Params::DEFAULT_P_COST));
+        if m > MAX_ARGON2_MEMORY_KIB {
+            return Err(HashParamError::Argon2Memory(m));
+        }
+        if t > MAX_ARGON2_PASSES {
+            return Err(HashParamError::Argon2Passes(t));
+        }
+        if p > MAX_ARGON2_LANES {
+            return Err(HashParamError::Argon2Lanes(p));
+        }
+        if m * t > MAX_ARGON2_WORK {
+            return Err(HashParamError::Argon2Work(m * t));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

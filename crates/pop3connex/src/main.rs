@@ -7,13 +7,14 @@ use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use pop3connex_core::auth::{AccountError, Authenticator};
 use pop3connex_core::config::{Config, LogConfig, LogFormat, EXAMPLE};
-use pop3connex_core::import::{import_maildir, import_mbox};
+use pop3connex_core::import::{escape_controls, import_maildir, import_mbox, ImportOptions};
 use pop3connex_core::init::{init_data_dir, CONFIG_FILE};
 use pop3connex_core::mailstore::MailStore;
+use pop3connex_core::password;
 use pop3connex_core::server;
 use pop3connex_core::types::UserName;
 use zeroize::Zeroizing;
@@ -178,10 +179,22 @@ enum AppPasswordCmd {
 
 #[derive(Subcommand)]
 enum ImportCmd {
-    /// Import the INBOX of a Maildir (cur/ and new/).
-    Maildir { user: String, path: PathBuf },
+    /// Import the INBOX of a Maildir (cur/ and new/); links below it are never followed.
+    Maildir {
+        user: String,
+        path: PathBuf,
+        /// Accept PATH itself being a symbolic link (never links below it).
+        #[arg(long)]
+        follow_symlinks: bool,
+    },
     /// Import an mbox file.
-    Mbox { user: String, path: PathBuf },
+    Mbox {
+        user: String,
+        path: PathBuf,
+        /// Accept PATH being a symbolic link (refused otherwise).
+        #[arg(long)]
+        follow_symlinks: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -466,16 +479,22 @@ async fn user(cfg: Config, cmd: UserCmd) -> Result<()> {
                     continue;
                 }
                 let mut fields = line.splitn(3, ':');
-                let (Some(user), Some(hash)) = (fields.next(), fields.next()) else { continue };
-                let outcome = match UserName::parse(user) {
-                    Ok(name) => auth.import_user(&name, hash).await.map_err(|e| account_err(e, &name)),
-                    Err(e) => Err(e.into()),
+                let user = fields.next().unwrap_or_default();
+                let outcome = match (fields.next(), UserName::parse(user)) {
+                    (None, _) => Err(anyhow!("no ':' in the line (expected user:{{SCHEME}}hash)")),
+                    (Some(_), Err(e)) => Err(e.into()),
+                    (Some(hash), Ok(name)) => match password::check_hash_parameters(hash) {
+                        Err(e) => Err(anyhow!("hash refused: {e}")),
+                        Ok(()) => auth.import_user(&name, hash).await.map_err(|e| account_err(e, &name)),
+                    },
                 };
                 match outcome {
                     Ok(()) => added += 1,
                     Err(e) => {
                         skipped += 1;
-                        eprintln!("{}:{}: {user}: {e}", file.display(), i + 1);
+                        // The name comes from the file: never echo control characters to the terminal.
+                        let msg = escape_controls(&format!("{user}: {e}"));
+                        eprintln!("{}:{}: {msg}", file.display(), i + 1);
                     }
                 }
             }
@@ -677,10 +696,11 @@ async fn ban(cfg: Config, cmd: BanCmd) -> Result<()> {
 
 async fn import(cfg: Config, cmd: ImportCmd) -> Result<()> {
     let mail = MailStore::open(&cfg).await?;
-    let (user, path, maildir) = match cmd {
-        ImportCmd::Maildir { user, path } => (user, path, true),
-        ImportCmd::Mbox { user, path } => (user, path, false),
+    let (user, path, maildir, follow_symlinks) = match cmd {
+        ImportCmd::Maildir { user, path, follow_symlinks } => (user, path, true, follow_symlinks),
+        ImportCmd::Mbox { user, path, follow_symlinks } => (user, path, false, follow_symlinks),
     };
+    let options = ImportOptions { follow_symlinks };
     let name = UserName::parse(&user)?;
     let Some(record) = mail.store().user(&name).await? else { bail!("no such user: {name} (add it first)") };
     let bar = indicatif::ProgressBar::new(0);
@@ -697,14 +717,27 @@ async fn import(cfg: Config, cmd: ImportCmd) -> Result<()> {
         bar.set_position(done);
     };
     let report = if maildir {
-        import_maildir(&mail, &record, &path, &mut progress).await?
+        import_maildir(&mail, &record, &path, options, &mut progress).await
     } else {
-        import_mbox(&mail, &record, &path, &mut progress).await?
+        import_mbox(&mail, &record, &path, options, &mut progress).await
     };
     bar.finish_and_clear();
+    // Errors and reports quote names from the source: escape them for the terminal.
+    let report = report.map_err(|e| anyhow!(escape_controls(&e.to_string())))?;
+    for note in &report.notes {
+        eprintln!("note: {}", escape_controls(note));
+    }
+    for skipped in &report.skipped {
+        eprintln!("skipped: {}", escape_controls(skipped));
+    }
     println!(
-        "imported {} messages into {name}; {} were already present (resumed or repeated import)",
-        report.imported, report.already_present
+        "imported {} messages into {name}; {} were already present (resumed or repeated import); {} skipped",
+        report.imported,
+        report.already_present,
+        report.skipped.len()
     );
+    if !report.skipped.is_empty() {
+        bail!("{} entries were not imported (listed above)", report.skipped.len());
+    }
     Ok(())
 }
