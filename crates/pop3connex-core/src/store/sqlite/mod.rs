@@ -27,8 +27,8 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use super::{
-    BanRecord, ConnectorCommit, ConnectorStatus, DedupKey, LockoutRecord, MaildropLock, MessageMeta, NewMessage,
-    SeenUid, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
+    BanRecord, ConnectorCommit, ConnectorStatus, DedupKey, LockoutRecord, MaildropLock, MessageMeta, MessageSource,
+    NewMessage, SeenUid, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
 };
 use crate::crypto::RecordId;
 use crate::types::UserName;
@@ -87,29 +87,74 @@ CREATE TABLE IF NOT EXISTS imports(
 /// A write, executed by the writer thread.
 enum WriteOp {
     SetKeyCheck(Vec<u8>),
-    CreateUser { name: UserName, credentials: StoredCredentials, uid: RecordId, wrapped_key: Vec<u8> },
-    SetPassword { name: UserName, credentials: StoredCredentials },
-    SetDisabled { name: UserName, disabled: bool },
-    SetRequireModern { name: UserName, required: bool },
-    SetClass { name: UserName, class: Option<String> },
-    AddAppPassword { name: UserName, label: String, hash: Vec<u8>, expires_at: Option<i64> },
-    RevokeAppPassword { name: UserName, id: i64 },
-    UseAppPassword { id: i64 },
+    CreateUser {
+        name: UserName,
+        credentials: StoredCredentials,
+        uid: RecordId,
+        wrapped_key: Vec<u8>,
+    },
+    SetPassword {
+        name: UserName,
+        credentials: StoredCredentials,
+    },
+    SetDisabled {
+        name: UserName,
+        disabled: bool,
+    },
+    SetRequireModern {
+        name: UserName,
+        required: bool,
+    },
+    SetClass {
+        name: UserName,
+        class: Option<String>,
+    },
+    AddAppPassword {
+        name: UserName,
+        label: String,
+        hash: Vec<u8>,
+        expires_at: Option<i64>,
+    },
+    RevokeAppPassword {
+        name: UserName,
+        id: i64,
+    },
+    UseAppPassword {
+        id: i64,
+    },
     DeleteUser(UserName),
     Deliver(Vec<NewMessage>),
-    Delete { mailbox_id: i64, ids: Vec<i64> },
+    /// Sealed one message at a time on the writer thread.
+    DeliverSealed(Arc<dyn MessageSource>),
+    Delete {
+        mailbox_id: i64,
+        ids: Vec<i64>,
+    },
     PutBan(BanRecord),
     RemoveBan(String),
     PutLockout(LockoutRecord),
     RemoveLockout(String),
     ConnectorCommit(ConnectorCommit),
-    ConnectorForget { account: String, uidls: Vec<String> },
-    ConnectorResync { account: String, uidls: Vec<String> },
+    ConnectorForget {
+        account: String,
+        uidls: Vec<String>,
+    },
+    ConnectorResync {
+        account: String,
+        uidls: Vec<String>,
+    },
     DedupPrune(i64),
     PutConnectorStatus(ConnectorStatus),
-    AddConnectorAccount { name: String, spec: String },
+    AddConnectorAccount {
+        name: String,
+        spec: String,
+    },
     RemoveConnectorAccount(String),
-    PutConnectorSecret { account: String, kind: String, sealed: Vec<u8> },
+    PutConnectorSecret {
+        account: String,
+        kind: String,
+        sealed: Vec<u8>,
+    },
 }
 
 struct Job {
@@ -339,6 +384,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
             .map_err(map_err),
         WriteOp::DeleteUser(name) => mailbox::delete_user(conn, name),
         WriteOp::Deliver(msgs) => message::deliver(conn, msgs),
+        WriteOp::DeliverSealed(source) => message::deliver_sealed(conn, source.as_ref()),
         WriteOp::Delete { mailbox_id, ids } => message::delete(conn, *mailbox_id, ids),
         WriteOp::PutBan(b) => security::put_ban(conn, b),
         WriteOp::RemoveBan(n) => security::remove(conn, "DELETE FROM bans WHERE network = ?1", n),
@@ -480,6 +526,13 @@ impl Store for SqliteStore {
             return Ok(());
         }
         self.write(WriteOp::Deliver(messages)).await
+    }
+
+    async fn deliver_sealed(&self, source: Arc<dyn MessageSource>) -> StoreResult<()> {
+        if source.is_empty() {
+            return Ok(());
+        }
+        self.write(WriteOp::DeliverSealed(source)).await
     }
 
     async fn delete_messages(&self, mailbox_id: i64, ids: Vec<i64>) -> StoreResult<()> {
