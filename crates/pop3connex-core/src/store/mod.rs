@@ -5,9 +5,9 @@
 //! implements persistence and locking, not cryptography. The conformance
 //! suite in `tests/store_conformance.rs` runs against every backend.
 //!
-//! Durability contract: when [`Store::deliver`] or [`Store::delete_messages`]
-//! returns `Ok`, the change is committed and synced to stable storage. Either
-//! all items of one call become visible or none do.
+//! Durability contract: when [`Store::deliver`], [`Store::deliver_sealed`] or
+//! [`Store::delete_messages`] returns `Ok`, the change is committed and synced
+//! to stable storage. Either all items of one call become visible or none do.
 
 pub mod sqlite;
 
