@@ -87,74 +87,30 @@ CREATE TABLE IF NOT EXISTS imports(
 /// A write, executed by the writer thread.
 enum WriteOp {
     SetKeyCheck(Vec<u8>),
-    CreateUser {
-        name: UserName,
-        credentials: StoredCredentials,
-        uid: RecordId,
-        wrapped_key: Vec<u8>,
-    },
-    SetPassword {
-        name: UserName,
-        credentials: StoredCredentials,
-    },
-    SetDisabled {
-        name: UserName,
-        disabled: bool,
-    },
-    SetRequireModern {
-        name: UserName,
-        required: bool,
-    },
-    SetClass {
-        name: UserName,
-        class: Option<String>,
-    },
-    AddAppPassword {
-        name: UserName,
-        label: String,
-        hash: Vec<u8>,
-        expires_at: Option<i64>,
-    },
-    RevokeAppPassword {
-        name: UserName,
-        id: i64,
-    },
-    UseAppPassword {
-        id: i64,
-    },
+    CreateUser { name: UserName, credentials: StoredCredentials, uid: RecordId, wrapped_key: Vec<u8> },
+    SetPassword { name: UserName, credentials: StoredCredentials },
+    SetDisabled { name: UserName, disabled: bool },
+    SetRequireModern { name: UserName, required: bool },
+    SetClass { name: UserName, class: Option<String> },
+    AddAppPassword { name: UserName, label: String, hash: Vec<u8>, expires_at: Option<i64> },
+    RevokeAppPassword { name: UserName, id: i64 },
+    UseAppPassword { id: i64 },
     DeleteUser(UserName),
     Deliver(Vec<NewMessage>),
-    /// Sealed one message at a time on the writer thread.
     DeliverSealed(Arc<dyn MessageSource>),
-    Delete {
-        mailbox_id: i64,
-        ids: Vec<i64>,
-    },
+    Delete { mailbox_id: i64, ids: Vec<i64> },
     PutBan(BanRecord),
     RemoveBan(String),
     PutLockout(LockoutRecord),
     RemoveLockout(String),
     ConnectorCommit(ConnectorCommit),
-    ConnectorForget {
-        account: String,
-        uidls: Vec<String>,
-    },
-    ConnectorResync {
-        account: String,
-        uidls: Vec<String>,
-    },
+    ConnectorForget { account: String, uidls: Vec<String> },
+    ConnectorResync { account: String, uidls: Vec<String> },
     DedupPrune(i64),
     PutConnectorStatus(ConnectorStatus),
-    AddConnectorAccount {
-        name: String,
-        spec: String,
-    },
+    AddConnectorAccount { name: String, spec: String },
     RemoveConnectorAccount(String),
-    PutConnectorSecret {
-        account: String,
-        kind: String,
-        sealed: Vec<u8>,
-    },
+    PutConnectorSecret { account: String, kind: String, sealed: Vec<u8> },
 }
 
 struct Job {
