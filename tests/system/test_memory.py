@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 import poplib
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
