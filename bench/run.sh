@@ -4,6 +4,7 @@
 #   bench/run.sh                      # full run (PHASES="main auth": < 15 min + the auth phases), writes docs/BENCHMARKS.md
 #   PHASES=auth bench/run.sh          # authentication phases only (< 10 min), rewrites only their section
 #   PHASES=connector bench/run.sh     # connector vs fetchmail (bench/connector.sh), rewrites only its section
+#   bench/memory.sh                   # memory figures ("Memory after load", kept by the runs above)
 #   SERVERS=dovecot bench/run.sh      # harness check against Dovecot alone (report in bench/work)
 #
 # Knobs (environment): USERS=200 MSGS=20 SIZE=4400 DURATION=20 WARMUP=2 ROUNDS=2
@@ -607,13 +608,18 @@ if [[ " $SERVERS " == *" pop3connex "* && " $SERVERS " == *" dovecot "* ]] && ! 
     splice_section "$OUT" Authentication "$WORK/auth-section.md"
     log "wrote the Authentication section of $OUT"
 elif [[ " $SERVERS " == *" pop3connex "* && " $SERVERS " == *" dovecot "* ]]; then
-    # The connector section comes from bench/connector.sh: keep the one already in OUT.
+    # The connector section comes from bench/connector.sh and the memory section from
+    # bench/memory.sh: keep the ones already in OUT.
     extract_section "$OUT" Connector >"$WORK/connector-section.md"
+    extract_section "$OUT" Memory >"$WORK/memory-section.md"
     "$ROOT/bench/report.sh" >"$OUT"
-    if [[ -s $WORK/connector-section.md ]]; then
-        printf '\n' >>"$WORK/connector-section.md"
-        splice_section "$OUT" Connector "$WORK/connector-section.md"
-    fi
+    for sec in Connector Memory; do
+        f="$WORK/$(tr '[:upper:]' '[:lower:]' <<<"$sec")-section.md"
+        if [[ -s $f ]]; then
+            printf '\n' >>"$f"
+            splice_section "$OUT" "$sec" "$f"
+        fi
+    done
     log "wrote $OUT"
 else
     "$ROOT/bench/report.sh" >"$WORK/BENCHMARKS-partial.md"

@@ -169,15 +169,34 @@ impl DataKey {
 
     /// Splits `plain` into chunks and encrypts each for `message`.
     pub fn seal_message(&self, message: &RecordId, plain: &[u8]) -> Vec<Vec<u8>> {
-        let count = plain.len().div_ceil(CHUNK_SIZE).max(1);
+        self.seal_message_parts(message, &[plain])
+    }
+
+    /// Seals the concatenation of `parts` as one message, chunk by chunk,
+    /// without building the concatenation: a header prefix and a shared
+    /// body need no per-message plaintext copy (only one chunk buffer).
+    pub fn seal_message_parts(&self, message: &RecordId, parts: &[&[u8]]) -> Vec<Vec<u8>> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let count = total.div_ceil(CHUNK_SIZE).max(1);
         let count32 = u32::try_from(count).unwrap_or(u32::MAX);
         let cipher = self.cipher();
-        let chunks: Vec<&[u8]> = if plain.is_empty() { vec![&[][..]] } else { plain.chunks(CHUNK_SIZE).collect() };
-        chunks
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| seal(&cipher, c, &self.chunk_aad(message, i as u32, count32)))
-            .collect()
+        let mut sealed = Vec::with_capacity(count);
+        let mut buf = Zeroizing::new(Vec::with_capacity(CHUNK_SIZE.min(total)));
+        let mut rest = parts.iter().copied().filter(|p| !p.is_empty());
+        let mut current: &[u8] = rest.next().unwrap_or(&[]);
+        for i in 0..count {
+            buf.clear();
+            while buf.len() < CHUNK_SIZE && !current.is_empty() {
+                let take = (CHUNK_SIZE - buf.len()).min(current.len());
+                buf.extend_from_slice(&current[..take]);
+                current = &current[take..];
+                if current.is_empty() {
+                    current = rest.next().unwrap_or(&[]);
+                }
+            }
+            sealed.push(seal(&cipher, &buf, &self.chunk_aad(message, i as u32, count32)));
+        }
+        sealed
     }
 
     /// Decrypts chunk `index` of `count` of `message`.
@@ -249,6 +268,28 @@ mod tests {
         assert!(dk2.open_chunk(&m1, 0, 3, &bad).is_err());
         // Plaintext does not appear in the ciphertext.
         assert!(!sealed[0].windows(16).any(|w| w == &body[100..116]));
+    }
+
+    #[test]
+    fn sealing_parts_equals_sealing_their_concatenation() {
+        let mk = mk();
+        let (dk, _) = mk.new_data_key(&random_id());
+        let body: Vec<u8> = (0..CHUNK_SIZE * 2 + 7).map(|i| (i % 253) as u8).collect();
+        let open_all = |m: &RecordId, sealed: &[Vec<u8>]| -> Vec<u8> {
+            let n = sealed.len() as u32;
+            sealed.iter().enumerate().flat_map(|(i, c)| dk.open_chunk(m, i as u32, n, c).unwrap().to_vec()).collect()
+        };
+        for split in [0, 1, 77, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, body.len()] {
+            let (head, tail) = body.split_at(split);
+            let m = random_id();
+            let sealed = dk.seal_message_parts(&m, &[head, &[], tail]);
+            assert_eq!(sealed.len(), 3, "split at {split}");
+            assert_eq!(open_all(&m, &sealed), body, "split at {split}");
+        }
+        let m = random_id();
+        let sealed = dk.seal_message_parts(&m, &[&[], &[]]);
+        assert_eq!(sealed.len(), 1, "an empty message is one empty chunk");
+        assert!(open_all(&m, &sealed).is_empty());
     }
 
     #[test]

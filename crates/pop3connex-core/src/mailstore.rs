@@ -10,7 +10,9 @@ use zeroize::Zeroizing;
 use crate::config::{Config, StoreBackend};
 use crate::crypto::{random_id, CryptoError, DataKey, MasterKey, RecordId};
 use crate::store::sqlite::SqliteStore;
-use crate::store::{MailboxRef, MessageMeta, NewMessage, Store, StoreError, StoredCredentials, UserRecord};
+use crate::store::{
+    MailboxRef, MessageMeta, MessageSource, NewMessage, Store, StoreError, StoredCredentials, UserRecord,
+};
 use crate::types::UserName;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +84,29 @@ impl MailStore {
         Ok(self.store.deliver(messages).await?)
     }
 
+    /// Delivers one body to several mailboxes, each copy behind its own
+    /// prefix (LMTP's `Return-Path` and `Delivered-To`), atomically and
+    /// durably. Returns the message ids in the order of `copies`.
+    ///
+    /// Memory stays at the body plus one sealed copy whatever the number of
+    /// mailboxes: the store seals the copies one at a time where it writes
+    /// them, and no copy's plaintext is ever assembled (the prefix and the
+    /// shared body are sealed as one chunked stream).
+    pub async fn deliver_copies(
+        &self,
+        body: Vec<u8>,
+        copies: Vec<(UserRecord, Vec<u8>)>,
+    ) -> Result<Vec<RecordId>, MailStoreError> {
+        let mut planned = Vec::with_capacity(copies.len());
+        for (user, prefix) in copies {
+            let key = self.data_key(&user.mailbox)?;
+            planned.push(Copy { key, mailbox_id: user.mailbox.id, uid: random_id(), prefix });
+        }
+        let ids = planned.iter().map(|c| c.uid).collect();
+        self.store.deliver_sealed(Arc::new(SharedBody { body: Zeroizing::new(body), copies: planned })).await?;
+        Ok(ids)
+    }
+
     /// Reads and decrypts chunk `index` of a message.
     pub async fn read_chunk(
         &self,
@@ -91,6 +116,39 @@ impl MailStore {
     ) -> Result<Zeroizing<Vec<u8>>, MailStoreError> {
         let sealed = self.store.chunk(meta.id, index).await?;
         Ok(key.open_chunk(&meta.uid, index, meta.chunk_count, &sealed)?)
+    }
+}
+
+/// One copy of a [`SharedBody`]: where it goes and what precedes the body.
+struct Copy {
+    key: DataKey,
+    mailbox_id: i64,
+    /// Chosen before sealing so that sealing again (a retried write) yields
+    /// the same message, and the caller knows the ids up front.
+    uid: RecordId,
+    prefix: Vec<u8>,
+}
+
+/// The body once, sealed per copy on demand by the store.
+struct SharedBody {
+    /// Wiped when the last reference (the store's write) is dropped.
+    body: Zeroizing<Vec<u8>>,
+    copies: Vec<Copy>,
+}
+
+impl MessageSource for SharedBody {
+    fn len(&self) -> usize {
+        self.copies.len()
+    }
+
+    fn seal(&self, index: usize) -> Result<NewMessage, StoreError> {
+        let c = self
+            .copies
+            .get(index)
+            .ok_or_else(|| StoreError::Permanent(format!("message source has no copy {index}")))?;
+        let chunks = c.key.seal_message_parts(&c.uid, &[&c.prefix, &self.body]);
+        let size = (c.prefix.len() + self.body.len()) as u64;
+        Ok(NewMessage { mailbox_id: c.mailbox_id, uid: c.uid, size, chunks, import_key: None })
     }
 }
 

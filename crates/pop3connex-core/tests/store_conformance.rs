@@ -6,7 +6,8 @@ use std::sync::Arc;
 use pop3connex_core::crypto::random_id;
 use pop3connex_core::store::sqlite::SqliteStore;
 use pop3connex_core::store::{
-    BanRecord, ConnectorCommit, ConnectorStatus, LockoutRecord, NewMessage, Store, StoreError, StoredCredentials,
+    BanRecord, ConnectorCommit, ConnectorStatus, LockoutRecord, MessageSource, NewMessage, Store, StoreError,
+    StoredCredentials,
 };
 use pop3connex_core::types::UserName;
 
@@ -81,6 +82,68 @@ async fn delivery_listing_and_deletes(store: Arc<dyn Store>) {
     dup2.uid = dup.uid;
     assert!(store.deliver(vec![msg(a, b"z", None), dup, dup2]).await.is_err());
     assert_eq!(store.messages(a).await.unwrap().len(), 1);
+}
+
+/// A delivery of one message per listed mailbox, sealed on demand; the
+/// copy at `fail_at` fails to seal.
+struct Copies {
+    mailboxes: Vec<i64>,
+    uids: Vec<pop3connex_core::crypto::RecordId>,
+    fail_at: Option<usize>,
+    sealed: std::sync::atomic::AtomicUsize,
+}
+
+impl Copies {
+    fn new(mailboxes: Vec<i64>, fail_at: Option<usize>) -> Arc<Self> {
+        let uids = mailboxes.iter().map(|_| random_id()).collect();
+        Arc::new(Copies { mailboxes, uids, fail_at, sealed: Default::default() })
+    }
+}
+
+impl MessageSource for Copies {
+    fn len(&self) -> usize {
+        self.mailboxes.len()
+    }
+
+    fn seal(&self, index: usize) -> Result<NewMessage, StoreError> {
+        self.sealed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.fail_at == Some(index) {
+            return Err(StoreError::Permanent("seal failed".into()));
+        }
+        let body = format!("copy {index}").into_bytes();
+        Ok(NewMessage {
+            mailbox_id: self.mailboxes[index],
+            uid: self.uids[index],
+            size: body.len() as u64,
+            chunks: vec![body[..4].to_vec(), body[4..].to_vec()],
+            import_key: None,
+        })
+    }
+}
+
+async fn sealed_delivery_is_one_transaction(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    let b = user(&store, "bob").await;
+    let copies = Copies::new(vec![a, b, a], None);
+    store.deliver_sealed(copies.clone()).await.unwrap();
+    assert_eq!(copies.sealed.load(std::sync::atomic::Ordering::SeqCst), 3, "each copy sealed by the store");
+    let alice = store.messages(a).await.unwrap();
+    assert_eq!(alice.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![copies.uids[0], copies.uids[2]]);
+    assert_eq!(alice.iter().map(|m| (m.size, m.chunk_count)).collect::<Vec<_>>(), vec![(6, 2), (6, 2)]);
+    assert_eq!(store.chunk(alice[1].id, 0).await.unwrap(), b"copy");
+    assert_eq!(store.chunk(alice[1].id, 1).await.unwrap(), b" 2");
+    let bob = store.messages(b).await.unwrap();
+    assert_eq!(bob.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![copies.uids[1]]);
+    // A copy that fails to seal fails the whole delivery, and only it: a
+    // write committed alongside it lands.
+    let failing = Copies::new(vec![a, b, a], Some(2));
+    let (bad, good) = tokio::join!(store.deliver_sealed(failing.clone()), store.deliver(vec![msg(b, b"other", None)]));
+    assert!(bad.is_err());
+    good.unwrap();
+    assert_eq!(store.messages(a).await.unwrap().len(), 2, "no copy of the failed delivery");
+    assert_eq!(store.messages(b).await.unwrap().len(), 2, "bob: the first delivery and the other write");
+    // Nothing to deliver is a no-op.
+    store.deliver_sealed(Copies::new(Vec::new(), None)).await.unwrap();
 }
 
 async fn maildrop_lock_is_exclusive(store: Arc<dyn Store>) {
@@ -222,6 +285,7 @@ macro_rules! backends {
                 }
                 case!(users_and_accounts);
                 case!(delivery_listing_and_deletes);
+                case!(sealed_delivery_is_one_transaction);
                 case!(maildrop_lock_is_exclusive);
                 case!(imports_are_recorded_with_the_message);
                 case!(deleting_a_user_removes_everything);

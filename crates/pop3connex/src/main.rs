@@ -19,6 +19,13 @@ use pop3connex_core::server;
 use pop3connex_core::types::UserName;
 use zeroize::Zeroizing;
 
+/// jemalloc instead of glibc malloc: glibc keeps freed memory of a load
+/// spike in its arenas (RSS stayed at 8x the idle figure after a burst of
+/// sessions), jemalloc's background threads return it to the kernel within
+/// seconds. Measurements: docs/BENCHMARKS.md, "Memory after load".
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Default data directory of the embedded setup.
 const DEFAULT_DATA_DIR: &str = "pop3connex-data";
 

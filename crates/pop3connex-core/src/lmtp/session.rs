@@ -298,37 +298,22 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(true);
     }
     let sender = t.sender.unwrap_or_default();
-    let mail = ctx.auth.mail().clone();
-    let recipients: Vec<(String, UserRecord)> = t.recipients.into_iter().map(|r| (r.address, r.user)).collect();
-    let sealed = tokio::task::spawn_blocking(move || {
-        let mut seen = std::collections::HashSet::new();
-        let mut messages = Vec::new();
-        for (address, user) in &recipients {
-            // One copy per mailbox even if two RCPTs map to it.
-            if !seen.insert(user.mailbox.id) {
-                continue;
-            }
-            let mut full = Vec::with_capacity(body.len() + 128);
-            full.extend_from_slice(format!("Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n").as_bytes());
-            full.extend_from_slice(&body);
-            match mail.seal(user, &full, None) {
-                Ok(m) => messages.push(m),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        Ok((mail, messages))
-    })
-    .await
-    .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let outcome = match sealed {
-        Ok((mail, messages)) => {
-            let ids: Vec<String> = messages.iter().map(|m| uidl(&m.uid)).collect();
-            match mail.commit(messages).await {
-                Ok(()) => Ok(ids),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-        Err(e) => Err(e),
+    // One copy per mailbox even if two RCPTs map to it. The body is held
+    // once; the store seals the copies one at a time (memory: the body plus
+    // one sealed copy, whatever the recipient count).
+    let mut seen = std::collections::HashSet::new();
+    let copies: Vec<(UserRecord, Vec<u8>)> = t
+        .recipients
+        .into_iter()
+        .filter(|r| seen.insert(r.user.mailbox.id))
+        .map(|r| {
+            let prefix = format!("Return-Path: <{sender}>\r\nDelivered-To: {}\r\n", r.address).into_bytes();
+            (r.user, prefix)
+        })
+        .collect();
+    let outcome = match ctx.auth.mail().deliver_copies(body, copies).await {
+        Ok(ids) => Ok(ids.iter().map(uidl).collect::<Vec<String>>()),
+        Err(e) => Err(e.to_string()),
     };
     match outcome {
         Ok(ids) => {

@@ -5,9 +5,9 @@
 //! implements persistence and locking, not cryptography. The conformance
 //! suite in `tests/store_conformance.rs` runs against every backend.
 //!
-//! Durability contract: when [`Store::deliver`] or [`Store::delete_messages`]
-//! returns `Ok`, the change is committed and synced to stable storage. Either
-//! all items of one call become visible or none do.
+//! Durability contract: when [`Store::deliver`], [`Store::deliver_sealed`] or
+//! [`Store::delete_messages`] returns `Ok`, the change is committed and synced
+//! to stable storage. Either all items of one call become visible or none do.
 
 pub mod sqlite;
 
@@ -101,6 +101,26 @@ pub struct NewMessage {
     /// For imports: the source's identity, recorded in the same transaction
     /// so a resumed import skips exactly what was committed.
     pub import_key: Option<String>,
+}
+
+/// The copies of one delivery, sealed one at a time by the backend where
+/// it writes them (see [`Store::deliver_sealed`]).
+///
+/// A message for a hundred mailboxes would otherwise be a hundred sealed
+/// copies in memory at once; through a source the backend holds one sealed
+/// copy at a time and drops it once written. Sealing happens above the
+/// backend ([`crate::mailstore`]), so the backend still sees only ciphertext.
+pub trait MessageSource: Send + Sync {
+    /// How many messages the delivery holds.
+    fn len(&self) -> usize;
+    /// Whether the delivery holds no message.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Seals message `index` (`< len()`). Sealing the same index again
+    /// yields the same message id and size with fresh nonces, so a backend
+    /// that has to retry a write may call it again.
+    fn seal(&self, index: usize) -> StoreResult<NewMessage>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,6 +268,11 @@ pub trait Store: Send + Sync + 'static {
     async fn chunk(&self, message_id: i64, index: u32) -> StoreResult<Vec<u8>>;
     /// Commits all messages atomically and durably.
     async fn deliver(&self, messages: Vec<NewMessage>) -> StoreResult<()>;
+    /// Commits every message of `source` atomically and durably, like
+    /// [`Store::deliver`], but seals them one at a time where they are
+    /// written and holds at most one sealed message at a time. A failing
+    /// `seal` fails the whole delivery and commits none of it.
+    async fn deliver_sealed(&self, source: std::sync::Arc<dyn MessageSource>) -> StoreResult<()>;
     /// Removes the listed messages of one mailbox atomically and durably.
     async fn delete_messages(&self, mailbox_id: i64, ids: Vec<i64>) -> StoreResult<()>;
     /// Which of `keys` were already imported into the mailbox.

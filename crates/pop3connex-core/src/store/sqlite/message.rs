@@ -4,11 +4,29 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::map_err;
 use crate::crypto::RecordId;
-use crate::store::{MessageMeta, NewMessage, StoreError, StoreResult};
+use crate::store::{MessageMeta, MessageSource, NewMessage, StoreError, StoreResult};
 use crate::types::unix_now;
 
 pub(super) fn deliver(conn: &Connection, msgs: &[NewMessage]) -> StoreResult<()> {
     let now = unix_now();
+    for m in msgs {
+        insert(conn, m, now)?;
+    }
+    Ok(())
+}
+
+/// Seals and inserts the source's messages one at a time: each sealed copy
+/// is dropped before the next is sealed.
+pub(super) fn deliver_sealed(conn: &Connection, source: &dyn MessageSource) -> StoreResult<()> {
+    let now = unix_now();
+    for i in 0..source.len() {
+        let m = source.seal(i)?;
+        insert(conn, &m, now)?;
+    }
+    Ok(())
+}
+
+fn insert(conn: &Connection, m: &NewMessage, now: i64) -> StoreResult<()> {
     let mut insert_msg = conn
         .prepare_cached(
             "INSERT INTO messages(mailbox_id, uid, size, chunk_count, received_at) VALUES(?1, ?2, ?3, ?4, ?5)",
@@ -18,17 +36,15 @@ pub(super) fn deliver(conn: &Connection, msgs: &[NewMessage]) -> StoreResult<()>
         conn.prepare_cached("INSERT INTO message_chunks(message_id, idx, data) VALUES(?1, ?2, ?3)").map_err(map_err)?;
     let mut insert_import =
         conn.prepare_cached("INSERT INTO imports(mailbox_id, source_key) VALUES(?1, ?2)").map_err(map_err)?;
-    for m in msgs {
-        insert_msg
-            .execute(params![m.mailbox_id, &m.uid[..], m.size as i64, m.chunks.len() as i64, now])
-            .map_err(map_err)?;
-        let id = conn.last_insert_rowid();
-        for (i, c) in m.chunks.iter().enumerate() {
-            insert_chunk.execute(params![id, i as i64, c]).map_err(map_err)?;
-        }
-        if let Some(key) = &m.import_key {
-            insert_import.execute(params![m.mailbox_id, key]).map_err(map_err)?;
-        }
+    insert_msg
+        .execute(params![m.mailbox_id, &m.uid[..], m.size as i64, m.chunks.len() as i64, now])
+        .map_err(map_err)?;
+    let id = conn.last_insert_rowid();
+    for (i, c) in m.chunks.iter().enumerate() {
+        insert_chunk.execute(params![id, i as i64, c]).map_err(map_err)?;
+    }
+    if let Some(key) = &m.import_key {
+        insert_import.execute(params![m.mailbox_id, key]).map_err(map_err)?;
     }
     Ok(())
 }

@@ -45,8 +45,8 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use super::{
-    BanRecord, ConnectorCommit, ConnectorStatus, DedupKey, LockoutRecord, MaildropLock, MessageMeta, NewMessage,
-    SeenUid, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
+    BanRecord, ConnectorCommit, ConnectorStatus, DedupKey, LockoutRecord, MaildropLock, MessageMeta, MessageSource,
+    NewMessage, SeenUid, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
 };
 use crate::crypto::RecordId;
 use crate::events::{emit, SecurityEvent};
@@ -128,6 +128,7 @@ enum WriteOp {
     UseAppPassword { id: i64 },
     DeleteUser(UserName),
     Deliver(Vec<NewMessage>),
+    DeliverSealed(Arc<dyn MessageSource>),
     Delete { mailbox_id: i64, ids: Vec<i64> },
     PutBan(BanRecord),
     RemoveBan(String),
@@ -695,6 +696,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
             .map_err(map_err),
         WriteOp::DeleteUser(name) => mailbox::delete_user(conn, name),
         WriteOp::Deliver(msgs) => message::deliver(conn, msgs),
+        WriteOp::DeliverSealed(source) => message::deliver_sealed(conn, source.as_ref()),
         WriteOp::Delete { mailbox_id, ids } => message::delete(conn, *mailbox_id, ids),
         WriteOp::PutBan(b) => security::put_ban(conn, b),
         WriteOp::RemoveBan(n) => security::remove(conn, "DELETE FROM bans WHERE network = ?1", n),
@@ -844,6 +846,13 @@ impl Store for SqliteStore {
             return Ok(());
         }
         self.write(WriteOp::Deliver(messages)).await
+    }
+
+    async fn deliver_sealed(&self, source: Arc<dyn MessageSource>) -> StoreResult<()> {
+        if source.is_empty() {
+            return Ok(());
+        }
+        self.write(WriteOp::DeliverSealed(source)).await
     }
 
     async fn delete_messages(&self, mailbox_id: i64, ids: Vec<i64>) -> StoreResult<()> {
