@@ -79,6 +79,8 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
     let auth = Arc::new(Authenticator::new(mail, cfg.auth.clone())?);
     let guard = Guard::new(cfg.abuse.clone(), Duration::from_millis(cfg.auth.failure_delay_ms), system_clock())
         .with_store(auth.mail().store().clone());
+    // Bans and list files in force before the first connection is accepted.
+    guard.refresh(&**auth.mail().store()).await;
 
     let oauth = if cfg.oauth.enabled() {
         let v = Arc::new(crate::oauth::TokenValidator::new(&cfg.oauth)?);
@@ -309,7 +311,7 @@ impl RunningServer {
     /// bans and lockouts.
     pub async fn reload(&self) {
         self.reload_tls();
-        self.guard.refresh(&*self.store).await;
+        self.guard.reload(&*self.store).await;
     }
 
     /// Re-reads the TLS certificate and key.
