@@ -128,6 +128,30 @@ mod tests {
     }
 
     #[test]
+    fn a_store_of_the_previous_schema_upgrades_in_place_to_known_addresses() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(super::super::SCHEMA).unwrap();
+        for (_, step) in super::super::MIGRATIONS.iter().filter(|(v, _)| *v < 7) {
+            conn.execute_batch(step).unwrap();
+        }
+        conn.execute_batch("PRAGMA user_version = 6").unwrap();
+        let ban = BanRecord {
+            network: "192.0.2.1/32".parse().unwrap(),
+            reason: "old".into(),
+            created_at: 1,
+            expires_at: None,
+            offences: 1,
+        };
+        put_ban(&conn, &ban).unwrap();
+        super::super::migrate(&conn, 6).unwrap();
+        assert_eq!(bans(&conn).unwrap(), vec![ban], "existing rows kept");
+        let k = KnownAddress { user: "alice".into(), network: "192.0.2.1/32".parse().unwrap(), last_seen: 10 };
+        put_known(&conn, &k).unwrap();
+        put_lockout(&conn, &LockoutRecord { user: "alice".into(), since: 1, until: i64::MAX, count: 1 }).unwrap();
+        assert_eq!(locked_known(&conn, 5, 0).unwrap(), vec![k]);
+    }
+
+    #[test]
     fn expired_ban_and_lockout_rows_are_purged_not_reread_forever() {
         let conn = db();
         let now = 1_000_000;
