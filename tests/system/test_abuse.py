@@ -820,6 +820,13 @@ def test_blocklist_file_loaded_reread_on_change_and_sighup_malformed_kept(server
     assert refused(srv), "re-read before refresh_secs without a signal"
     srv.proc.send_signal(signal.SIGHUP)
     assert syslib.wait_until(lambda: not refused(srv), 5, 0.3, "SIGHUP to re-read the blocklist")
+    # at start there is no last good list: a malformed file stops the server with the error
+    srv.stop()
+    block.write_text("127.0.0.1\nnot-a-network\n")
+    with pytest.raises(syslib.ServerError):
+        srv.start(timeout=15)
+    tail = srv.log_text()[-2000:]
+    assert "block.txt:2" in tail and "not-a-network" in tail, tail
 
 
 def test_ipv6_abuse_is_counted_and_banned_per_64(server_factory, make_user):

@@ -292,11 +292,31 @@ impl Guard {
         }
     }
 
+    /// Loads the list files at start. Unlike a re-read, an unreadable or
+    /// malformed file is an error: there is no previous list to keep.
+    pub fn load_lists(&self) -> Result<(), String> {
+        let files = [(self.cfg.allowlist_file.as_deref(), true), (self.cfg.blocklist_file.as_deref(), false)];
+        for (path, allow) in files {
+            let Some(path) = path else { continue };
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut list = parse_networks(&text, path).map_err(|e| e.to_string())?;
+            tracing::info!(path = %path.display(), networks = list.len(), "network list loaded");
+            let mut inner = self.lock();
+            inner.list_seen.insert(path.to_owned(), content_hash(&text));
+            if allow {
+                list.extend(self.cfg.allowlist.iter().map(|n| n.0));
+                inner.allow = list;
+            } else {
+                inner.block = list;
+            }
+        }
+        Ok(())
+    }
+
     /// Reads and parses a list file if it changed since it was last seen;
     /// `None` if not configured, unchanged, unreadable or malformed (the
     /// previous list stays in force).
     fn read_list(&self, path: Option<&Path>) -> Option<Vec<IpNet>> {
-        use std::hash::{Hash, Hasher};
         let path = path?;
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -309,9 +329,7 @@ impl Guard {
                 return None;
             }
         };
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        text.hash(&mut h);
-        let hash = h.finish() | 1;
+        let hash = content_hash(&text);
         if self.lock().list_seen.insert(path.to_owned(), hash) == Some(hash) {
             return None;
         }
@@ -361,6 +379,14 @@ impl Guard {
         let factor = 1u32.checked_shl(failures.saturating_sub(1).min(16) as u32).unwrap_or(u32::MAX);
         self.base_delay.saturating_mul(factor).min(Duration::from_millis(self.cfg.max_failure_delay_ms))
     }
+}
+
+/// Identifies a list file's content (never 0, which marks "unreadable").
+fn content_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish() | 1
 }
 
 /// A list file line that is not a network.

@@ -335,8 +335,11 @@ async fn blocklist_file_is_loaded_reread_and_a_malformed_one_keeps_the_last_good
     let a: std::net::IpAddr = "203.0.113.9".parse().unwrap();
     let b: std::net::IpAddr = "198.51.100.7".parse().unwrap();
     assert_eq!(g.check_connection(a), None, "not loaded yet");
+    g.load_lists().unwrap();
+    assert_eq!(g.check_connection(a), Some("blocklisted"));
     g.refresh(&*store).await;
     assert_eq!(g.check_connection(a), Some("blocklisted"));
+    assert_eq!(capture.lines_with("network list loaded").len(), 1, "an unchanged file is not parsed again");
     assert_eq!(g.check_connection(b), None);
     std::fs::write(&path, "198.51.100.7\n").unwrap();
     g.refresh(&*store).await;
@@ -356,4 +359,8 @@ async fn blocklist_file_is_loaded_reread_and_a_malformed_one_keeps_the_last_good
     std::fs::write(&path, "").unwrap();
     g.reload(&*store).await;
     assert_eq!(g.check_connection(b), None, "an empty file empties the list");
+    // At start there is no previous list to keep: a malformed file is an error.
+    std::fs::write(&path, "10.0.0.0/8\n10.0.0.300\n").unwrap();
+    let e = g.load_lists().unwrap_err();
+    assert!(e.contains("block.txt:2") && e.contains("10.0.0.300"), "{e}");
 }
