@@ -53,11 +53,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.write_deadline = deadline;
     }
 
-    /// Octets queued but not yet written.
-    pub fn unsent(&self) -> usize {
-        self.out.len()
-    }
-
     /// Queues a status line.
     pub fn reply(&mut self, status: StatusLine) {
         status.encode_into(&mut self.out);
