@@ -9,6 +9,7 @@ import base64
 import os
 import random
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -674,3 +675,206 @@ def test_protocol_abuse_bans_the_source_only(server_factory, make_user):
     assert refused(srv), f"still served after {closed_for_abuse} connections closed for protocol abuse"
     assert closed_for_abuse <= 6
     normal_session(srv, make_user, source=ALT_LOOPBACK, tag="ban-abuse-alt")
+
+
+# --------------------------------------------------------------------------
+# hardening regressions: pre-auth deadline under pipelining, log flooding
+# before STLS, known addresses across restarts, allow/block list files
+# --------------------------------------------------------------------------
+
+def test_pipelined_capa_read_slowly_is_cut_at_the_preauth_deadline(preauth_server, make_user):
+    """40,000 pipelined CAPA read slowly used to be served long past
+    preauth_timeout_secs: buffered lines never looked at the deadline."""
+    srv = preauth_server
+    p = srv.pop3()
+    p.line()  # greeting
+    sender = threading.Thread(target=lambda: _send_quietly(p.ls, b"CAPA\r\n" * 40_000), daemon=True)
+    t0 = time.monotonic()
+    sender.start()
+    took = None
+    while time.monotonic() - t0 < PREAUTH + 30:
+        try:
+            p.ls.read_available(0.2)
+            time.sleep(0.2)  # a slow reader
+        except (syslib.Closed, OSError):
+            took = time.monotonic() - t0
+            break
+    p.close()
+    assert took is not None, f"still served after {PREAUTH + 30}s with preauth_timeout_secs = {PREAUTH}"
+    assert took <= PREAUTH + 3, f"served for {took:.1f}s with preauth_timeout_secs = {PREAUTH}"
+
+
+def _send_quietly(ls: syslib.LineSock, data: bytes):
+    try:
+        ls.sock.sendall(data)
+    except OSError:
+        pass
+
+
+def test_pipelining_client_that_never_reads_is_dropped_at_the_preauth_deadline(preauth_server, make_user):
+    """A client that pipelines and never reads kept its socket (and ~1 MB of
+    unsent replies) for the 120 s write timeout, past the pre-auth deadline."""
+    srv = preauth_server
+    s = syslib.connect(LOOPBACK, srv.ports.pop3)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ls = syslib.LineSock(s)
+    sender = threading.Thread(target=lambda: _send_quietly(ls, b"CAPA\r\n" * 200_000), daemon=True)
+    sender.start()
+    time.sleep(PREAUTH + 3)
+    # Drain fast: the server must already have given up on this socket, so
+    # what is left ends in EOF (or a reset) instead of further replies.
+    got = 0
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 10:
+            got += len(ls.read_available(1.0))
+    except (syslib.Closed, OSError):
+        pass
+    else:
+        pytest.fail(f"connection still open {PREAUTH + 13}s after accept; {got} octets of replies read")
+    finally:
+        ls.close()
+    assert got < 4 << 20, f"{got} octets were still queued for a client that never read"
+    normal_session(srv, make_user, tag="after-never-reads")
+
+
+def test_credentials_before_stls_are_bad_commands_and_not_a_log_flood(server_factory, make_user):
+    """Before STLS every USER/AUTH logged a WARN event and did not count as
+    a bad command: 2,000 lines gave 2,000 WARN lines."""
+    srv = server_factory(RELAXED_ABUSE)
+    with srv.pop3(timeout=15) as p:
+        p.send(b"USER alice\r\n" * 2000)
+        replies = []
+        try:
+            while True:
+                replies.append(p.line())
+        except (syslib.Closed, OSError):
+            pass
+    assert 1 <= len(replies) <= 10, f"{len(replies)} replies: {replies[:3]} ... {replies[-3:]}"
+    assert replies[-1].startswith(b"-ERR Too many bad commands"), replies[-3:]
+    assert all(r.startswith(b"-ERR [AUTH]") for r in replies[:-1]), replies
+    time.sleep(0.5)
+    log = srv.log_text()
+    refused_lines = [l for l in log.splitlines() if ' event="plaintext_auth_refused"' in l]
+    assert 1 <= len(refused_lines) <= 3, f"{len(refused_lines)} plaintext_auth_refused lines for one connection"
+    summary = [l for l in log.splitlines() if ' event="suppressed"' in l]
+    assert summary and 'suppressed_event="plaintext_auth_refused"' in summary[0] and "count=" in summary[0], summary
+    # many such connections from one address stay within the per-address burst
+    for _ in range(10):
+        with srv.pop3(timeout=15) as p:
+            p.send(b"USER alice\r\n" * 20)
+            try:
+                while True:
+                    p.line()
+            except (syslib.Closed, OSError):
+                pass
+    time.sleep(0.5)
+    refused_lines = [l for l in srv.log_text().splitlines() if ' event="plaintext_auth_refused"' in l]
+    assert len(refused_lines) <= 10, f"{len(refused_lines)} plaintext_auth_refused lines from one address in a minute"
+    normal_session(srv, make_user, tag="after-plaintext-flood")
+
+
+def test_owner_gets_in_from_a_known_address_after_a_restart_while_the_account_is_locked(server_factory, make_user):
+    """The addresses an account logged in from were kept in memory only while
+    lockouts persist: after a restart the owner was locked out as well."""
+    srv = server_factory({**FAST_FAILURES, ("abuse", "lockout_after_failures"): 3,
+                          ("abuse", "ban_after_auth_failures"): 1000})
+    name, pw = make_user("kn", srv=srv)
+    with syslib.Pop3.connect(LOOPBACK, srv.ports.pop3s, tls_ctx=srv.tls_context(), source=ALT_LOOPBACK) as p:
+        p.login(name, pw)
+        p.quit()
+    for i in range(3):
+        with syslib.Pop3.connect(LOOPBACK, srv.ports.pop3s, tls_ctx=srv.tls_context(), source="127.0.0.3") as p:
+            p.cmd(f"USER {name}", expect_ok=None)
+            p.cmd(f"PASS guess-{i}", expect_ok=False)
+    time.sleep(1)  # the lockout and the known address are written behind the session
+    srv.restart()
+
+    def login_from(source: str, password: str) -> str:
+        with syslib.Pop3.connect(LOOPBACK, srv.ports.pop3s, tls_ctx=srv.tls_context(), source=source) as p:
+            p.cmd(f"USER {name}", expect_ok=None)
+            return p.cmd(f"PASS {password}", expect_ok=None)
+    locked = login_from("127.0.0.4", pw)
+    assert locked.startswith("-ERR"), f"the account is not locked after the restart: {locked}"
+    assert login_from(ALT_LOOPBACK, pw).startswith("+OK"), "the owner is locked out from the known address"
+
+
+def test_blocklist_file_loaded_reread_on_change_and_sighup_malformed_kept(server_factory, tmp_path):
+    """allowlist_file / blocklist_file were never loaded by any test."""
+    block = tmp_path / "block.txt"
+    block.write_text("# test\n127.0.0.1\n")
+    srv = server_factory({**RELAXED_ABUSE, ("abuse", "blocklist_file"): str(block), ("abuse", "refresh_secs"): 1})
+    assert refused(srv), "127.0.0.1 listed in blocklist_file is served"
+    assert not refused(srv, ALT_LOOPBACK)
+    # periodic re-read of a changed file
+    block.write_text(f"{ALT_LOOPBACK}/32\n")
+    assert syslib.wait_until(lambda: not refused(srv), 10, 0.3, "the edited blocklist to be re-read")
+    assert refused(srv, ALT_LOOPBACK)
+    # a malformed file: a clear error naming file and line, last good list kept
+    block.write_text("127.0.0.1\nnot-a-network\n")
+    assert syslib.wait_until(lambda: "network list rejected" in srv.log_text(), 10, 0.3, "the error to be logged")
+    err = [l for l in srv.log_text().splitlines() if "network list rejected" in l][-1]
+    assert "ERROR" in err and "block.txt:2" in err and "not-a-network" in err, err
+    time.sleep(1.5)
+    assert refused(srv, ALT_LOOPBACK), "last good list not kept"
+    assert not refused(srv), "a malformed file was applied in part"
+    # SIGHUP re-reads at once: with a long re-read interval only the signal applies an edit
+    srv.stop()
+    block.write_text("127.0.0.1\n")
+    srv.set_option("abuse", "refresh_secs", 300)
+    srv.start()
+    assert refused(srv)
+    block.write_text("# empty\n")
+    time.sleep(2)
+    assert refused(srv), "re-read before refresh_secs without a signal"
+    srv.proc.send_signal(signal.SIGHUP)
+    assert syslib.wait_until(lambda: not refused(srv), 5, 0.3, "SIGHUP to re-read the blocklist")
+    # at start there is no last good list: a malformed file stops the server with the error
+    srv.stop()
+    block.write_text("127.0.0.1\nnot-a-network\n")
+    with pytest.raises(syslib.ServerError):
+        srv.start(timeout=15)
+    tail = srv.log_text()[-2000:]
+    assert "block.txt:2" in tail and "not-a-network" in tail, tail
+
+
+def test_ipv6_abuse_is_counted_and_banned_per_64(server_factory, make_user):
+    """Security state was keyed per single address: an IPv6 attacker rotating
+    through its /64 was counted (and banned) address by address."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.bind(("::1", 0))
+        port6 = s.getsockname()[1]
+    srv = server_factory({**FAST_FAILURES, ("abuse", "ban_after_protocol_abuse"): 2}, start=False)
+    srv.set_option("pop3", "starttls", [f"{LOOPBACK}:{srv.ports.pop3}", f"[::1]:{port6}"])
+    srv.start()
+
+    def abuse_from_v6():
+        try:
+            ls = syslib.LineSock(syslib.connect("::1", port6, timeout=10), 10)
+        except OSError:
+            return
+        try:
+            ls.send(b"XYZZY garbage\r\n" * 20)
+            while True:
+                ls.readline()
+        except (syslib.Closed, OSError):
+            pass
+        finally:
+            ls.close()
+
+    def v6_refused():
+        try:
+            ls = syslib.LineSock(syslib.connect("::1", port6, timeout=5), 5)
+        except OSError:
+            return True
+        try:
+            return ls.is_closed(2.0)
+        finally:
+            ls.close()
+
+    for _ in range(2):
+        abuse_from_v6()
+    assert syslib.wait_until(v6_refused, 5, 0.2, "::1 to be banned after protocol abuse")
+    bans = ban_list(srv)
+    assert "::/64" in bans, f"the ban does not cover ::1's /64:\n{bans}"
+    assert not refused(srv), "IPv4 clients are not affected"

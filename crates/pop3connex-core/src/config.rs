@@ -258,6 +258,14 @@ pub struct AbuseConfig {
     pub dnsbl_resolver: Option<SocketAddr>,
     #[serde(deserialize_with = "ms_50_10000")]
     pub dnsbl_timeout_ms: u64,
+    /// IPv6 addresses are counted and banned per prefix of this length: one
+    /// host usually owns a whole /64 and can rotate through it.
+    #[serde(deserialize_with = "prefix_32_128")]
+    pub ipv6_prefix: u64,
+    /// How often bans, lockouts, known addresses and the list files are
+    /// re-read (SIGHUP re-reads them at once).
+    #[serde(deserialize_with = "secs_1_300")]
+    pub refresh_secs: u64,
 }
 
 impl Default for AbuseConfig {
@@ -280,6 +288,8 @@ impl Default for AbuseConfig {
             dnsbl: Vec::new(),
             dnsbl_resolver: None,
             dnsbl_timeout_ms: 1000,
+            ipv6_prefix: 64,
+            refresh_secs: 5,
         }
     }
 }
@@ -378,6 +388,7 @@ bounded! {
     secs_60_86400: 60, 86_400, " seconds";
     secs_60_31536000: 60, 31_536_000, " seconds";
     count_1_16: 1, 16, "";
+    prefix_32_128: 32, 128, " bits";
     count_1_100: 1, 100, "";
     count_1_1000: 1, 1000, "";
     count_1_1m: 1, 1_000_000, "";
@@ -555,6 +566,8 @@ mod tests {
             "dnsbl",
             "dnsbl_resolver",
             "dnsbl_timeout_ms",
+            "ipv6_prefix",
+            "refresh_secs",
             "issuer",
             "audiences",
             "jwks_url",

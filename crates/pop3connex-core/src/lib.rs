@@ -17,9 +17,9 @@
 //! - [`connector`]: fetching from upstream POP3 mailboxes, routing, forwarding.
 //! - [`import`]: Maildir and mbox import.
 //! - [`init`]: creating a fresh data directory.
-//! - [`events`]: structured security events.
-//! - [`security`]: shared security state (LOGIN-DELAY today).
-//! - [`limits`]: connection limits.
+//! - [`events`]: structured security events, rate-limited per connection and address.
+//! - [`security`]: bans, lockouts, known addresses, failure counters, LOGIN-DELAY.
+//! - [`limits`]: connection limits, LRU-bounded maps, address aggregation.
 //! - [`types`]: newtypes shared by the layers.
 #![forbid(unsafe_code)]
 

@@ -9,16 +9,29 @@
 //! `pop3connex ban ...` / `user unlock` from the CLI reach a running server
 //! and a shared backend (PostgreSQL, later) shares them across nodes.
 //!
+//! Addresses are aggregated before they are counted or banned: an IPv4
+//! address stands for itself, an IPv6 address for its `[abuse] ipv6_prefix`
+//! (default /64), since one host usually owns a whole /64 and can rotate
+//! through it. Every in-memory table is an [`LruMap`]: when full it evicts
+//! the least recently used entry, so a flood of new keys never resets the
+//! counters (or the ban escalation) of an attacker that is still active.
+//!
 //! Trade-offs, documented for operators:
 //! - Lockouts are keyed by the claimed user name whether or not it exists,
 //!   so they reveal nothing about which accounts exist.
 //! - A lockout does not apply to addresses from which the account logged in
 //!   successfully in the last 30 days: an attacker elsewhere cannot lock the
-//!   owner out of their usual network. Bans stop the attacker's address.
+//!   owner out of their usual network. These known addresses are stored
+//!   (newest 16 per account, existing accounts only) and shared like bans,
+//!   so the exemption survives a restart and holds on every node. Bans stop
+//!   the attacker's address.
 //! - Allowlisted networks are never banned (office NAT, load balancers).
+//! - A list file with a line that is not a network is rejected as a whole;
+//!   the previous list stays in force and the error names file and line.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,16 +39,22 @@ use ipnet::IpNet;
 
 use crate::config::AbuseConfig;
 use crate::events::{emit, SecurityEvent};
-use crate::store::{BanRecord, LockoutRecord, Store};
+use crate::limits::{aggregate, LruMap};
+use crate::store::{BanRecord, KnownAddress, LockoutRecord, Store};
 use crate::types::{unix_now, UserName};
 
 /// How long a successful login makes an address "known" for its account.
-const KNOWN_ADDRESS_SECS: i64 = 30 * 86_400;
-/// Entries per map before expired ones are swept; bounds memory under a
-/// flood of distinct addresses or names.
-const MAX_ENTRIES: usize = 100_000;
+pub const KNOWN_ADDRESS_SECS: i64 = 30 * 86_400;
+/// A known address is written to the store again only after this long, so
+/// a busy account does not cost a write per login.
+const KNOWN_ADDRESS_REWRITE_SECS: i64 = 3600;
+/// Entries per in-memory table; the least recently used is evicted beyond.
+/// Bounds memory under a flood of distinct addresses or names.
+pub const MAX_ENTRIES: usize = 100_000;
 /// CLI removals of a ban or lockout are honoured after this long.
 const REFRESH_GRACE_SECS: i64 = 15;
+/// Expired rows are purged from the store every this many re-reads.
+const PURGE_EVERY_REFRESHES: u64 = 60;
 
 /// Wall clock in seconds; replaceable in tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -79,47 +98,62 @@ struct Window {
 }
 
 impl Window {
-    /// Adds one event; returns the count within the window.
-    fn hit(slot: &mut Option<Window>, now: i64, window: i64) -> u64 {
-        match slot {
+    /// Adds one event to `key`'s window in `map`; returns the count within
+    /// the window.
+    fn hit<K: std::hash::Hash + Eq + Clone>(map: &mut LruMap<K, Window>, key: K, now: i64, window: i64) -> u64 {
+        match map.get_mut(&key) {
             Some(w) if now - w.start < window => {
                 w.count += 1;
                 w.count
             }
             _ => {
-                *slot = Some(Window { start: now, count: 1 });
+                map.insert(key, Window { start: now, count: 1 });
                 1
             }
         }
     }
 }
 
-#[derive(Default)]
 struct Inner {
     bans: HashMap<IpNet, BanRecord>,
+    /// Bans wider than one aggregation key (set with `pop3connex ban add`),
+    /// scanned at accept; rebuilt whenever `bans` changes wholesale.
+    wide_bans: Vec<IpNet>,
     allow: Vec<IpNet>,
     block: Vec<IpNet>,
-    ip_failures: HashMap<IpAddr, Window>,
-    ip_abuse: HashMap<IpAddr, Window>,
-    ip_connections: HashMap<IpAddr, Window>,
+    /// Content hash of each list file as last applied (or rejected), so an
+    /// unchanged file is not parsed, nor its error logged, every re-read.
+    list_seen: HashMap<PathBuf, u64>,
+    ip_failures: LruMap<IpNet, Window>,
+    ip_abuse: LruMap<IpNet, Window>,
+    ip_connections: LruMap<IpNet, Window>,
     /// Previous bans per address, for growing ban lengths.
-    offences: HashMap<IpAddr, u32>,
-    account_failures: HashMap<String, Window>,
+    offences: LruMap<IpNet, u32>,
+    account_failures: LruMap<String, Window>,
     lockouts: HashMap<String, LockoutRecord>,
-    /// (account, address) → last successful login.
-    known: HashMap<(String, IpAddr), i64>,
-    last_login: HashMap<UserName, i64>,
+    /// (account, aggregated address) → last successful login.
+    known: LruMap<(String, IpNet), i64>,
+    last_login: LruMap<UserName, i64>,
+    refreshes: u64,
 }
 
-fn host_net(ip: IpAddr) -> IpNet {
-    IpNet::from(ip)
-}
-
-fn bounded<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, keep: impl Fn(&V) -> bool) {
-    if map.len() >= MAX_ENTRIES {
-        map.retain(|_, v| keep(v));
-        if map.len() >= MAX_ENTRIES {
-            map.clear();
+impl Inner {
+    fn new(capacity: usize, allow: Vec<IpNet>) -> Self {
+        Self {
+            bans: HashMap::new(),
+            wide_bans: Vec::new(),
+            allow,
+            block: Vec::new(),
+            list_seen: HashMap::new(),
+            ip_failures: LruMap::new(capacity),
+            ip_abuse: LruMap::new(capacity),
+            ip_connections: LruMap::new(capacity),
+            offences: LruMap::new(capacity),
+            account_failures: LruMap::new(capacity),
+            lockouts: HashMap::new(),
+            known: LruMap::new(capacity),
+            last_login: LruMap::new(capacity),
+            refreshes: 0,
         }
     }
 }
@@ -128,6 +162,7 @@ fn bounded<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, keep: impl Fn(&V
 pub enum Persist {
     Ban(BanRecord),
     Lockout(LockoutRecord),
+    Known(KnownAddress),
 }
 
 pub struct Guard {
@@ -140,12 +175,18 @@ pub struct Guard {
 
 impl Guard {
     pub fn new(cfg: AbuseConfig, base_delay: Duration, clock: Clock) -> Self {
-        let inner = Inner { allow: cfg.allowlist.iter().map(|n| n.0).collect(), ..Inner::default() };
+        Self::with_capacity(cfg, base_delay, clock, MAX_ENTRIES)
+    }
+
+    /// Like [`Guard::new`] with `capacity` entries per in-memory table.
+    pub fn with_capacity(cfg: AbuseConfig, base_delay: Duration, clock: Clock, capacity: usize) -> Self {
+        let inner = Inner::new(capacity, cfg.allowlist.iter().map(|n| n.0).collect());
         Self { cfg, base_delay, clock, inner: Mutex::new(inner), persist: None }
     }
 
-    /// Persists bans and lockouts through `store` and re-reads them (and the
-    /// list files) every few seconds. Needs a Tokio runtime.
+    /// Persists bans, lockouts and known addresses through `store` and
+    /// re-reads them (and the list files) every `refresh_secs`. Needs a
+    /// Tokio runtime.
     pub fn with_store(mut self, store: Arc<dyn Store>) -> Arc<Self> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Persist>();
         self.persist = Some(tx);
@@ -156,6 +197,7 @@ impl Guard {
                 let r = match p {
                     Persist::Ban(b) => writer_store.put_ban(b).await,
                     Persist::Lockout(l) => writer_store.put_lockout(l).await,
+                    Persist::Known(k) => writer_store.put_known_address(k).await,
                 };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "cannot persist security state");
@@ -163,12 +205,14 @@ impl Guard {
             }
         });
         let weak = Arc::downgrade(&guard);
+        let every = Duration::from_secs(guard.cfg.refresh_secs.max(1));
         tokio::spawn(async move {
             loop {
                 let Some(g) = weak.upgrade() else { break };
                 g.refresh(&*store).await;
                 drop(g);
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                crate::events::flush_suppressed();
+                tokio::time::sleep(every).await;
             }
         });
         guard
@@ -178,13 +222,43 @@ impl Guard {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Re-reads bans, lockouts and list files.
+    fn key(&self, ip: IpAddr) -> IpNet {
+        aggregate(ip, self.cfg.ipv6_prefix.min(128) as u8)
+    }
+
+    /// Whether `net` is one aggregation key (checked by lookup, not scan).
+    fn is_key(&self, net: &IpNet) -> bool {
+        match net {
+            IpNet::V4(n) => n.prefix_len() == 32,
+            IpNet::V6(n) => n.prefix_len() == 128 || u64::from(n.prefix_len()) == self.cfg.ipv6_prefix,
+        }
+    }
+
+    /// SIGHUP: re-reads list files even if unchanged, then everything else.
+    pub async fn reload(&self, store: &dyn Store) {
+        self.lock().list_seen.clear();
+        self.refresh(store).await;
+    }
+
+    /// Re-reads bans, lockouts, known addresses and changed list files;
+    /// purges expired rows from the store now and then.
     pub async fn refresh(&self, store: &dyn Store) {
         let now = (self.clock)();
-        let (allow, block) =
-            (self.read_list(self.cfg.allowlist_file.as_deref()), self.read_list(self.cfg.blocklist_file.as_deref()));
+        let allow = self.read_list(self.cfg.allowlist_file.as_deref());
+        let block = self.read_list(self.cfg.blocklist_file.as_deref());
+        let purge = {
+            let mut inner = self.lock();
+            inner.refreshes += 1;
+            inner.refreshes % PURGE_EVERY_REFRESHES == 1
+        };
+        if purge {
+            if let Err(e) = store.purge_security(now, now - KNOWN_ADDRESS_SECS).await {
+                tracing::warn!(error = %e, "cannot purge expired bans and lockouts");
+            }
+        }
         let bans = store.bans().await;
         let lockouts = store.lockouts().await;
+        let known = store.locked_known_addresses(now, now - KNOWN_ADDRESS_SECS).await;
         let mut inner = self.lock();
         if let Some(mut allow) = allow {
             allow.extend(self.cfg.allowlist.iter().map(|n| n.0));
@@ -199,6 +273,7 @@ impl Guard {
             for (net, b) in stored {
                 inner.bans.insert(net, b);
             }
+            inner.wide_bans = inner.bans.keys().filter(|n| !self.is_key(n)).copied().collect();
         }
         if let Ok(lockouts) = lockouts {
             let stored: HashMap<String, LockoutRecord> = lockouts.into_iter().map(|l| (l.user.clone(), l)).collect();
@@ -207,23 +282,71 @@ impl Guard {
                 inner.lockouts.insert(u, l);
             }
         }
+        if let Ok(known) = known {
+            for k in known {
+                let key = (k.user, k.network);
+                if inner.known.peek(&key).is_none_or(|t| *t < k.last_seen) {
+                    inner.known.insert(key, k.last_seen);
+                }
+            }
+        }
     }
 
-    /// Parses a list file; `None` if not configured or unreadable (the
+    /// Loads the list files at start. Unlike a re-read, an unreadable or
+    /// malformed file is an error: there is no previous list to keep.
+    pub fn load_lists(&self) -> Result<(), String> {
+        let files = [(self.cfg.allowlist_file.as_deref(), true), (self.cfg.blocklist_file.as_deref(), false)];
+        for (path, allow) in files {
+            let Some(path) = path else { continue };
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut list = parse_networks(&text, path).map_err(|e| e.to_string())?;
+            tracing::info!(path = %path.display(), networks = list.len(), "network list loaded");
+            let mut inner = self.lock();
+            inner.list_seen.insert(path.to_owned(), content_hash(&text));
+            if allow {
+                list.extend(self.cfg.allowlist.iter().map(|n| n.0));
+                inner.allow = list;
+            } else {
+                inner.block = list;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and parses a list file if it changed since it was last seen;
+    /// `None` if not configured, unchanged, unreadable or malformed (the
     /// previous list stays in force).
-    fn read_list(&self, path: Option<&std::path::Path>) -> Option<Vec<IpNet>> {
+    fn read_list(&self, path: Option<&Path>) -> Option<Vec<IpNet>> {
         let path = path?;
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read network list");
+                let mut inner = self.lock();
+                // Logged once per failure, not every re-read.
+                if inner.list_seen.insert(path.to_owned(), 0) != Some(0) {
+                    tracing::error!(path = %path.display(), error = %e, "cannot read network list; keeping the previous list");
+                }
                 return None;
             }
         };
-        Some(parse_networks(&text, path))
+        let hash = content_hash(&text);
+        if self.lock().list_seen.insert(path.to_owned(), hash) == Some(hash) {
+            return None;
+        }
+        match parse_networks(&text, path) {
+            Ok(list) => {
+                tracing::info!(path = %path.display(), networks = list.len(), "network list loaded");
+                Some(list)
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "network list rejected; keeping the previous list");
+                None
+            }
+        }
     }
 
     fn allowlisted(inner: &Inner, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         inner.allow.iter().any(|n| n.contains(&ip))
     }
 
@@ -231,12 +354,12 @@ impl Guard {
         if Self::allowlisted(inner, ip) {
             return;
         }
-        let offences = inner.offences.get(&ip).copied().unwrap_or(0);
+        let key = self.key(ip);
+        let offences = inner.offences.peek(&key).copied().unwrap_or(0);
         let secs = self.cfg.ban_secs.saturating_mul(4u64.saturating_pow(offences)).min(self.cfg.ban_max_secs);
-        bounded(&mut inner.offences, |_| false);
-        inner.offences.insert(ip, offences + 1);
+        inner.offences.insert(key, offences + 1);
         let ban = BanRecord {
-            network: host_net(ip),
+            network: key,
             reason: reason.to_owned(),
             created_at: now,
             expires_at: Some(now + secs as i64),
@@ -244,9 +367,9 @@ impl Guard {
         };
         emit(SecurityEvent::Banned { peer: ip, reason, seconds: secs });
         inner.bans.insert(ban.network, ban.clone());
-        inner.ip_failures.remove(&ip);
-        inner.ip_abuse.remove(&ip);
-        inner.ip_connections.remove(&ip);
+        inner.ip_failures.remove(&key);
+        inner.ip_abuse.remove(&key);
+        inner.ip_connections.remove(&key);
         if let Some(p) = &self.persist {
             let _ = p.send(Persist::Ban(ban));
         }
@@ -258,8 +381,27 @@ impl Guard {
     }
 }
 
-/// Parses one CIDR or address per line; `#` starts a comment.
-pub fn parse_networks(text: &str, source: &std::path::Path) -> Vec<IpNet> {
+/// Identifies a list file's content (never 0, which marks "unreadable").
+fn content_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish() | 1
+}
+
+/// A list file line that is not a network.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}:{line}: `{entry}` is not a network (CIDR or address)")]
+pub struct ListError {
+    pub path: String,
+    pub line: usize,
+    pub entry: String,
+}
+
+/// Parses one CIDR or address per line; `#` starts a comment. Any other
+/// line rejects the whole file: half a blocklist is worse than the last
+/// good one.
+pub fn parse_networks(text: &str, source: &Path) -> Result<Vec<IpNet>, ListError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let entry = line.split('#').next().unwrap_or("").trim();
@@ -268,10 +410,13 @@ pub fn parse_networks(text: &str, source: &std::path::Path) -> Vec<IpNet> {
         }
         match entry.parse::<IpNet>().or_else(|_| entry.parse::<IpAddr>().map(IpNet::from)) {
             Ok(n) => out.push(n.trunc()),
-            Err(_) => tracing::warn!(path = %source.display(), line = i + 1, "not a network, ignored"),
+            Err(_) => {
+                let shown: String = entry.chars().take(64).filter(|c| !c.is_control()).collect();
+                return Err(ListError { path: source.display().to_string(), line: i + 1, entry: shown });
+            }
         }
     }
-    out
+    Ok(out)
 }
 
 impl SecurityState for Guard {
@@ -281,14 +426,17 @@ impl SecurityState for Guard {
         if Self::allowlisted(&inner, ip) {
             return None;
         }
-        if inner.block.iter().any(|n| n.contains(&ip)) {
+        let canonical = ip.to_canonical();
+        if inner.block.iter().any(|n| n.contains(&canonical)) {
             return Some("blocklisted");
         }
         let active = |b: &BanRecord| b.expires_at.is_none_or(|e| e > now);
-        if inner.bans.get(&host_net(ip)).is_some_and(active) {
+        let key = self.key(ip);
+        if inner.bans.get(&key).is_some_and(active) || inner.bans.get(&IpNet::from(canonical)).is_some_and(active) {
             return Some("banned");
         }
-        if inner.bans.iter().any(|(n, b)| n.prefix_len() < n.max_prefix_len() && n.contains(&ip) && active(b)) {
+        let wide = inner.wide_bans.iter().filter(|n| n.contains(&canonical));
+        if wide.filter_map(|n| inner.bans.get(n)).any(active) {
             return Some("banned");
         }
         None
@@ -300,11 +448,9 @@ impl SecurityState for Guard {
 
     fn record_connection(&self, ip: IpAddr) {
         let now = (self.clock)();
+        let key = self.key(ip);
         let mut inner = self.lock();
-        bounded(&mut inner.ip_connections, |w| now - w.start < 60);
-        let mut slot = inner.ip_connections.get(&ip).copied();
-        let n = Window::hit(&mut slot, now, 60);
-        inner.ip_connections.insert(ip, slot.unwrap_or(Window { start: now, count: n }));
+        let n = Window::hit(&mut inner.ip_connections, key, now, 60);
         if n >= self.cfg.ban_after_connections_per_minute {
             self.ban(&mut inner, ip, "connection flood", now);
         }
@@ -313,29 +459,21 @@ impl SecurityState for Guard {
     fn account_locked(&self, user: &str, ip: IpAddr) -> bool {
         let now = (self.clock)();
         let user = user.to_ascii_lowercase();
+        let key = self.key(ip);
         let inner = self.lock();
         let locked = inner.lockouts.get(&user).is_some_and(|l| l.until > now);
-        locked && inner.known.get(&(user, ip)).is_none_or(|t| now - t >= KNOWN_ADDRESS_SECS)
+        locked && inner.known.peek(&(user, key)).is_none_or(|t| now - t >= KNOWN_ADDRESS_SECS)
     }
 
     fn record_auth_failure(&self, ip: IpAddr, user: Option<&str>) -> FailureOutcome {
         let now = (self.clock)();
         let window = self.cfg.window_secs as i64;
+        let key = self.key(ip);
         let mut inner = self.lock();
-        bounded(&mut inner.ip_failures, |w| now - w.start < window);
-        let mut slot = inner.ip_failures.get(&ip).copied();
-        let ip_count = Window::hit(&mut slot, now, window);
-        if let Some(w) = slot {
-            inner.ip_failures.insert(ip, w);
-        }
+        let ip_count = Window::hit(&mut inner.ip_failures, key, now, window);
         let mut account_count = 0;
         if let Some(user) = user.map(str::to_ascii_lowercase) {
-            bounded(&mut inner.account_failures, |w| now - w.start < window);
-            let mut slot = inner.account_failures.get(&user).copied();
-            account_count = Window::hit(&mut slot, now, window);
-            if let Some(w) = slot {
-                inner.account_failures.insert(user.clone(), w);
-            }
+            account_count = Window::hit(&mut inner.account_failures, user.clone(), now, window);
             if account_count >= self.cfg.lockout_after_failures {
                 let count = inner.lockouts.get(&user).map_or(0, |l| l.count);
                 let secs =
@@ -343,7 +481,9 @@ impl SecurityState for Guard {
                 let record =
                     LockoutRecord { user: user.clone(), since: now, until: now + secs as i64, count: count + 1 };
                 emit(SecurityEvent::AccountLocked { user: &user, seconds: secs });
-                bounded(&mut inner.lockouts, |l| l.until > now);
+                if inner.lockouts.len() >= MAX_ENTRIES {
+                    inner.lockouts.retain(|_, l| l.until > now);
+                }
                 inner.lockouts.insert(user.clone(), record.clone());
                 inner.account_failures.remove(&user);
                 if let Some(p) = &self.persist {
@@ -360,22 +500,24 @@ impl SecurityState for Guard {
 
     fn record_auth_success(&self, ip: IpAddr, user: &UserName) {
         let now = (self.clock)();
+        let key = (user.as_str().to_ascii_lowercase(), self.key(ip));
         let mut inner = self.lock();
-        inner.account_failures.remove(user.as_str());
-        bounded(&mut inner.known, |t| now - t < KNOWN_ADDRESS_SECS);
-        inner.known.insert((user.as_str().to_owned(), ip), now);
+        inner.account_failures.remove(&key.0);
+        let previous = inner.known.peek(&key).copied();
+        inner.known.insert(key.clone(), now);
+        if previous.is_none_or(|t| now - t >= KNOWN_ADDRESS_REWRITE_SECS) {
+            if let Some(p) = &self.persist {
+                let _ = p.send(Persist::Known(KnownAddress { user: key.0, network: key.1, last_seen: now }));
+            }
+        }
     }
 
     fn record_protocol_abuse(&self, ip: IpAddr) {
         let now = (self.clock)();
         let window = self.cfg.window_secs as i64;
+        let key = self.key(ip);
         let mut inner = self.lock();
-        bounded(&mut inner.ip_abuse, |w| now - w.start < window);
-        let mut slot = inner.ip_abuse.get(&ip).copied();
-        let n = Window::hit(&mut slot, now, window);
-        if let Some(w) = slot {
-            inner.ip_abuse.insert(ip, w);
-        }
+        let n = Window::hit(&mut inner.ip_abuse, key, now, window);
         if n >= self.cfg.ban_after_protocol_abuse {
             self.ban(&mut inner, ip, "protocol abuse", now);
         }
@@ -385,10 +527,9 @@ impl SecurityState for Guard {
         let now = (self.clock)();
         let min = min_interval.as_secs() as i64;
         let mut inner = self.lock();
-        if inner.last_login.get(user).is_some_and(|prev| now - prev < min) {
+        if inner.last_login.peek(user).is_some_and(|prev| now - prev < min) {
             return false;
         }
-        bounded(&mut inner.last_login, |t| now - t < min);
         inner.last_login.insert(user.clone(), now);
         true
     }
@@ -491,8 +632,70 @@ mod tests {
             g.record_connection(b);
         }
         assert_eq!(g.check_connection(b), Some("banned"));
-        g.lock().block = parse_networks("# comment\n203.0.113.0/24\nnot-a-net\n", std::path::Path::new("x"));
+        g.lock().block = parse_networks("# comment\n203.0.113.0/24\n", std::path::Path::new("x")).unwrap();
         assert_eq!(g.check_connection(ip("203.0.113.9")), Some("blocklisted"));
+    }
+
+    #[test]
+    fn ipv6_failures_in_one_64_count_together_and_the_ban_covers_the_64() {
+        let cfg = AbuseConfig { ban_after_auth_failures: 4, ..AbuseConfig::default() };
+        let (g, _) = guard(cfg);
+        for i in 1..=3 {
+            assert!(!g.record_auth_failure(ip(&format!("2001:db8::{i}")), None).banned);
+        }
+        assert!(g.record_auth_failure(ip("2001:db8::ffff:1"), None).banned, "the fourth failure in the /64 bans");
+        assert_eq!(g.check_connection(ip("2001:db8::abcd")), Some("banned"), "the ban covers the /64");
+        assert_eq!(g.check_connection(ip("2001:db8:0:1::1")), None, "the next /64 is not banned");
+        assert_eq!(g.lock().bans.keys().copied().collect::<Vec<_>>(), vec!["2001:db8::/64".parse().unwrap()]);
+        // IPv4, also mapped into IPv6, stays per address.
+        let (g, _) = guard(AbuseConfig { ban_after_auth_failures: 2, ..AbuseConfig::default() });
+        g.record_auth_failure(ip("192.0.2.1"), None);
+        assert!(!g.record_auth_failure(ip("192.0.2.2"), None).banned);
+        assert!(g.record_auth_failure(ip("::ffff:192.0.2.1"), None).banned);
+        assert_eq!(g.check_connection(ip("192.0.2.1")), Some("banned"));
+        assert_eq!(g.check_connection(ip("192.0.2.3")), None);
+        // The prefix is configurable; /128 counts single addresses.
+        let (g, _) = guard(AbuseConfig { ban_after_auth_failures: 2, ipv6_prefix: 128, ..AbuseConfig::default() });
+        g.record_auth_failure(ip("2001:db8::1"), None);
+        assert!(!g.record_auth_failure(ip("2001:db8::2"), None).banned);
+    }
+
+    #[test]
+    fn lru_eviction_keeps_the_hot_attackers_counters_when_the_map_is_full() {
+        let cfg = AbuseConfig { ban_after_auth_failures: 5, ..AbuseConfig::default() };
+        let (g, _) = guard(cfg);
+        let attacker = ip("198.51.100.66");
+        let mut others = (0u32..).map(|n| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)));
+        // The map fills up with one-off failures from other addresses while
+        // the attacker keeps going.
+        for _ in 0..4 {
+            assert!(!g.record_auth_failure(attacker, None).banned);
+            for o in others.by_ref().take(MAX_ENTRIES / 3) {
+                g.record_auth_failure(o, None);
+            }
+        }
+        assert!(g.lock().ip_failures.len() <= MAX_ENTRIES, "bounded");
+        assert!(g.record_auth_failure(attacker, None).banned, "the attacker's count survived the flood");
+        // Ban escalation of a repeat offender survives a flood of other bans.
+        let (g, _) = guard(AbuseConfig { ban_after_auth_failures: 1, ..AbuseConfig::default() });
+        for _ in 0..2 {
+            g.record_auth_failure(attacker, None);
+            for o in others.by_ref().take(MAX_ENTRIES * 3 / 5) {
+                g.record_auth_failure(o, None);
+            }
+        }
+        g.record_auth_failure(attacker, None);
+        assert_eq!(g.lock().bans[&IpNet::from(attacker)].offences, 3, "third ban, 16x as long");
+        assert!(g.lock().offences.len() <= MAX_ENTRIES, "bounded");
+    }
+
+    #[test]
+    fn malformed_list_file_is_rejected_whole_with_file_and_line() {
+        let e = parse_networks("203.0.113.0/24\n\n# fine\n198.51.100.1 # host\nnot-a-net\n", Path::new("/x/block.txt"))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "/x/block.txt:5: `not-a-net` is not a network (CIDR or address)");
+        let ok = parse_networks("203.0.113.7/24\n198.51.100.1 # host\n", Path::new("x")).unwrap();
+        assert_eq!(ok, vec!["203.0.113.0/24".parse::<IpNet>().unwrap(), "198.51.100.1/32".parse().unwrap()]);
     }
 
     #[test]

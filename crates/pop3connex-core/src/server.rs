@@ -38,6 +38,8 @@ pub enum ServerError {
     OAuth(#[from] crate::oauth::OAuthError),
     #[error("{0}")]
     Dnsbl(String),
+    #[error("network list: {0}")]
+    Lists(String),
     #[error("connector: {0}")]
     Connector(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -79,6 +81,9 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
     let auth = Arc::new(Authenticator::new(mail, cfg.auth.clone())?);
     let guard = Guard::new(cfg.abuse.clone(), Duration::from_millis(cfg.auth.failure_delay_ms), system_clock())
         .with_store(auth.mail().store().clone());
+    // Bans and list files in force before the first connection is accepted.
+    guard.load_lists().map_err(ServerError::Lists)?;
+    guard.refresh(&**auth.mail().store()).await;
 
     let oauth = if cfg.oauth.enabled() {
         let v = Arc::new(crate::oauth::TokenValidator::new(&cfg.oauth)?);
@@ -309,7 +314,7 @@ impl RunningServer {
     /// bans and lockouts.
     pub async fn reload(&self) {
         self.reload_tls();
-        self.guard.refresh(&*self.store).await;
+        self.guard.reload(&*self.store).await;
     }
 
     /// Re-reads the TLS certificate and key.

@@ -212,6 +212,43 @@ async fn bans_and_lockouts(store: Arc<dyn Store>) {
     assert!(store.lockouts().await.unwrap().is_empty());
 }
 
+async fn known_addresses_bounded_shared_and_purged(store: Arc<dyn Store>) {
+    use pop3connex_core::store::{KnownAddress, KNOWN_ADDRESSES_PER_ACCOUNT};
+    let now = pop3connex_core::types::unix_now();
+    let known = |i: usize, last_seen: i64| KnownAddress {
+        user: "alice".into(),
+        network: format!("192.0.2.{i}/32").parse().unwrap(),
+        last_seen,
+    };
+    for i in 0..KNOWN_ADDRESSES_PER_ACCOUNT + 4 {
+        store.put_known_address(known(i, now - 100 + i as i64)).await.unwrap();
+    }
+    store.put_known_address(known(1, now - 10_000)).await.unwrap();
+    assert!(store.locked_known_addresses(now, 0).await.unwrap().is_empty(), "alice is not locked");
+    let lockout = LockoutRecord { user: "alice".into(), since: now, until: now + 60, count: 1 };
+    store.put_lockout(lockout).await.unwrap();
+    let mut read = store.locked_known_addresses(now, 0).await.unwrap();
+    read.sort_by_key(|k| k.last_seen);
+    assert_eq!(read.len(), KNOWN_ADDRESSES_PER_ACCOUNT, "bounded per account");
+    assert_eq!(read[0], known(4, now - 96), "the newest kept; a put never moves last_seen back");
+    assert_eq!(store.locked_known_addresses(now, now - 90).await.unwrap().len(), 10, "only those seen since");
+    let expired = BanRecord {
+        network: "198.51.100.1/32".parse().unwrap(),
+        reason: "t".into(),
+        created_at: now - 10,
+        expires_at: Some(now - 1),
+        offences: 1,
+    };
+    store.put_ban(expired.clone()).await.unwrap();
+    store.purge_security(now + 61, now - 94).await.unwrap();
+    assert!(store.lockouts().await.unwrap().is_empty());
+    assert!(store.locked_known_addresses(now, 0).await.unwrap().is_empty(), "the lockout is gone");
+    store.put_lockout(LockoutRecord { user: "alice".into(), since: now, until: now + 60, count: 1 }).await.unwrap();
+    assert_eq!(store.locked_known_addresses(now, 0).await.unwrap().len(), 14, "stale known addresses purged");
+    // The purged ban row is gone: putting it back is not a replace of an old row.
+    assert!(!store.remove_ban(expired.network).await.unwrap(), "expired ban row purged");
+}
+
 async fn connector_state_commits_atomically(store: Arc<dyn Store>) {
     let mb = user(&store, "alice").await;
     let commit = |uidl: Option<&str>, key: u8, body: &[u8]| ConnectorCommit {
@@ -292,6 +329,7 @@ macro_rules! backends {
                 case!(key_check_round_trip);
                 case!(concurrent_deliveries_all_land);
                 case!(bans_and_lockouts);
+                case!(known_addresses_bounded_shared_and_purged);
                 case!(connector_state_commits_atomically);
                 case!(connector_accounts_status_and_secrets);
             }

@@ -3,6 +3,13 @@
 //! Generic over the stream so the same code runs on TCP, TLS and in-memory
 //! duplex pipes in tests. The read buffer lives here, not in a future, so a
 //! read cancelled by the shutdown signal loses nothing.
+//!
+//! Output is bounded: replies to pipelined commands are queued, but once
+//! [`FLUSH_THRESHOLD`] octets are waiting they are written before the next
+//! buffered command is handed out, so a peer that pipelines and never reads
+//! cannot make us queue more. Every write is bounded by [`WRITE_TIMEOUT`]
+//! and, before login, by the pre-authentication deadline
+//! ([`Connection::set_write_deadline`]).
 
 use std::time::Duration;
 
@@ -31,11 +38,19 @@ pub struct Connection<S> {
     stream: S,
     lines: LineBuffer,
     out: Vec<u8>,
+    /// No write may last past this (the pre-authentication deadline before
+    /// login), whatever is left of [`WRITE_TIMEOUT`].
+    write_deadline: Option<tokio::time::Instant>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(stream: S) -> Self {
-        Self { stream, lines: LineBuffer::new(MAX_LINE), out: Vec::new() }
+        Self { stream, lines: LineBuffer::new(MAX_LINE), out: Vec::new(), write_deadline: None }
+    }
+
+    /// Bounds every later flush by `deadline` (`None`: [`WRITE_TIMEOUT`] only).
+    pub fn set_write_deadline(&mut self, deadline: Option<tokio::time::Instant>) {
+        self.write_deadline = deadline;
     }
 
     /// Queues a status line.
@@ -57,7 +72,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.stream.write_all(&self.out).await?;
             self.stream.flush().await
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        let mut limit = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        if let Some(d) = self.write_deadline {
+            limit = limit.min(d);
+        }
+        match tokio::time::timeout_at(limit, write).await {
             Ok(r) => r?,
             Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "peer does not read")),
         }
@@ -86,6 +105,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn read_line(&mut self, idle: Duration, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<Input> {
         let deadline = tokio::time::Instant::now() + idle;
         loop {
+            if self.out.len() >= FLUSH_THRESHOLD {
+                // The peer pipelines faster than it reads: make it read
+                // before it gets another command served.
+                self.flush().await?;
+            }
             match self.lines.next_line() {
                 Ok(Some(line)) => return Ok(Input::Line(line)),
                 Err(LineError::TooLong) => return Ok(Input::TooLong),

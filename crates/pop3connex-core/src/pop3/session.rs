@@ -11,8 +11,12 @@ use tokio::sync::watch;
 use super::connection::{Connection, Input};
 use super::Pop3Context;
 use crate::crypto::DataKey;
-use crate::events::{emit, SecurityEvent};
+use crate::events::{ConnectionEvents, SecurityEvent};
 use crate::store::{MaildropLock, MessageMeta, UserRecord};
+
+/// How long the goodbye after the pre-authentication deadline may take to
+/// write; a peer that does not read is dropped after it.
+const GOODBYE_GRACE: Duration = Duration::from_secs(2);
 
 /// How a session ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -82,6 +86,8 @@ pub(crate) struct Session<'a> {
     /// Command-rate token bucket: (tokens, last refill).
     bucket: (f64, tokio::time::Instant),
     pub shutdown: watch::Receiver<bool>,
+    /// Rate-limited security events of this connection.
+    pub events: ConnectionEvents,
 }
 
 impl<'a> Session<'a> {
@@ -94,7 +100,19 @@ impl<'a> Session<'a> {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let bucket = (ctx.max_commands_per_second as f64, tokio::time::Instant::now());
-        Self { ctx, peer, tls, tls_exporter, bad_commands: 0, auth_failures: 0, preauth_deadline, bucket, shutdown }
+        let events = ConnectionEvents::new(peer.ip());
+        Self {
+            ctx,
+            peer,
+            tls,
+            tls_exporter,
+            bad_commands: 0,
+            auth_failures: 0,
+            preauth_deadline,
+            bucket,
+            shutdown,
+            events,
+        }
     }
 
     /// May credentials be sent on this connection?
@@ -122,7 +140,11 @@ impl<'a> Session<'a> {
     ) -> Flow {
         self.bad_commands += 1;
         if self.bad_commands >= self.ctx.cfg.max_bad_commands {
-            emit(SecurityEvent::ProtocolAbuse { peer: &self.peer.ip().to_string(), protocol: "pop3", reason });
+            self.events.emit(SecurityEvent::ProtocolAbuse {
+                peer: &self.peer.ip().to_string(),
+                protocol: "pop3",
+                reason,
+            });
             self.ctx.security.record_protocol_abuse(self.peer.ip());
             conn.reply(StatusLine::err("Too many bad commands, closing connection"));
             return Flow::Close;
@@ -158,6 +180,10 @@ impl<'a> Session<'a> {
         }
         let mut state = State::Authorization(Authorization::default());
         loop {
+            let authorization = matches!(state, State::Authorization(_));
+            // Before login no write may outlive the pre-authentication
+            // deadline (a peer that pipelines and reads slowly, or not at all).
+            conn.set_write_deadline(authorization.then_some(self.preauth_deadline));
             let idle = self.idle_timeout(&state);
             let line = match conn.read_line(idle, &mut self.shutdown).await? {
                 Input::Line(l) => l,
@@ -180,6 +206,12 @@ impl<'a> Session<'a> {
                 }
             };
             self.throttle().await;
+            if authorization && tokio::time::Instant::now() >= self.preauth_deadline {
+                // Pipelined commands are served only while the deadline
+                // lasts: it is for the connection, not for each read.
+                conn.reply(StatusLine::err("Disconnected: no login in time"));
+                break;
+            }
             let cmd = match parse_command(&line) {
                 Ok(c) => c,
                 Err(e) => match self.bad_command(conn, StatusLine::err(e.to_string()), "malformed command") {
@@ -189,6 +221,17 @@ impl<'a> Session<'a> {
             };
             if let Err(why) = allowed(&state, &cmd, self.tls) {
                 match self.bad_command(conn, StatusLine::err(why), "command not allowed in state") {
+                    Flow::Continue => continue,
+                    _ => break,
+                }
+            }
+            if authorization && sends_credentials(&cmd) && !self.credentials_allowed() {
+                // Credentials before TLS: refused without looking at them,
+                // counted as a bad command, logged at a bounded rate.
+                discard_credentials(cmd);
+                self.events.emit(SecurityEvent::PlaintextAuthRefused { peer: self.peer.ip() });
+                let reply = StatusLine::err_code(RespCode::Auth, "Plaintext authentication disallowed, use STLS first");
+                match self.bad_command(conn, reply, "credentials before TLS") {
                     Flow::Continue => continue,
                     _ => break,
                 }
@@ -205,11 +248,15 @@ impl<'a> Session<'a> {
                     conn.flush().await?;
                     let discarded = conn.discard_buffered();
                     if discarded > 0 {
-                        emit(SecurityEvent::StartTlsInjection { peer: self.peer.ip(), discarded });
+                        self.events.emit(SecurityEvent::StartTlsInjection { peer: self.peer.ip(), discarded });
                     }
                     return Ok(End::StartTls);
                 }
             }
+        }
+        if matches!(state, State::Authorization(_)) {
+            // The goodbye gets a short grace past the deadline, no more.
+            conn.set_write_deadline(Some(self.preauth_deadline.max(tokio::time::Instant::now() + GOODBYE_GRACE)));
         }
         conn.flush().await?;
         Ok(End::Closed)
@@ -245,6 +292,21 @@ impl<'a> Session<'a> {
             }
         };
         Ok((State::Transaction(m), flow))
+    }
+}
+
+/// Commands that carry credentials (or start a SASL exchange that will).
+fn sends_credentials(cmd: &Command) -> bool {
+    matches!(cmd, Command::User(_) | Command::Pass(_) | Command::Auth { mechanism: Some(_), .. })
+}
+
+/// Wipes a refused command's secret before it is dropped.
+fn discard_credentials(cmd: Command) {
+    use zeroize::Zeroize;
+    match cmd {
+        Command::Pass(mut p) => p.zeroize(),
+        Command::Auth { initial_response: Some(mut r), .. } => r.zeroize(),
+        _ => {}
     }
 }
 

@@ -162,6 +162,23 @@ pub struct LockoutRecord {
     pub count: u32,
 }
 
+/// An address (IPv4) or aggregated IPv6 prefix from which an account logged
+/// in successfully: lockouts of that account spare it. Only written after a
+/// successful login, so only names of existing accounts are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownAddress {
+    pub user: String,
+    pub network: ipnet::IpNet,
+    pub last_seen: i64,
+}
+
+/// Known addresses kept per account (the newest by `last_seen`); older ones
+/// are dropped when a new one is recorded.
+pub const KNOWN_ADDRESSES_PER_ACCOUNT: usize = 16;
+/// Most ban, lockout or known-address rows one periodic re-read returns (the
+/// newest); bounds the memory and time of a re-read under a flood of rows.
+pub const MAX_SECURITY_ROWS: usize = 100_000;
+
 /// A 32-byte duplicate-detection key (Message-ID + recipient + content hash).
 pub type DedupKey = [u8; 32];
 
@@ -287,6 +304,16 @@ pub trait Store: Send + Sync + 'static {
     async fn put_lockout(&self, lockout: LockoutRecord) -> StoreResult<()>;
     /// Returns whether a lockout for `user` existed.
     async fn remove_lockout(&self, user: &str) -> StoreResult<bool>;
+    /// Records (or refreshes) a known address of an existing account and
+    /// keeps only its [`KNOWN_ADDRESSES_PER_ACCOUNT`] newest.
+    async fn put_known_address(&self, known: KnownAddress) -> StoreResult<()>;
+    /// Known addresses seen since `since` of the accounts under an active
+    /// lockout at `now` (the only ones a lockout check needs), at most
+    /// [`MAX_SECURITY_ROWS`].
+    async fn locked_known_addresses(&self, now: i64, since: i64) -> StoreResult<Vec<KnownAddress>>;
+    /// Deletes bans and lockouts that have expired by `now` and known
+    /// addresses last seen before `known_before`.
+    async fn purge_security(&self, now: i64, known_before: i64) -> StoreResult<()>;
 
     /// Connector: one run per account at a time, across processes.
     async fn lock_connector(&self, account: &str) -> StoreResult<MaildropLock>;

@@ -45,8 +45,8 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use super::{
-    BanRecord, ConnectorCommit, ConnectorStatus, DedupKey, LockoutRecord, MaildropLock, MessageMeta, MessageSource,
-    NewMessage, SeenUid, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
+    BanRecord, ConnectorCommit, ConnectorStatus, DedupKey, KnownAddress, LockoutRecord, MaildropLock, MessageMeta,
+    MessageSource, NewMessage, SeenUid, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
 };
 use crate::crypto::RecordId;
 use crate::events::{emit, SecurityEvent};
@@ -73,7 +73,7 @@ const LOW_SPACE_BYTES: u64 = 64 << 20;
 /// leave a WAL of its size behind for good.
 const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -134,6 +134,8 @@ enum WriteOp {
     RemoveBan(String),
     PutLockout(LockoutRecord),
     RemoveLockout(String),
+    PutKnownAddress(KnownAddress),
+    PurgeSecurity { now: i64, known_before: i64 },
     ConnectorCommit(ConnectorCommit),
     ConnectorForget { account: String, uidls: Vec<String> },
     ConnectorResync { account: String, uidls: Vec<String> },
@@ -430,6 +432,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
          CREATE TABLE connector_secrets(account TEXT NOT NULL, kind TEXT NOT NULL, sealed BLOB NOT NULL,
                                         updated_at INTEGER NOT NULL, PRIMARY KEY(account, kind));",
     ),
+    (
+        7,
+        "CREATE TABLE known_addresses(user TEXT NOT NULL, network TEXT NOT NULL, last_seen INTEGER NOT NULL,
+                                      PRIMARY KEY(user, network)) WITHOUT ROWID;
+         CREATE INDEX known_addresses_by_time ON known_addresses(last_seen);
+         CREATE INDEX bans_by_expiry ON bans(expires_at);
+         CREATE INDEX lockouts_by_until ON lockouts(until);",
+    ),
 ];
 
 fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
@@ -702,6 +712,8 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
         WriteOp::RemoveBan(n) => security::remove(conn, "DELETE FROM bans WHERE network = ?1", n),
         WriteOp::PutLockout(l) => security::put_lockout(conn, l),
         WriteOp::RemoveLockout(u) => security::remove(conn, "DELETE FROM lockouts WHERE user = ?1", u),
+        WriteOp::PutKnownAddress(k) => security::put_known(conn, k),
+        WriteOp::PurgeSecurity { now, known_before } => security::purge(conn, *now, *known_before),
         WriteOp::ConnectorCommit(c) => connector::commit(conn, c),
         WriteOp::ConnectorForget { account, uidls } => connector::forget(conn, account, uidls),
         WriteOp::ConnectorResync { account, uidls } => connector::resync(conn, account, uidls),
@@ -888,6 +900,18 @@ impl Store for SqliteStore {
 
     async fn remove_lockout(&self, user: &str) -> StoreResult<bool> {
         self.write_existed(WriteOp::RemoveLockout(user.to_ascii_lowercase())).await
+    }
+
+    async fn put_known_address(&self, known: KnownAddress) -> StoreResult<()> {
+        self.write(WriteOp::PutKnownAddress(known)).await
+    }
+
+    async fn locked_known_addresses(&self, now: i64, since: i64) -> StoreResult<Vec<KnownAddress>> {
+        self.read(move |c| security::locked_known(c, now, since)).await
+    }
+
+    async fn purge_security(&self, now: i64, known_before: i64) -> StoreResult<()> {
+        self.write(WriteOp::PurgeSecurity { now, known_before }).await
     }
 
     async fn lock_connector(&self, account: &str) -> StoreResult<MaildropLock> {
