@@ -210,6 +210,12 @@ pub trait Store: Send + Sync + 'static {
     async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>>;
     async fn users(&self) -> StoreResult<Vec<UserSummary>>;
     async fn set_password(&self, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()>;
+    /// Users whose SCRAM keys are still stored in the clear (RFC 5803 text
+    /// written by earlier releases), for sealing in place.
+    async fn plaintext_scram(&self) -> StoreResult<Vec<(UserName, String)>>;
+    /// Replaces `name`'s SCRAM column if it still holds `old` (a password
+    /// change in between wins); changes nothing else.
+    async fn replace_scram(&self, name: &UserName, old: &str, new: &str) -> StoreResult<()>;
     async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()>;
     async fn set_require_modern_auth(&self, name: &UserName, required: bool) -> StoreResult<()>;
     async fn set_class(&self, name: &UserName, class: Option<String>) -> StoreResult<()>;
