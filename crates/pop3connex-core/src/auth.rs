@@ -257,18 +257,25 @@ impl Authenticator {
             None => None,
         };
         // App passwords first: one keyed hash and an indexed lookup, done
-        // for unknown names too so both take the same path.
-        let owner = self
+        // for unknown names too so both take the same path. It is marked
+        // used only when the login succeeds: a refused account's valid app
+        // password costs no write a wrong password does not.
+        let found = self
             .mail
             .store()
-            .use_app_password(self.app_password_key(password))
+            .find_app_password(self.app_password_key(password))
             .await
             .map_err(|_| AuthFailure::Temporary)?;
         let refusal = record.as_ref().and_then(|r| self.account_refusal(r));
-        let app_password = record.as_ref().is_some_and(|r| owner.as_ref() == Some(&r.name));
-        if let (Some(r), true, None) = (&record, app_password, refusal) {
+        let app_password = match (&record, &found) {
+            (Some(r), Some((id, owner))) if *owner == r.name => Some(*id),
+            _ => None,
+        };
+        if let (Some(r), Some(id), None) = (&record, app_password, refusal) {
+            self.mail.store().mark_app_password_used(id).await.map_err(|_| AuthFailure::Temporary)?;
             return Ok(r.clone());
         }
+        let app_password = app_password.is_some();
         let stored = record.as_ref().map(|r| r.password_hash.as_str());
         let plan = verification_plan(stored, self.cfg.password_scheme, &self.dummy, &self.dummy_compat);
         let password = Zeroizing::new(password.to_vec());

@@ -183,6 +183,9 @@ async fn locked_disabled_or_expired_account_answers_app_password_like_a_wrong_on
         assert!(wrong[1].starts_with("-ERR [AUTH] Authentication failed"), "{how:?}: {wrong:?}");
         assert_eq!(password_transcript(&mut c, &app_pw).await, wrong, "{how:?}: app password");
         assert_eq!(password_transcript(&mut c, PASSWORD).await, wrong, "{how:?}: account password");
+        // Not even marked used: a refused login writes nothing a wrong one does not.
+        let listed = f.mail.store().app_passwords(&name("alice")).await.unwrap();
+        assert!(listed.iter().all(|a| a.last_used_at.is_none()), "{how:?}");
     }
 }
 

@@ -235,6 +235,12 @@ pub trait Store: Send + Sync + 'static {
     /// The owner of an unexpired app password with this keyed hash; marks
     /// it used.
     async fn use_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<UserName>>;
+    /// The id and owner of an unexpired app password with this keyed hash;
+    /// writes nothing (a login that is then refused must not cost a write
+    /// a wrong password does not).
+    async fn find_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<(i64, UserName)>>;
+    /// Records that app password `id` was just used for a login.
+    async fn mark_app_password_used(&self, id: i64) -> StoreResult<()>;
     /// Deletes the user, the mailbox, its key and all its mail.
     async fn delete_user(&self, name: &UserName) -> StoreResult<()>;
 

@@ -469,6 +469,15 @@ impl Store for SqliteStore {
         Ok(UserName::parse(&name).ok())
     }
 
+    async fn find_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<(i64, UserName)>> {
+        let found = self.read(move |c| mailbox::find_app_password(c, &keyed_hash)).await?;
+        Ok(found.and_then(|(id, name)| UserName::parse(&name).ok().map(|n| (id, n))))
+    }
+
+    async fn mark_app_password_used(&self, id: i64) -> StoreResult<()> {
+        self.write(WriteOp::UseAppPassword { id }).await
+    }
+
     async fn delete_user(&self, name: &UserName) -> StoreResult<()> {
         self.write(WriteOp::DeleteUser(name.clone())).await
     }
