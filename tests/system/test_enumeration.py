@@ -9,7 +9,10 @@ reading the reply. The two samples are compared with a two-sided
 Mann-Whitney U test (normal approximation, tie-corrected): |z| must stay
 below 3.29 (p > 0.001), and the medians must be within 25% of each other.
 Both paths run the same Argon2id verification (unknown names against a
-dummy hash) and the same database look-ups, which is what this checks."""
+dummy hash) and the same database look-ups, which is what this checks.
+The same holds for an account imported from Dovecot with a SHA512-CRYPT
+hash: every check runs one verification in the configured scheme and one
+SHA512-CRYPT (5000 rounds), real or dummy."""
 
 from __future__ import annotations
 
@@ -52,6 +55,20 @@ def mann_whitney_z(a: list[float], b: list[float]) -> float:
 
 def test_failed_pass_is_indistinguishable_for_known_and_unknown_users(server, make_user):
     known, _ = make_user("known")
+    compare_failed_pass(server, known)
+
+
+def test_failed_pass_is_indistinguishable_for_imported_sha512_and_unknown_users(server, tmp_path):
+    imported = syslib.unique_name("imported")
+    # `doveadm pw -s SHA512-CRYPT -p test` (Dovecot's default 5000 rounds).
+    passwd = tmp_path / "users"
+    passwd.write_text(f"{imported}:{{SHA512-CRYPT}}$6$DAEBdnbM6x1qs1Zp$61UH.TYqGe1o4wPuELC1PJHFGN.eczraTrksAeTWd3"
+                      "Gpnaim7hyGbXA9b1rP4wGtu.AQHqM8B1R0wQa3Hyamc1\n")
+    server.cli("user", "import-passwd", str(passwd))
+    compare_failed_pass(server, imported)
+
+
+def compare_failed_pass(server, known: str):
     replies = {"known": set(), "unknown": set()}
     times = {"known": [], "unknown": []}
     with syslib.Pop3.connect(syslib.LOOPBACK, server.ports.pop3s, server.tls_context()) as p:

@@ -105,3 +105,29 @@ def test_mpop_scram_sha_256(server, make_user, tmp_path, mode):
     got = files[0].read_bytes().replace(b"\n", b"\r\n")
     assert syslib.strip_trace(got, rcpt=None).endswith(msg), got
     assert 'mechanism="SCRAM-SHA-256"' in server.log_text()
+
+
+def test_scram_locked_account_answers_like_wrong_proof(server_factory, make_user):
+    """A correct SCRAM proof for a locked account gets no server-final: the
+    reply is the one a wrong proof gets (checked with scramp, a client
+    written independently of the server)."""
+    srv = server_factory({("auth", "failure_delay_ms"): 0, ("abuse", "lockout_after_failures"): 3,
+                          ("abuse", "ban_after_auth_failures"): 1000})
+    name, pw = make_user("locked", srv=srv)
+    # Failures from several addresses: the name is locked, no address banned.
+    for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        with syslib.Pop3.connect(syslib.LOOPBACK, srv.ports.pop3s, srv.tls_context(), source=source) as p:
+            p.cmd(f"USER {name}", expect_ok=None)
+            p.cmd("PASS not-the-password", expect_ok=False)
+
+    def reply_to_client_final(password: str) -> str:
+        c = scramp.ScramClient(["SCRAM-SHA-256"], name, password)
+        with syslib.Pop3.connect(syslib.LOOPBACK, srv.ports.pop3s, srv.tls_context(), source="127.0.0.5") as p:
+            r = p.cmd(f"AUTH SCRAM-SHA-256 {b64(c.get_client_first().encode())}", expect_ok=None)
+            assert r.startswith("+ "), r
+            c.set_server_first(unb64(r[2:]))
+            return p.cmd(b64(c.get_client_final().encode()), expect_ok=None)
+
+    right, wrong = reply_to_client_final(pw), reply_to_client_final(pw + "x")
+    assert right.startswith("-ERR [AUTH]"), f"no server-final for a locked account: {right!r}"
+    assert right == wrong, f"a locked account's correct proof is distinguishable: {right!r} vs {wrong!r}"

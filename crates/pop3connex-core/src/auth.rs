@@ -4,6 +4,13 @@
 //! takes ~19 MiB and a few milliseconds per attempt, so an unbounded number
 //! of parallel attempts would let a login flood exhaust memory and starve
 //! sessions that are already logged in.
+//!
+//! What a client can learn from a login attempt is limited to "it worked" or
+//! "it failed": an account that refuses logins (locked, disabled, password
+//! expired, see [`Authenticator::account_refusal`]) fails every mechanism
+//! with the reply and the work of a wrong secret, and every password check
+//! runs the same hash verifications whether the name is unknown, has a
+//! hash of the configured scheme, or an imported one ([`verification_plan`]).
 
 use std::sync::Arc;
 
@@ -13,7 +20,7 @@ use zeroize::Zeroizing;
 use crate::config::{AuthConfig, PasswordScheme};
 use crate::mailstore::{MailStore, MailStoreError};
 use crate::password::{dummy_hash, hash_password, verify_password, PasswordError};
-use crate::scram::ScramCredentials;
+use crate::scram::{fake_salt_name, ScramCredentials};
 use crate::store::{StoreError, StoredCredentials, UserRecord};
 use crate::types::UserName;
 
@@ -28,6 +35,11 @@ pub enum AuthFailure {
     Expired,
     /// The account accepts only SCRAM, OAuth or app passwords.
     ModernAuthRequired,
+    /// The name is locked out (too many failures).
+    Locked,
+    /// The client abandoned an exchange after the mechanism had answered
+    /// its proof (e.g. after SCRAM's server-final).
+    Abandoned,
     /// Storage trouble: the client gets `[SYS/TEMP]`, not `[AUTH]`.
     Temporary,
 }
@@ -40,6 +52,8 @@ impl AuthFailure {
             AuthFailure::Disabled => "account disabled",
             AuthFailure::Expired => "password expired",
             AuthFailure::ModernAuthRequired => "password mechanism not allowed for account",
+            AuthFailure::Locked => "account locked",
+            AuthFailure::Abandoned => "exchange abandoned after the proof was answered",
             AuthFailure::Temporary => "temporary failure",
         }
     }
@@ -78,6 +92,8 @@ pub struct Authenticator {
     cfg: AuthConfig,
     /// Verified against for unknown users so they take as long as known ones.
     dummy: String,
+    /// The compatibility-scheme dummy (see [`verification_plan`]).
+    dummy_compat: String,
     /// Server secret for SCRAM's fake salts of unknown users.
     scram_secret: [u8; 32],
     /// Key for app-password hashes.
@@ -98,6 +114,7 @@ const MAX_CACHED_CREDENTIALS: usize = 100_000;
 impl Authenticator {
     pub fn new(mail: Arc<MailStore>, cfg: AuthConfig) -> Result<Self, PasswordError> {
         let dummy = dummy_hash(&cfg)?;
+        let dummy_compat = crate::password::dummy_compat_hash()?;
         let scram_secret = mail.derived_secret(b"scram-unknown-user-salt");
         let app_secret = mail.derived_secret(b"app-passwords");
         // A fresh random key per process: cache entries mean nothing elsewhere.
@@ -107,6 +124,7 @@ impl Authenticator {
             mail,
             cfg,
             dummy,
+            dummy_compat,
             scram_secret,
             app_secret,
             cache_secret,
@@ -171,6 +189,20 @@ impl Authenticator {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
+    /// Why an existing account refuses every login whatever secret is
+    /// presented (the lockout, a per-address matter, is the session's).
+    /// Mechanisms check this before they verify anything and then answer
+    /// exactly as for a wrong secret.
+    pub fn account_refusal(&self, user: &UserRecord) -> Option<AuthFailure> {
+        if user.disabled {
+            Some(AuthFailure::Disabled)
+        } else if self.password_expired(user) {
+            Some(AuthFailure::Expired)
+        } else {
+            None
+        }
+    }
+
     /// Whether the account password is older than the policy allows.
     pub fn password_expired(&self, user: &UserRecord) -> bool {
         let days = self.cfg.password_policy.max_age_for(user.class.as_deref());
@@ -210,7 +242,14 @@ impl Authenticator {
 
     /// Checks a user name and password. A successful login with a hash of
     /// another scheme than the configured one (e.g. imported from Dovecot),
-    /// or without SCRAM keys, upgrades the stored credentials.
+    /// or without SCRAM keys, upgrades the stored credentials; SCRAM keys
+    /// with fewer iterations than configured are re-derived.
+    ///
+    /// Constant work where it matters: the same hash verifications for
+    /// unknown names, imported hashes and refused accounts (an app password
+    /// of a disabled or expired account costs what a wrong password costs),
+    /// and the verified-credential cache serves only accounts that accept
+    /// logins.
     pub async fn verify_password(&self, user: &str, password: &[u8]) -> Result<UserRecord, AuthFailure> {
         let name = UserName::parse(user).ok();
         let record = match &name {
@@ -218,74 +257,119 @@ impl Authenticator {
             None => None,
         };
         // App passwords first: one keyed hash and an indexed lookup, done
-        // for unknown names too so both take the same path.
-        let owner = self
+        // for unknown names too so both take the same path. It is marked
+        // used only when the login succeeds: a refused account's valid app
+        // password costs no write a wrong password does not.
+        let found = self
             .mail
             .store()
-            .use_app_password(self.app_password_key(password))
+            .find_app_password(self.app_password_key(password))
             .await
             .map_err(|_| AuthFailure::Temporary)?;
-        if let Some(r) = &record {
-            if owner.as_ref() == Some(&r.name) {
-                return if r.disabled { Err(AuthFailure::Disabled) } else { Ok(r.clone()) };
-            }
+        let refusal = record.as_ref().and_then(|r| self.account_refusal(r));
+        let app_password = match (&record, &found) {
+            (Some(r), Some((id, owner))) if *owner == r.name => Some(*id),
+            _ => None,
+        };
+        if let (Some(r), Some(id), None) = (&record, app_password, refusal) {
+            self.mail.store().mark_app_password_used(id).await.map_err(|_| AuthFailure::Temporary)?;
+            return Ok(r.clone());
         }
-        let stored = record.as_ref().map_or(self.dummy.clone(), |r| r.password_hash.clone());
+        let app_password = app_password.is_some();
+        let stored = record.as_ref().map(|r| r.password_hash.as_str());
+        let plan = verification_plan(stored, self.cfg.password_scheme, &self.dummy, &self.dummy_compat);
         let password = Zeroizing::new(password.to_vec());
-        // Verified-credential cache: only successes are cached, so failed
-        // attempts always pay the full hash (and time like unknown users).
-        let cache_key = self.cache_key(user, &stored, &password);
-        let cached = record.is_some() && self.cache_hit(&cache_key);
+        // Verified-credential cache: only successes of accounts that accept
+        // logins are cached and served, so failed attempts and refused
+        // accounts always pay the full hash (and time like unknown users).
+        let cache_key = self.cache_key(user, stored.unwrap_or(&self.dummy), &password);
+        let cached = record.is_some() && refusal.is_none() && self.cache_hit(&cache_key);
         let ok = cached || {
             let _permit = self.hashing.acquire().await.map_err(|_| AuthFailure::Temporary)?;
             let pw = password.clone();
             // Names the user in what verification logs (a refused stored hash).
             let span = tracing::error_span!("verify", user = record.as_ref().map_or("", |r| r.name.as_str()));
-            tokio::task::spawn_blocking(move || span.in_scope(|| verify_password(&stored, &pw)))
+            tokio::task::spawn_blocking(move || span.in_scope(|| plan.run(&pw)))
                 .await
                 .map_err(|_| AuthFailure::Temporary)?
         };
-        if ok && !cached && record.is_some() {
+        let r = match (record, refusal) {
+            (None, _) => return Err(AuthFailure::UnknownUser),
+            (Some(_), Some(reason)) if ok || app_password => return Err(reason),
+            (Some(_), _) if !ok => return Err(AuthFailure::BadPassword),
+            (Some(r), _) if r.require_modern_auth => return Err(AuthFailure::ModernAuthRequired),
+            (Some(r), _) => r,
+        };
+        if !cached {
             self.cache_insert(cache_key);
         }
-        match record {
-            None => Err(AuthFailure::UnknownUser),
-            Some(_) if !ok => Err(AuthFailure::BadPassword),
-            Some(r) if r.disabled => Err(AuthFailure::Disabled),
-            Some(r) if r.require_modern_auth => Err(AuthFailure::ModernAuthRequired),
-            Some(r) if self.password_expired(&r) => Err(AuthFailure::Expired),
-            Some(r) => {
-                if r.scram.is_none() || !is_scheme(&r.password_hash, self.cfg.password_scheme) {
-                    match self.credentials_for(&password).await {
-                        Ok(c) => match self.mail.store().set_password(&r.name, &c).await {
-                            Ok(()) => tracing::info!(user = %r.name, "stored credentials upgraded"),
-                            Err(e) => tracing::warn!(user = %r.name, error = %e, "credential upgrade failed"),
-                        },
-                        Err(e) => tracing::warn!(user = %r.name, error = %e, "credential upgrade failed"),
-                    }
-                }
-                Ok(r)
+        self.upgrade_credentials(&r, &password).await;
+        Ok(r)
+    }
+
+    /// After a successful password login: re-hash an imported or
+    /// other-scheme hash and derive missing SCRAM keys (a password change
+    /// in the store), or re-derive SCRAM keys with too few iterations
+    /// (only the SCRAM column changes; the password's age does not).
+    async fn upgrade_credentials(&self, r: &UserRecord, password: &[u8]) {
+        if r.scram.is_none() || !is_scheme(&r.password_hash, self.cfg.password_scheme) {
+            match self.credentials_for(&r.name, password).await {
+                Ok(c) => match self.mail.store().set_password(&r.name, &c).await {
+                    Ok(()) => tracing::info!(user = %r.name, "stored credentials upgraded"),
+                    Err(e) => tracing::warn!(user = %r.name, error = %e, "credential upgrade failed"),
+                },
+                Err(e) => tracing::warn!(user = %r.name, error = %e, "credential upgrade failed"),
+            }
+            return;
+        }
+        let Some(old) = r.scram.as_deref() else { return };
+        let wanted = self.scram_iterations();
+        if self.mail.open_scram(&r.name, old).is_ok_and(|c| c.iterations >= wanted) {
+            return;
+        }
+        let pw = Zeroizing::new(password.to_vec());
+        let derived = tokio::task::spawn_blocking(move || ScramCredentials::derive(&pw, wanted)).await.ok().flatten();
+        if let Some(c) = derived {
+            match self.mail.store().replace_scram(&r.name, old, &self.mail.seal_scram(&r.name, &c)).await {
+                Ok(()) => tracing::info!(user = %r.name, iterations = wanted, "SCRAM keys re-derived"),
+                Err(e) => tracing::warn!(user = %r.name, error = %e, "SCRAM key upgrade failed"),
             }
         }
     }
 
+    fn scram_iterations(&self) -> u32 {
+        u32::try_from(self.cfg.scram_iterations).unwrap_or(u32::MAX)
+    }
+
     /// SCRAM credentials for `user`: the real ones with the record when the
     /// user exists and has them, otherwise deterministic fakes (same salt on
-    /// every attempt) so the exchange looks the same either way.
+    /// every attempt, derived from the normalised name exactly as for an
+    /// unknown name) so the exchange looks the same either way. Keys that
+    /// do not open (copied from another user, edited) are reported and
+    /// replaced by fakes: the login fails.
     pub async fn scram_lookup(&self, user: &str) -> Result<(Option<UserRecord>, ScramCredentials), AuthFailure> {
         let record = match UserName::parse(user) {
             Ok(n) => self.mail.store().user(&n).await.map_err(|_| AuthFailure::Temporary)?,
             Err(_) => None,
         };
-        let iterations = self.cfg.scram_iterations as u32;
-        if let Some(r) = record {
-            if let Some(creds) = r.scram.as_deref().and_then(ScramCredentials::decode) {
-                return Ok((Some(r), creds));
+        let fake = || ScramCredentials::fake(&self.scram_secret, &fake_salt_name(user), self.scram_iterations());
+        let Some(r) = record else { return Ok((None, fake())) };
+        let Some(stored) = r.scram.as_deref() else {
+            // Known user without SCRAM keys yet (imported): fail like an
+            // unknown one.
+            return Ok((Some(r), fake()));
+        };
+        match self.mail.open_scram(&r.name, stored) {
+            Ok(creds) => Ok((Some(r), creds)),
+            Err(e) => {
+                crate::events::emit(crate::events::SecurityEvent::IntegrityFailure {
+                    user: r.name.as_str(),
+                    message: "SCRAM keys",
+                });
+                tracing::error!(user = %r.name, error = %e, "stored SCRAM keys do not open");
+                Ok((Some(r), fake()))
             }
-            // Known user without SCRAM keys yet: fail like an unknown one.
-            return Ok((Some(r), ScramCredentials::fake(&self.scram_secret, user, iterations)));
         }
-        Ok((None, ScramCredentials::fake(&self.scram_secret, &user.to_ascii_lowercase(), iterations)))
     }
 
     fn check_password(password: &[u8]) -> Result<(), AccountError> {
@@ -299,18 +383,19 @@ impl Authenticator {
         Ok(())
     }
 
-    /// Hash and SCRAM keys for a new password (on the blocking pool).
-    async fn credentials_for(&self, password: &[u8]) -> Result<StoredCredentials, AccountError> {
+    /// Hash and sealed SCRAM keys for a new password of `name` (hashing on
+    /// the blocking pool).
+    async fn credentials_for(&self, name: &UserName, password: &[u8]) -> Result<StoredCredentials, AccountError> {
         let cfg = self.cfg.clone();
+        let iterations = self.scram_iterations();
         let password = Zeroizing::new(password.to_vec());
-        tokio::task::spawn_blocking(move || {
+        let (hash, scram) = tokio::task::spawn_blocking(move || {
             let hash = hash_password(&cfg, &password)?;
-            let scram = ScramCredentials::derive(&password, cfg.scram_iterations as u32).map(|c| c.encode());
-            Ok::<_, PasswordError>(StoredCredentials { hash, scram })
+            Ok::<_, PasswordError>((hash, ScramCredentials::derive(&password, iterations)))
         })
         .await
-        .map_err(|_| AccountError::Password(PasswordError::Hash))?
-        .map_err(AccountError::from)
+        .map_err(|_| AccountError::Password(PasswordError::Hash))??;
+        Ok(StoredCredentials { hash, scram: scram.map(|c| self.mail.seal_scram(name, &c)) })
     }
 
     /// Applies the password policy, including reuse of the current and
@@ -342,7 +427,7 @@ impl Authenticator {
     pub async fn add_user(&self, name: &UserName, password: &[u8]) -> Result<(), AccountError> {
         Self::check_password(password)?;
         self.check_policy(name, password, None).await?;
-        let credentials = self.credentials_for(password).await?;
+        let credentials = self.credentials_for(name, password).await?;
         match self.mail.create_user(name, &credentials).await {
             Err(MailStoreError::Store(StoreError::UserExists)) => Err(AccountError::UserExists),
             other => Ok(other?),
@@ -367,7 +452,7 @@ impl Authenticator {
         Self::check_password(password)?;
         let current = self.mail.store().user(name).await?.ok_or(AccountError::NoSuchUser)?;
         self.check_policy(name, password, Some(current.password_hash)).await?;
-        let credentials = self.credentials_for(password).await?;
+        let credentials = self.credentials_for(name, password).await?;
         Ok(self.mail.store().set_password(name, &credentials).await?)
     }
 }
@@ -377,5 +462,82 @@ fn is_scheme(hash: &str, scheme: PasswordScheme) -> bool {
     match scheme {
         PasswordScheme::Argon2id => hash.starts_with("$argon2id$"),
         PasswordScheme::Sha512Crypt => hash.starts_with("{SHA512-CRYPT}"),
+    }
+}
+
+/// The two hash verifications of one password check, always both run: one
+/// in the configured scheme (the account's hash if it is of that scheme,
+/// else the dummy) and one in the compatibility scheme, `{SHA512-CRYPT}`
+/// with Dovecot's default 5000 rounds (the account's hash if it is of
+/// another scheme, typically imported from Dovecot, else a dummy of that
+/// cost). An unknown name, a current account and an imported SHA512-CRYPT
+/// account so run the same two verifications of the same cost, and a
+/// failed PASS cannot tell them apart. Imported hashes of other costs
+/// (BLF-CRYPT, other rounds or Argon2 parameters) are replaced at the
+/// account's next login.
+pub(crate) struct VerificationPlan {
+    hashes: [String; 2],
+    /// Which of `hashes` is the account's.
+    real: Option<usize>,
+}
+
+pub(crate) fn verification_plan(
+    stored: Option<&str>,
+    scheme: PasswordScheme,
+    dummy: &str,
+    dummy_compat: &str,
+) -> VerificationPlan {
+    match stored {
+        None => VerificationPlan { hashes: [dummy.to_owned(), dummy_compat.to_owned()], real: None },
+        Some(h) if is_scheme(h, scheme) => {
+            VerificationPlan { hashes: [h.to_owned(), dummy_compat.to_owned()], real: Some(0) }
+        }
+        Some(h) => VerificationPlan { hashes: [dummy.to_owned(), h.to_owned()], real: Some(1) },
+    }
+}
+
+impl VerificationPlan {
+    /// Runs both verifications; whether the account's hash matched.
+    fn run(&self, password: &[u8]) -> bool {
+        let results = [verify_password(&self.hashes[0], password), verify_password(&self.hashes[1], password)];
+        std::hint::black_box(results);
+        self.real.is_some_and(|i| results[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::password::{dummy_compat_hash, hash_cost};
+
+    #[test]
+    fn unknown_imported_and_current_accounts_run_the_same_verifications() {
+        for scheme in [PasswordScheme::Argon2id, PasswordScheme::Sha512Crypt] {
+            let cfg = AuthConfig {
+                password_scheme: scheme,
+                argon2_memory_kib: 8192,
+                argon2_iterations: 1,
+                ..AuthConfig::default()
+            };
+            let dummy = dummy_hash(&cfg).unwrap();
+            let compat = dummy_compat_hash().unwrap();
+            let current = hash_password(&cfg, b"a password").unwrap();
+            // `doveadm pw -s SHA512-CRYPT` (Dovecot's default 5000 rounds).
+            let imported = "{SHA512-CRYPT}$6$DAEBdnbM6x1qs1Zp$61UH.TYqGe1o4wPuELC1PJHFGN.eczraTrksAeTWd3Gpnaim7hyGbXA9b1rP4wGtu.AQHqM8B1R0wQa3Hyamc1";
+            let costs = |stored: Option<&str>| {
+                let p = verification_plan(stored, scheme, &dummy, &compat);
+                (p.hashes.iter().map(|h| hash_cost(h).unwrap()).collect::<Vec<_>>(), p)
+            };
+            let (unknown, p) = costs(None);
+            assert_eq!(p.real, None);
+            assert_eq!(unknown[1], "sha512-crypt rounds=5000");
+            let (known, p) = costs(Some(&current));
+            assert_eq!(known, unknown, "{scheme:?}: a current account costs what an unknown name costs");
+            assert_eq!(p.hashes[p.real.unwrap()], current);
+            let (old, p) = costs(Some(imported));
+            assert_eq!(old, unknown, "{scheme:?}: an imported SHA512-CRYPT account costs what an unknown name costs");
+            assert_eq!(p.hashes[p.real.unwrap()], imported);
+            assert!(p.run(b"test") && !p.run(b"Test"));
+        }
     }
 }

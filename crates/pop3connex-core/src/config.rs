@@ -213,7 +213,7 @@ impl Default for AuthConfig {
             argon2_iterations: 2,
             argon2_parallelism: 1,
             failure_delay_ms: 1000,
-            scram_iterations: 4096,
+            scram_iterations: crate::scram::DEFAULT_ITERATIONS as u64,
             credential_cache_secs: 300,
             password_policy: crate::policy::PasswordPolicy::default(),
         }

@@ -10,6 +10,12 @@
 //! chunk count. A swapped, truncated or edited record fails to decrypt and is
 //! reported as an integrity error; it can never be returned as someone
 //! else's mail.
+//!
+//! Per-user secret material that is not mail (SCRAM StoredKey/ServerKey) is
+//! sealed under its own subkey derived from the master key, with the
+//! normalised user name and a purpose label in the associated data: a copy
+//! of the database alone does not reveal it, and a record copied onto
+//! another user fails to open.
 
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -17,6 +23,7 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::{SecretError, SecretRef};
+use crate::types::UserName;
 
 /// Plaintext bytes per stored chunk. RETR reads and decrypts one chunk at a
 /// time, so this bounds per-session memory while streaming.
@@ -25,6 +32,9 @@ const NONCE_LEN: usize = 24;
 const KEY_AAD: &[u8] = b"pop3connex/mailbox-key/v1";
 const CHUNK_AAD: &[u8] = b"pop3connex/message-chunk/v1";
 const CHECK_AAD: &[u8] = b"pop3connex/key-check/v1";
+const USER_SECRET_AAD: &[u8] = b"pop3connex/user-secret/v1";
+/// Derivation label of the subkey for per-user secrets.
+const USER_SECRET_KEY: &[u8] = b"user-secrets";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
@@ -140,6 +150,39 @@ impl MasterKey {
         plain.zeroize();
         Ok(DataKey { key: k, mailbox: *mailbox })
     }
+}
+
+impl MasterKey {
+    fn user_secret_cipher(&self) -> XChaCha20Poly1305 {
+        let key = Zeroizing::new(self.derive(USER_SECRET_KEY));
+        XChaCha20Poly1305::new((&*key).into())
+    }
+
+    /// Seals `plain`, a secret of `user` for `purpose` (e.g. `scram`).
+    pub fn seal_user_secret(&self, purpose: &str, user: &UserName, plain: &[u8]) -> Vec<u8> {
+        seal(&self.user_secret_cipher(), plain, &user_secret_aad(purpose, user))
+    }
+
+    /// Opens what [`Self::seal_user_secret`] sealed; fails for another
+    /// user, another purpose, an edited record or another master key.
+    pub fn open_user_secret(
+        &self,
+        purpose: &str,
+        user: &UserName,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        open(&self.user_secret_cipher(), sealed, &user_secret_aad(purpose, user)).map(Zeroizing::new)
+    }
+}
+
+/// Label, purpose (length-prefixed) and the normalised user name.
+fn user_secret_aad(purpose: &str, user: &UserName) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(USER_SECRET_AAD.len() + 2 + purpose.len() + user.as_str().len());
+    aad.extend_from_slice(USER_SECRET_AAD);
+    aad.push(u8::try_from(purpose.len()).unwrap_or(u8::MAX));
+    aad.extend_from_slice(purpose.as_bytes());
+    aad.extend_from_slice(user.as_str().as_bytes());
+    aad
 }
 
 fn key_aad(mailbox: &RecordId) -> Vec<u8> {
@@ -290,6 +333,24 @@ mod tests {
         let sealed = dk.seal_message_parts(&m, &[&[], &[]]);
         assert_eq!(sealed.len(), 1, "an empty message is one empty chunk");
         assert!(open_all(&m, &sealed).is_empty());
+    }
+
+    #[test]
+    fn user_secrets_are_bound_to_user_purpose_and_key() {
+        let mk = mk();
+        let (alice, bob) = (UserName::parse("Alice").unwrap(), UserName::parse("bob").unwrap());
+        let sealed = mk.seal_user_secret("scram", &alice, b"StoredKey and ServerKey");
+        assert!(!sealed.windows(9).any(|w| w == b"StoredKey"));
+        assert_eq!(
+            &**mk.open_user_secret("scram", &UserName::parse("ALICE").unwrap(), &sealed).unwrap(),
+            b"StoredKey and ServerKey"
+        );
+        assert!(mk.open_user_secret("scram", &bob, &sealed).is_err(), "swapped onto another user");
+        assert!(mk.open_user_secret("other", &alice, &sealed).is_err(), "another purpose");
+        assert!(self::mk().open_user_secret("scram", &alice, &sealed).is_err(), "another master key");
+        let mut bad = sealed.clone();
+        bad[30] ^= 1;
+        assert!(mk.open_user_secret("scram", &alice, &bad).is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Encryption on top of a [`Store`]: what sessions, LMTP and import use.
 //!
 //! Plaintext exists only in memory: messages are sealed before they reach
-//! the store and opened chunk by chunk when read.
+//! the store and opened chunk by chunk when read. SCRAM keys are sealed per
+//! user too ([`MailStore::seal_scram`]); stores written by releases that kept
+//! them in the clear are sealed in place when they are opened.
 
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{Config, StoreBackend};
 use crate::crypto::{random_id, CryptoError, DataKey, MasterKey, RecordId};
+use crate::scram::ScramCredentials;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{
     MailboxRef, MessageMeta, MessageSource, NewMessage, Store, StoreError, StoredCredentials, UserRecord,
@@ -24,6 +27,11 @@ pub enum MailStoreError {
     #[error("the master key does not match this store (wrong key file or wrong database)")]
     WrongMasterKey,
 }
+
+/// Purpose label of sealed SCRAM keys (in the associated data).
+const SCRAM_PURPOSE: &str = "scram";
+/// Marks a sealed value in the `users.scram` text column.
+const SEALED_SCRAM_PREFIX: &str = "sealed:v1:";
 
 pub struct MailStore {
     store: Arc<dyn Store>,
@@ -46,7 +54,50 @@ impl MailStore {
             Some(check) => master.verify_key_check(&check).map_err(|_| MailStoreError::WrongMasterKey)?,
             None => store.set_key_check(master.key_check()).await?,
         }
-        Ok(Self { store, master })
+        let mail = Self { store, master };
+        mail.seal_plaintext_scram().await?;
+        Ok(mail)
+    }
+
+    /// Seals SCRAM keys that earlier releases stored in the clear. Runs at
+    /// every open; after the first it finds nothing.
+    async fn seal_plaintext_scram(&self) -> Result<(), MailStoreError> {
+        let plain = self.store.plaintext_scram().await?;
+        for (name, text) in &plain {
+            let sealed = self.seal_scram_text(name, text.as_bytes());
+            self.store.replace_scram(name, text, &sealed).await?;
+        }
+        if !plain.is_empty() {
+            tracing::info!(users = plain.len(), "SCRAM keys stored in the clear by an earlier release are now sealed");
+        }
+        Ok(())
+    }
+
+    /// The stored (sealed) form of `user`'s SCRAM keys: a prefix and the
+    /// base64 of XChaCha20-Poly1305 over the RFC 5803 text, bound to the
+    /// user name.
+    pub fn seal_scram(&self, user: &UserName, credentials: &ScramCredentials) -> String {
+        let text = Zeroizing::new(credentials.encode());
+        self.seal_scram_text(user, text.as_bytes())
+    }
+
+    fn seal_scram_text(&self, user: &UserName, text: &[u8]) -> String {
+        use base64::Engine as _;
+        let sealed = self.master.seal_user_secret(SCRAM_PURPOSE, user, text);
+        format!("{SEALED_SCRAM_PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(sealed))
+    }
+
+    /// Opens `user`'s stored SCRAM keys. Anything not sealed for this user
+    /// under this master key (a record copied from another user, edited,
+    /// or plaintext) is an integrity error.
+    pub fn open_scram(&self, user: &UserName, stored: &str) -> Result<ScramCredentials, CryptoError> {
+        use base64::Engine as _;
+        let sealed = stored
+            .strip_prefix(SEALED_SCRAM_PREFIX)
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .ok_or(CryptoError::Integrity)?;
+        let text = self.master.open_user_secret(SCRAM_PURPOSE, user, &sealed)?;
+        std::str::from_utf8(&text).ok().and_then(ScramCredentials::decode).ok_or(CryptoError::Integrity)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -16,8 +16,15 @@
 //! - A string `username_claim` (default `email`) that is a valid local user
 //!   name. There is deliberately **no fallback to `sub`**: `sub` is an
 //!   opaque, issuer-scoped identifier that could collide with an unrelated
-//!   local account name. With `email`, a token whose `email_verified` is
-//!   `false` is refused.
+//!   local account name. With `email`, a token that carries
+//!   `email_verified` counts as verified only if the claim is the JSON
+//!   boolean `true` or the string `"true"` (Cognito sends strings);
+//!   `false`, `"False"`, `"0"`, numbers and anything else are refused. A
+//!   token without the claim is accepted (Microsoft Entra ID does not send
+//!   it; the issuer is trusted to put only addresses it owns in `email`).
+//! - The account must accept logins: a locked-out, disabled or
+//!   password-expired account is refused with the same error challenge
+//!   and reply as an invalid token.
 //! - If introspection is configured: the endpoint says `"active": true`.
 //!
 //! # Keys (JWKS)
@@ -1087,8 +1094,9 @@ fn user_name_claim(claims: &Map<String, Value>, claim: &str) -> Result<UserName,
         let verified = match claims.get("email_verified") {
             None => true,
             Some(Value::Bool(b)) => *b,
-            // Some issuers (e.g. Cognito) send the flag as a string.
-            Some(Value::String(s)) => s != "false",
+            // Some issuers (e.g. Cognito) send the flag as a string; only
+            // exactly "true" is true.
+            Some(Value::String(s)) => s == "true",
             Some(_) => false,
         };
         if !verified {
@@ -1221,12 +1229,25 @@ async fn login(
             return Err((AuthFailure::BadPassword, Some(c.to_owned())));
         }
     }
+    // An account that refuses logins answers exactly as an invalid token
+    // does: the failure is reported for the name the client gave (none
+    // for OAUTHBEARER without authzid), as for an invalid token, so the
+    // final reply does not depend on the token being valid.
+    let refused = |reason: AuthFailure| {
+        tracing::info!(mechanism, user = %name, reason = reason.reason(), "valid bearer token for a refused account");
+        Err((reason, claimed.map(str::to_owned)))
+    };
+    if (ctx.locked)(name.as_str()) {
+        return refused(AuthFailure::Locked);
+    }
     match ctx.auth.mail().store().user(&name).await {
-        Ok(Some(r)) if r.disabled => Err((AuthFailure::Disabled, Some(name.to_string()))),
-        Ok(Some(r)) => {
-            tracing::debug!(mechanism, issuer = %valid.issuer, user = %name, "bearer token accepted");
-            Ok(r)
-        }
+        Ok(Some(r)) => match ctx.auth.account_refusal(&r) {
+            Some(reason) => refused(reason),
+            None => {
+                tracing::debug!(mechanism, issuer = %valid.issuer, user = %name, "bearer token accepted");
+                Ok(r)
+            }
+        },
         Ok(None) => Err((AuthFailure::UnknownUser, Some(name.to_string()))),
         Err(e) => {
             tracing::error!(error = %e, "user lookup failed");
@@ -1309,6 +1330,14 @@ async fn bearer_step(
     }
 }
 
+/// A bearer exchange abandoned after the error challenge still fails.
+fn bearer_abandoned(state: &BearerState) -> Option<(AuthFailure, Option<String>)> {
+    match state {
+        BearerState::AwaitErrorAck { reason, user } => Some((*reason, user.clone())),
+        _ => None,
+    }
+}
+
 #[async_trait]
 impl Mechanism for OAuthBearer {
     fn name(&self) -> &'static str {
@@ -1318,6 +1347,10 @@ impl Mechanism for OAuthBearer {
     async fn step(&mut self, ctx: &SaslContext<'_>, response: Option<&[u8]>) -> Step {
         // RFC 7628 3.2.3: the client answers the error with a single ^A.
         bearer_step(&self.validator, &mut self.state, ctx, response, "OAUTHBEARER", parse_oauthbearer, b"\x01").await
+    }
+
+    fn abandoned(&self) -> Option<(AuthFailure, Option<String>)> {
+        bearer_abandoned(&self.state)
     }
 }
 
@@ -1346,6 +1379,10 @@ impl Mechanism for XOAuth2 {
             parse_xoauth2(msg).map(|(user, token)| (Some(user), token))
         }
         bearer_step(&self.validator, &mut self.state, ctx, response, "XOAUTH2", parse, b"").await
+    }
+
+    fn abandoned(&self) -> Option<(AuthFailure, Option<String>)> {
+        bearer_abandoned(&self.state)
     }
 }
 
@@ -1721,6 +1758,44 @@ mod tests {
         let v = file_validator(&Dir::new("claim2"), &[&key], "username_claim = \"preferred_username\"");
         c["preferred_username"] = json!("Carol");
         assert_eq!(v.validate(&sign(&key, &c)).await.unwrap().username.as_str(), "carol");
+    }
+
+    #[test]
+    fn email_verified_counts_only_boolean_true_or_the_string_true() {
+        let verdict = |flag: Option<Value>| {
+            let mut c = json!({"email": "alice@example.org"});
+            if let Some(f) = flag {
+                c["email_verified"] = f;
+            }
+            user_name_claim(c.as_object().unwrap(), "email")
+        };
+        for yes in [json!(true), json!("true")] {
+            assert_eq!(verdict(Some(yes.clone())).unwrap().as_str(), "alice@example.org", "{yes}");
+        }
+        for no in [
+            json!(false),
+            json!("false"),
+            json!("False"),
+            json!("FALSE"),
+            json!("True"),
+            json!("0"),
+            json!("1"),
+            json!("yes"),
+            json!(""),
+            json!(" true"),
+            json!(1),
+            json!(0),
+            json!(null),
+            json!([true]),
+            json!({"value": true}),
+        ] {
+            assert_eq!(verdict(Some(no.clone())), Err(TokenError::EmailNotVerified), "{no}");
+        }
+        // Absent: accepted (issuers such as Entra ID do not send it).
+        assert!(verdict(None).is_ok());
+        // Only the email claim is subject to the flag.
+        let c = json!({"preferred_username": "carol", "email_verified": "0"});
+        assert_eq!(user_name_claim(c.as_object().unwrap(), "preferred_username").unwrap().as_str(), "carol");
     }
 
     #[test]

@@ -193,6 +193,46 @@ pub fn check_hash_parameters(hash: &str) -> Result<(), HashParamError> {
     Ok(())
 }
 
+/// Rounds of Dovecot's (and glibc's) default SHA512-CRYPT, the cost of the
+/// compatibility dummy.
+pub const COMPAT_SHA512_ROUNDS: usize = 5000;
+
+/// A `{SHA512-CRYPT}` hash of a random password with
+/// [`COMPAT_SHA512_ROUNDS`]: the stand-in for an imported hash in password
+/// checks that have none (see `auth::verification_plan`).
+pub fn dummy_compat_hash() -> Result<String, PasswordError> {
+    let mut pw = Zeroizing::new([0u8; 24]);
+    getrandom::getrandom(&mut *pw).map_err(|_| PasswordError::Hash)?;
+    let pw: Zeroizing<String> = Zeroizing::new(pw.iter().map(|b| char::from(b'a' + b % 26)).collect());
+    let params = sha_crypt::Sha512Params::new(COMPAT_SHA512_ROUNDS).map_err(|_| PasswordError::Params)?;
+    sha_crypt::sha512_simple(&pw, &params).map(|h| format!("{{SHA512-CRYPT}}{h}")).map_err(|_| PasswordError::Hash)
+}
+
+/// The scheme and work factor of a stored hash (`argon2id m=19456 t=2
+/// p=1`, `sha512-crypt rounds=5000`, `bcrypt cost=5`): what verifying it
+/// costs. `None` for hashes [`verify_password`] does not understand.
+pub fn hash_cost(stored: &str) -> Option<String> {
+    let stored = stored.strip_prefix("{ARGON2ID}").unwrap_or(stored);
+    if let Some(crypt) = stored.strip_prefix("{SHA512-CRYPT}").or_else(|| stored.starts_with("$6$").then_some(stored)) {
+        let rest = crypt.strip_prefix("$6$")?;
+        let rounds = rest
+            .strip_prefix("rounds=")
+            .and_then(|r| r.split('$').next())
+            .map_or(Some(COMPAT_SHA512_ROUNDS), |r| r.parse().ok())?;
+        return Some(format!("sha512-crypt rounds={rounds}"));
+    }
+    if let Some(bcrypt_hash) = stored.strip_prefix("{BLF-CRYPT}") {
+        let cost = bcrypt_hash.split('$').nth(2)?;
+        return Some(format!("bcrypt cost={}", cost.parse::<u32>().ok()?));
+    }
+    if stored.starts_with("$argon2id$") {
+        let parsed = PasswordHash::new(stored).ok()?;
+        let p = Params::try_from(&parsed).ok()?;
+        return Some(format!("argon2id m={} t={} p={}", p.m_cost(), p.t_cost(), p.p_cost()));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +263,12 @@ mod tests {
             assert!(verify_password(h, b"test"), "{h}");
             assert!(!verify_password(h, b"Test"), "{h}");
         }
+        assert_eq!(hash_cost(sha).unwrap(), "sha512-crypt rounds=5000");
+        assert_eq!(hash_cost(argon).unwrap(), "argon2id m=65536 t=3 p=1");
+        assert_eq!(hash_cost(blf).unwrap(), "bcrypt cost=5");
+        assert_eq!(hash_cost("$6$rounds=10000$salt$x").unwrap(), "sha512-crypt rounds=10000");
+        assert_eq!(hash_cost("plain"), None);
+        let compat = dummy_compat_hash().unwrap();
+        assert_eq!(hash_cost(&compat).unwrap(), "sha512-crypt rounds=5000");
     }
 }

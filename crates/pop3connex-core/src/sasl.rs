@@ -5,6 +5,13 @@
 //! or fails. Implemented: PLAIN (RFC 4616), SCRAM-SHA-256 and
 //! SCRAM-SHA-256-PLUS (RFC 5802/7677/9266), and with `[oauth]` configured
 //! OAUTHBEARER (RFC 7628) and XOAUTH2 (in [`crate::oauth`]).
+//!
+//! An account that refuses logins (locked out, disabled, password expired)
+//! is refused by every mechanism *before* it verifies anything and before
+//! any server-final message, with the reply and the work of a wrong secret:
+//! a correct guess is never confirmed. A client that abandons an exchange
+//! after the mechanism answered its proof ([`Mechanism::abandoned`]) is
+//! counted as a failed login.
 
 use async_trait::async_trait;
 use zeroize::Zeroizing;
@@ -25,11 +32,22 @@ pub enum Step {
     Malformed(&'static str),
 }
 
+/// Whether a claimed name is locked out for this connection's address.
+pub type LockCheck<'a> = &'a (dyn Fn(&str) -> bool + Send + Sync);
+
 /// What a mechanism may know about the connection.
 pub struct SaslContext<'a> {
     pub auth: &'a Authenticator,
     /// `tls-exporter` channel-binding data when the connection is TLS 1.3.
     pub tls_exporter: Option<&'a [u8]>,
+    /// The session's lockout check (per name and address), asked before
+    /// any verification.
+    pub locked: LockCheck<'a>,
+}
+
+/// A [`LockCheck`] for callers without lockouts (tests, tools).
+pub fn never_locked(_: &str) -> bool {
+    false
 }
 
 #[async_trait]
@@ -38,6 +56,15 @@ pub trait Mechanism: Send {
     /// Handles the next client response (`None` when AUTH carried no
     /// initial response and this is the start of the exchange).
     async fn step(&mut self, ctx: &SaslContext<'_>, response: Option<&[u8]>) -> Step;
+    /// What abandoning the exchange now (the client cancels with `*`, sends
+    /// something unreadable, or disconnects) counts as: the failure and the
+    /// claimed user once the mechanism has answered a proof (SCRAM's
+    /// server-final, a bearer mechanism's error challenge), `None` before.
+    /// So walking away cannot keep a verified guess or a refused token off
+    /// the failure counters.
+    fn abandoned(&self) -> Option<(AuthFailure, Option<String>)> {
+        None
+    }
 }
 
 /// Mechanisms offered on a connection, in order of preference.
@@ -96,6 +123,10 @@ impl Mechanism for Plain {
         if !authz.is_empty() && !authz.eq_ignore_ascii_case(authc.as_bytes()) {
             return Step::Failure { reason: AuthFailure::BadPassword, user: Some(authc.to_owned()) };
         }
+        if (ctx.locked)(authc) {
+            // Refused before hashing, whatever the password: as USER/PASS.
+            return Step::Failure { reason: AuthFailure::Locked, user: Some(authc.to_owned()) };
+        }
         match ctx.auth.verify_password(authc, pass).await {
             Ok(user) => Step::Success(user),
             Err(reason) => Step::Failure { reason, user: Some(authc.to_owned()) },
@@ -153,22 +184,34 @@ impl Mechanism for Scram {
                 self.state = ScramState::AwaitFinal { server: Box::new(server), record };
                 Step::Challenge(server_first)
             }
-            ScramState::AwaitFinal { server, record } => {
+            ScramState::AwaitFinal { mut server, record } => {
                 let user = server.user.clone();
                 let Some(msg) = response else { return Step::Malformed("missing client-final") };
+                // Decided before the proof is looked at. A refused account's
+                // proof is then checked against random keys: it fails with
+                // the same checks, work and reply as a wrong one, and no
+                // server signature is computed.
+                let refusal = if (ctx.locked)(&user) {
+                    Some(AuthFailure::Locked)
+                } else {
+                    record.as_ref().and_then(|r| ctx.auth.account_refusal(r))
+                };
+                if refusal.is_some() {
+                    server.blind();
+                }
                 match (server.finish(msg), record) {
-                    (Ok(_), Some(r)) if ctx.auth.password_expired(&r) => {
-                        Step::Failure { reason: AuthFailure::Expired, user: Some(user) }
-                    }
-                    (Ok(server_final), Some(r)) if !r.disabled && r.scram.is_some() => {
+                    (Ok(server_final), Some(r)) if r.scram.is_some() => {
                         self.state = ScramState::AwaitAck(Box::new(r));
                         Step::Challenge(server_final)
                     }
-                    (Ok(_), Some(r)) if r.disabled => Step::Failure { reason: AuthFailure::Disabled, user: Some(user) },
                     (Ok(_), _) => Step::Failure { reason: AuthFailure::UnknownUser, user: Some(user) },
                     (Err(e), record) => {
                         tracing::debug!(error = ?e, "SCRAM client-final refused");
-                        let reason = if record.is_some() { AuthFailure::BadPassword } else { AuthFailure::UnknownUser };
+                        let reason = match (refusal, record) {
+                            (Some(reason), _) => reason,
+                            (None, Some(_)) => AuthFailure::BadPassword,
+                            (None, None) => AuthFailure::UnknownUser,
+                        };
                         Step::Failure { reason, user: Some(user) }
                     }
                 }
@@ -178,6 +221,13 @@ impl Mechanism for Scram {
                 _ => Step::Malformed("expected an empty response after server-final"),
             },
             ScramState::Done => Step::Malformed("exchange already finished"),
+        }
+    }
+
+    fn abandoned(&self) -> Option<(AuthFailure, Option<String>)> {
+        match &self.state {
+            ScramState::AwaitAck(r) => Some((AuthFailure::Abandoned, Some(r.name.to_string()))),
+            _ => None,
         }
     }
 }

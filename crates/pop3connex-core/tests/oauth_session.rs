@@ -6,6 +6,8 @@
 //! keys are a JWKS file.
 
 mod common;
+#[path = "refused/mod.rs"]
+mod refused;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -125,7 +127,7 @@ async fn oauthbearer_steps() {
     f.add_user("alice@example.org").await;
     let idp = Idp::new(&f);
     let v = idp.validator();
-    let ctx = SaslContext { auth: &f.auth, tls_exporter: None };
+    let ctx = SaslContext { auth: &f.auth, tls_exporter: None, locked: &pop3connex_core::sasl::never_locked };
 
     // No initial response: an empty challenge first, then the message.
     let mut m = OAuthBearer::new(v.clone());
@@ -169,7 +171,7 @@ async fn xoauth2_steps() {
     f.add_user("alice@example.org").await;
     let idp = Idp::new(&f);
     let v = idp.validator();
-    let ctx = SaslContext { auth: &f.auth, tls_exporter: None };
+    let ctx = SaslContext { auth: &f.auth, tls_exporter: None, locked: &pop3connex_core::sasl::never_locked };
 
     let mut m = XOAuth2::new(v.clone());
     assert_eq!(m.name(), "XOAUTH2");
@@ -201,7 +203,7 @@ async fn unknown_and_disabled_accounts() {
     f.mail.store().set_disabled(&UserName::parse("carol@example.org").unwrap(), true).await.unwrap();
     let idp = Idp::new(&f);
     let v = idp.validator();
-    let ctx = SaslContext { auth: &f.auth, tls_exporter: None };
+    let ctx = SaslContext { auth: &f.auth, tls_exporter: None, locked: &pop3connex_core::sasl::never_locked };
 
     let mut m = OAuthBearer::new(v.clone());
     let steps = run(&mut m, &ctx, &oauthbearer_msg(None, &idp.token("ghost@example.org")), b"\x01").await;
@@ -295,6 +297,64 @@ mod wired {
         let r = c.cmd(&B64.encode(xoauth2_msg("alice@example.org", &idp.token("alice@example.org")))).await;
         assert!(r.starts_with("+OK Logged in"), "{r}");
         assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    }
+
+    /// Every line of one bearer exchange: the first reply and, after an
+    /// error challenge, the reply to the client's acknowledgement.
+    async fn bearer_transcript(c: &mut Client<DuplexStream>, mech: &str, msg: Vec<u8>, ack: &[u8]) -> Vec<String> {
+        let first = c.cmd(&format!("AUTH {mech} {}", B64.encode(msg))).await;
+        if !first.starts_with("+ ") {
+            return vec![first];
+        }
+        let ack = if ack.is_empty() { String::new() } else { B64.encode(ack) };
+        vec![first, c.cmd(&ack).await]
+    }
+
+    #[tokio::test]
+    async fn bearer_locked_disabled_or_expired_account_answers_like_an_invalid_token() {
+        for how in super::refused::ALL {
+            let f = Fixture::new("oauth-refused").await;
+            let user = "alice@example.org";
+            f.add_user(user).await;
+            let idp = Idp::new(&f);
+            let (ctx, _) = super::refused::context(&f, user, how).await;
+            let mut ctx = Arc::into_inner(ctx).unwrap();
+            ctx.oauth = Some(idp.validator());
+            let mut c = f.connect_pop3(Arc::new(ctx), ListenerKind::StartTls);
+            assert!(c.line().await.starts_with("+OK"));
+            let (valid, invalid) = (idp.token(user), idp.expired(user));
+            for authz in [None, Some(user)] {
+                let right = bearer_transcript(&mut c, "OAUTHBEARER", oauthbearer_msg(authz, &valid), b"\x01").await;
+                let wrong = bearer_transcript(&mut c, "OAUTHBEARER", oauthbearer_msg(authz, &invalid), b"\x01").await;
+                assert_eq!(right, wrong, "{how:?}: OAUTHBEARER, authzid {authz:?}");
+                assert!(right[1].starts_with("-ERR [AUTH] Authentication failed"), "{how:?}: {right:?}");
+            }
+            let right = bearer_transcript(&mut c, "XOAUTH2", xoauth2_msg(user, &valid), b"").await;
+            let wrong = bearer_transcript(&mut c, "XOAUTH2", xoauth2_msg(user, &invalid), b"").await;
+            assert_eq!(right, wrong, "{how:?}: XOAUTH2");
+            assert_eq!(right.len(), 2, "{how:?}: error challenge, then -ERR: {right:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bearer_abandoned_after_error_challenge_counts_as_failure() {
+        use pop3connex_core::config::AbuseConfig;
+        use pop3connex_core::security::{system_clock, Guard, SecurityState};
+        let f = Fixture::new("oauth-abandon").await;
+        f.add_user("alice@example.org").await;
+        let idp = Idp::new(&f);
+        let abuse = AbuseConfig { lockout_after_failures: 1, ban_after_auth_failures: 1000, ..AbuseConfig::default() };
+        let guard = Arc::new(Guard::new(abuse, std::time::Duration::ZERO, system_clock()));
+        let mut ctx =
+            Arc::into_inner(f.pop3_ctx(Pop3Config { max_auth_failures: 10, ..Fixture::trusting_cfg() })).unwrap();
+        ctx.oauth = Some(idp.validator());
+        ctx.security = guard.clone();
+        let mut c = f.connect_pop3(Arc::new(ctx), ListenerKind::StartTls);
+        assert!(c.line().await.starts_with("+OK"));
+        let msg = xoauth2_msg("alice@example.org", &idp.expired("alice@example.org"));
+        assert!(c.cmd(&format!("AUTH XOAUTH2 {}", B64.encode(msg))).await.starts_with("+ "));
+        assert!(c.cmd("*").await.starts_with("-ERR [AUTH]"));
+        assert!(guard.account_locked("alice@example.org", "127.0.0.1".parse().unwrap()));
     }
 
     #[tokio::test]

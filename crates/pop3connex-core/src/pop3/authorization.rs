@@ -129,8 +129,11 @@ impl Session<'_> {
                 }
             },
         };
+        let (security, peer) = (self.ctx.security.clone(), self.peer.ip());
+        let locked = move |user: &str| security.account_locked(user, peer);
         loop {
-            let sasl_ctx = sasl::SaslContext { auth: &self.ctx.auth, tls_exporter: self.tls_exporter.as_deref() };
+            let sasl_ctx =
+                sasl::SaslContext { auth: &self.ctx.auth, tls_exporter: self.tls_exporter.as_deref(), locked: &locked };
             let step = mech.step(&sasl_ctx, response.as_ref().map(|r| r.as_slice())).await;
             match step {
                 Step::Challenge(challenge) => {
@@ -141,20 +144,33 @@ impl Session<'_> {
                     let line = match conn.read_line(idle, &mut self.shutdown).await? {
                         Input::Line(l) => Zeroizing::new(l),
                         Input::TooLong => {
+                            if let Some((reason, user)) = mech.abandoned() {
+                                return self.finish_login(conn, a, Err(reason), user.as_deref(), mech.name()).await;
+                            }
                             conn.reply(StatusLine::err("Line too long, authentication aborted"));
                             return Ok((State::Authorization(a), Flow::Continue));
                         }
                         Input::Eof | Input::Timeout | Input::Shutdown => {
+                            if let Some((reason, user)) = mech.abandoned() {
+                                self.count_abandoned(reason, user.as_deref(), mech.name());
+                            }
                             return Ok((State::Authorization(a), Flow::Close));
                         }
                     };
                     if line.as_slice() == b"*" {
+                        // After the proof was answered, a cancel is a failure.
+                        if let Some((reason, user)) = mech.abandoned() {
+                            return self.finish_login(conn, a, Err(reason), user.as_deref(), mech.name()).await;
+                        }
                         conn.reply(StatusLine::err("Authentication cancelled"));
                         return Ok((State::Authorization(a), Flow::Continue));
                     }
                     match B64.decode(&*line) {
                         Ok(d) => response = Some(Zeroizing::new(d)),
                         Err(_) => {
+                            if let Some((reason, user)) = mech.abandoned() {
+                                return self.finish_login(conn, a, Err(reason), user.as_deref(), mech.name()).await;
+                            }
                             conn.reply(StatusLine::err("Invalid base64 in response, authentication aborted"));
                             return Ok((State::Authorization(a), Flow::Continue));
                         }
@@ -172,6 +188,21 @@ impl Session<'_> {
         }
     }
 
+    /// Counts an exchange the client walked away from (disconnect, time-out)
+    /// after the mechanism answered its proof: an event and a failure for
+    /// the lockout and ban counters, no reply (nobody is listening).
+    fn count_abandoned(&self, reason: AuthFailure, claimed: Option<&str>, mechanism: &str) {
+        let peer = self.peer.ip();
+        let shown = claimed.and_then(|c| UserName::parse(c).ok());
+        emit(SecurityEvent::AuthFailure {
+            peer,
+            user: Some(shown.as_ref().map_or("<invalid>", |u| u.as_str())),
+            mechanism,
+            reason: reason.reason(),
+        });
+        self.ctx.security.record_auth_failure(peer, shown.as_ref().map(|u| u.as_str()));
+    }
+
     /// Common end of every login attempt.
     async fn finish_login<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
@@ -186,19 +217,23 @@ impl Session<'_> {
             Ok(u) => u,
             Err(reason) => {
                 let shown = claimed.and_then(|c| UserName::parse(c).ok());
-                emit(SecurityEvent::AuthFailure {
-                    peer,
-                    user: Some(shown.as_ref().map_or("<invalid>", |u| u.as_str())),
-                    mechanism,
-                    reason: reason.reason(),
-                });
+                if reason == AuthFailure::Locked {
+                    emit(SecurityEvent::LockedOut { peer, user: shown.as_ref().map_or("", |u| u.as_str()) });
+                } else {
+                    emit(SecurityEvent::AuthFailure {
+                        peer,
+                        user: Some(shown.as_ref().map_or("<invalid>", |u| u.as_str())),
+                        mechanism,
+                        reason: reason.reason(),
+                    });
+                }
                 if reason == AuthFailure::Temporary {
                     conn.reply(StatusLine::err_code(RespCode::SysTemp, "Temporary authentication failure"));
                     return Ok((State::Authorization(a), Flow::Continue));
                 }
+                // A locked, disabled or expired account gets the reply of a
+                // wrong password: anything else would confirm a guess.
                 let text = match reason {
-                    // Said only after the password was verified.
-                    AuthFailure::Expired => "Password expired; ask your administrator for a new one",
                     AuthFailure::ModernAuthRequired => {
                         "This account requires SCRAM, OAuth or an app password; update your client settings"
                     }

@@ -255,6 +255,12 @@ pub trait Store: Send + Sync + 'static {
     async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>>;
     async fn users(&self) -> StoreResult<Vec<UserSummary>>;
     async fn set_password(&self, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()>;
+    /// Users whose SCRAM keys are still stored in the clear (RFC 5803 text
+    /// written by earlier releases), for sealing in place.
+    async fn plaintext_scram(&self) -> StoreResult<Vec<(UserName, String)>>;
+    /// Replaces `name`'s SCRAM column if it still holds `old` (a password
+    /// change in between wins); changes nothing else.
+    async fn replace_scram(&self, name: &UserName, old: &str, new: &str) -> StoreResult<()>;
     async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()>;
     async fn set_require_modern_auth(&self, name: &UserName, required: bool) -> StoreResult<()>;
     async fn set_class(&self, name: &UserName, class: Option<String>) -> StoreResult<()>;
@@ -274,6 +280,12 @@ pub trait Store: Send + Sync + 'static {
     /// The owner of an unexpired app password with this keyed hash; marks
     /// it used.
     async fn use_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<UserName>>;
+    /// The id and owner of an unexpired app password with this keyed hash;
+    /// writes nothing (a login that is then refused must not cost a write
+    /// a wrong password does not).
+    async fn find_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<(i64, UserName)>>;
+    /// Records that app password `id` was just used for a login.
+    async fn mark_app_password_used(&self, id: i64) -> StoreResult<()>;
     /// Deletes the user, the mailbox, its key and all its mail.
     async fn delete_user(&self, name: &UserName) -> StoreResult<()>;
 

@@ -129,6 +129,34 @@ pub(super) fn set_password(conn: &Connection, name: &UserName, credentials: &Sto
     }
 }
 
+/// SCRAM keys still in the RFC 5803 text form of earlier releases.
+pub(super) fn plaintext_scram(conn: &Connection) -> rusqlite::Result<StoreResult<Vec<(UserName, String)>>> {
+    let mut stmt = conn.prepare("SELECT name, scram FROM users WHERE scram LIKE 'SCRAM-SHA-256$%'")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, scram) = row?;
+        let Ok(name) = UserName::parse(&name) else {
+            return Ok(Err(StoreError::Permanent(format!("stored user name {name:?} is invalid"))));
+        };
+        out.push((name, scram));
+    }
+    Ok(Ok(out))
+}
+
+/// Compare-and-swap of the SCRAM column: a concurrent password change wins.
+/// With `secure_delete` for this statement, so the replaced value (keys in
+/// the clear, from an earlier release) is zeroed in the page, not left in
+/// its free space.
+pub(super) fn replace_scram(conn: &Connection, name: &UserName, old: &str, new: &str) -> StoreResult<()> {
+    conn.pragma_update(None, "secure_delete", true).map_err(map_err)?;
+    let result = conn
+        .execute("UPDATE users SET scram = ?3 WHERE name = ?1 AND scram = ?2", params![name.as_str(), old, new])
+        .map_err(map_err);
+    conn.pragma_update(None, "secure_delete", false).map_err(map_err)?;
+    result.map(drop)
+}
+
 pub(super) fn set_disabled(conn: &Connection, name: &UserName, disabled: bool) -> StoreResult<()> {
     let n = conn
         .execute("UPDATE users SET disabled = ?2 WHERE name = ?1", params![name.as_str(), disabled])

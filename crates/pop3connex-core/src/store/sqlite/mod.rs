@@ -120,6 +120,7 @@ enum WriteOp {
     SetKeyCheck(Vec<u8>),
     CreateUser { name: UserName, credentials: StoredCredentials, uid: RecordId, wrapped_key: Vec<u8> },
     SetPassword { name: UserName, credentials: StoredCredentials },
+    ReplaceScram { name: UserName, old: String, new: String },
     SetDisabled { name: UserName, disabled: bool },
     SetRequireModern { name: UserName, required: bool },
     SetClass { name: UserName, class: Option<String> },
@@ -690,6 +691,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
             mailbox::create_user(conn, name, credentials, uid, wrapped_key)
         }
         WriteOp::SetPassword { name, credentials } => mailbox::set_password(conn, name, credentials),
+        WriteOp::ReplaceScram { name, old, new } => mailbox::replace_scram(conn, name, old, new),
         WriteOp::SetDisabled { name, disabled } => mailbox::set_disabled(conn, name, *disabled),
         WriteOp::SetRequireModern { name, required } => mailbox::set_require_modern(conn, name, *required),
         WriteOp::SetClass { name, class } => mailbox::set_class(conn, name, class.as_deref()),
@@ -782,6 +784,14 @@ impl Store for SqliteStore {
         self.write(WriteOp::SetPassword { name: name.clone(), credentials: credentials.clone() }).await
     }
 
+    async fn plaintext_scram(&self) -> StoreResult<Vec<(UserName, String)>> {
+        self.read(mailbox::plaintext_scram).await?
+    }
+
+    async fn replace_scram(&self, name: &UserName, old: &str, new: &str) -> StoreResult<()> {
+        self.write(WriteOp::ReplaceScram { name: name.clone(), old: old.to_owned(), new: new.to_owned() }).await
+    }
+
     async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()> {
         self.write(WriteOp::SetDisabled { name: name.clone(), disabled }).await
     }
@@ -835,6 +845,15 @@ impl Store for SqliteStore {
             tracing::warn!(error = %e, "app password last-use time not recorded");
         }
         Ok(UserName::parse(&name).ok())
+    }
+
+    async fn find_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<(i64, UserName)>> {
+        let found = self.read(move |c| mailbox::find_app_password(c, &keyed_hash)).await?;
+        Ok(found.and_then(|(id, name)| UserName::parse(&name).ok().map(|n| (id, n))))
+    }
+
+    async fn mark_app_password_used(&self, id: i64) -> StoreResult<()> {
+        self.write(WriteOp::UseAppPassword { id }).await
     }
 
     async fn delete_user(&self, name: &UserName) -> StoreResult<()> {
