@@ -672,4 +672,18 @@ mod tests {
         let e = error_of("[store.extra]\n");
         assert!(e.contains("extra"), "{e}");
     }
+
+    #[test]
+    fn lmtp_inflight_budget_must_hold_one_maximum_message() {
+        let e = error_of("[lmtp]\nmax_inflight_data = 65536\n");
+        assert!(e.contains("max_inflight_data is smaller than max_message_size"), "{e}");
+        let e = error_of("[lmtp]\ndata_min_rate = 0\n");
+        assert!(e.contains("octets per second"), "{e}");
+        let cfg = Config::parse(
+            &format!("{MIN}[lmtp]\nmax_message_size = 65536\nmax_inflight_data = 65536\n"),
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!((cfg.lmtp.max_inflight_data, cfg.lmtp.data_min_rate), (65536, 16 * 1024));
+    }
 }

@@ -523,3 +523,29 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipient_candidates_try_exact_names_before_detail_stripping() {
+        let names = |a: &str| candidates(a).iter().map(|n| n.as_str().to_owned()).collect::<Vec<_>>();
+        assert_eq!(names("Ceo+X@Corp.Example"), ["ceo+x@corp.example", "ceo+x", "ceo@corp.example", "ceo"]);
+        assert_eq!(names("sales+eu@example.com"), ["sales+eu@example.com", "sales+eu", "sales@example.com", "sales"]);
+        assert_eq!(names("alice@x"), ["alice@x", "alice"]);
+        assert_eq!(names("postmaster"), ["postmaster"]);
+        assert_eq!(names("a+b"), ["a+b", "a"]);
+    }
+
+    #[test]
+    fn declared_size_saturates_instead_of_wrapping() {
+        assert_eq!(declared_size(b"MAIL FROM:<s@x> SIZE=1000"), Some(1000));
+        assert_eq!(declared_size(b"MAIL FROM:<s@x> BODY=8BITMIME size=7"), Some(7));
+        assert_eq!(declared_size(b"MAIL FROM:<s@x> SIZE=999999999999999999999999999"), Some(u64::MAX));
+        assert_eq!(declared_size(b"MAIL FROM:<s@x> SIZE=18446744073709551616"), Some(u64::MAX));
+        assert_eq!(declared_size(b"MAIL FROM:<s@x> SIZE=12a"), None);
+        assert_eq!(declared_size(b"MAIL FROM:<s@x>"), None);
+        assert_eq!(declared_size(b"MAIL FROM:<size=5@x>"), None, "inside the address is not a parameter");
+    }
+}
