@@ -412,9 +412,12 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
     let mut held = ctx.data_budget.hold();
     let mut body = Vec::new();
     if let Some(size) = t.size.map(|s| s as usize).filter(|&s| s > 0 && s <= max) {
-        // Announced size: one allocation of the right size, no growth.
-        if held.grow_to(size as u64) {
-            body.reserve_exact(size);
+        // Announced size: one allocation of the right size, no growth. The
+        // slack of one read keeps the check below from growing the buffer
+        // for the last read, which also carries the final dot.
+        let want = (size + READ_CHUNK + 2).min(max + 2);
+        if held.grow_to(want as u64) {
+            body.reserve_exact(want);
         }
     }
     // Set once the budget cannot cover the message: the rest is consumed
