@@ -161,8 +161,19 @@ pub struct LmtpConfig {
     pub max_recipients: u64,
     #[serde(deserialize_with = "count_1_1000")]
     pub max_connections: u64,
+    /// Deadline for each command line, and the grace period of DATA.
     #[serde(deserialize_with = "secs_5_3600")]
     pub timeout_secs: u64,
+    /// Slowest DATA accepted, in octets per second: DATA must end within
+    /// `timeout_secs + received / data_min_rate`, so a client dripping
+    /// bytes cannot hold a connection slot (and its buffer) for hours.
+    #[serde(deserialize_with = "rate_1_1g")]
+    pub data_min_rate: u64,
+    /// Octets of message data all LMTP connections may buffer together
+    /// before the final dot; bounds memory under many large or slow
+    /// transactions. At least `max_message_size`.
+    #[serde(deserialize_with = "size_64k_64g")]
+    pub max_inflight_data: u64,
 }
 
 impl Default for LmtpConfig {
@@ -173,6 +184,11 @@ impl Default for LmtpConfig {
             max_recipients: 100,
             max_connections: 64,
             timeout_secs: 300,
+            // 16 KiB/s: a local MTA sends orders of magnitude faster; a
+            // 25 MiB message may still take 300 s + 26 min.
+            data_min_rate: 16 * 1024,
+            // Ten maximum-size messages at the default limits.
+            max_inflight_data: 256 * 1024 * 1024,
         }
     }
 }
@@ -393,6 +409,8 @@ bounded! {
     count_1_1000: 1, 1000, "";
     count_1_1m: 1, 1_000_000, "";
     size_1k_1g: 1024, 1u64 << 30, " octets";
+    size_64k_64g: 65_536, 1u64 << 36, " octets";
+    rate_1_1g: 1, 1u64 << 30, " octets per second";
     argon_memory: 8192, 4_194_304, " KiB";
     // RFC 7677: at least 4096.
     scram_iterations: 4096, 10_000_000, " (RFC 7677 requires at least 4096)";
@@ -475,6 +493,9 @@ impl Config {
         if self.pop3.max_connections_per_ip > self.pop3.max_connections {
             return Err(err("[pop3] max_connections_per_ip exceeds max_connections".into()));
         }
+        if self.lmtp.max_inflight_data < self.lmtp.max_message_size {
+            return Err(err("[lmtp] max_inflight_data is smaller than max_message_size".into()));
+        }
         let mut seen = std::collections::HashSet::new();
         for a in self.pop3.implicit_tls.iter().chain(&self.pop3.starttls) {
             if a.port() != 0 && !seen.insert(*a) {
@@ -536,6 +557,8 @@ mod tests {
             "max_message_size",
             "max_recipients",
             "timeout_secs",
+            "data_min_rate",
+            "max_inflight_data",
             "password_scheme",
             "argon2_memory_kib",
             "argon2_iterations",
@@ -661,5 +684,19 @@ mod tests {
         assert!(e.contains("not a CIDR"), "{e}");
         let e = error_of("[store.extra]\n");
         assert!(e.contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn lmtp_inflight_budget_must_hold_one_maximum_message() {
+        let e = error_of("[lmtp]\nmax_inflight_data = 65536\n");
+        assert!(e.contains("max_inflight_data is smaller than max_message_size"), "{e}");
+        let e = error_of("[lmtp]\ndata_min_rate = 0\n");
+        assert!(e.contains("octets per second"), "{e}");
+        let cfg = Config::parse(
+            &format!("{MIN}[lmtp]\nmax_message_size = 65536\nmax_inflight_data = 65536\n"),
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!((cfg.lmtp.max_inflight_data, cfg.lmtp.data_min_rate), (65536, 16 * 1024));
     }
 }

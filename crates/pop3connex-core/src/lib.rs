@@ -12,7 +12,8 @@
 //! - [`sasl`]: pluggable SASL mechanisms (PLAIN today).
 //! - [`tls`]: rustls configuration, hot reload, local CA generation.
 //! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
-//! - [`lmtp`]: LMTP ingestion sessions.
+//! - [`lmtp`]: LMTP ingestion sessions, their deadlines and the shared
+//!   in-flight DATA budget (`lmtp::budget`).
 //! - [`server`]: listeners, connection limits, signals, graceful shutdown.
 //! - [`connector`]: fetching from upstream POP3 mailboxes, routing, forwarding.
 //! - [`import`]: Maildir and mbox import.

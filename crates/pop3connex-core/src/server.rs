@@ -104,7 +104,7 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
     });
     let pop3_limiter =
         ConnectionLimiter::new(cfg.pop3.max_connections as usize, cfg.pop3.max_connections_per_ip as usize);
-    let lmtp_ctx = Arc::new(LmtpContext { cfg: cfg.lmtp.clone(), hostname: cfg.server.hostname.clone(), auth });
+    let lmtp_ctx = Arc::new(LmtpContext::new(cfg.lmtp.clone(), cfg.server.hostname.clone(), auth));
     let lmtp_max = cfg.lmtp.max_connections as usize;
     let lmtp_limiter = ConnectionLimiter::new(lmtp_max, lmtp_max);
 

@@ -41,11 +41,11 @@ async fn downstream_lmtp(fx: &Fixture) -> u16 {
 async fn downstream_lmtp_on(fx: &Fixture, port: u16) -> u16 {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let ctx = Arc::new(pop3connex_core::lmtp::LmtpContext {
-        cfg: pop3connex_core::config::LmtpConfig::default(),
-        hostname: "downstream.test".into(),
-        auth: fx.auth.clone(),
-    });
+    let ctx = Arc::new(pop3connex_core::lmtp::LmtpContext::new(
+        pop3connex_core::config::LmtpConfig::default(),
+        "downstream.test".into(),
+        fx.auth.clone(),
+    ));
     let rx = fx.shutdown.subscribe();
     tokio::spawn(async move {
         while let Ok((sock, peer)) = listener.accept().await {

@@ -37,7 +37,7 @@ async fn body_of(f: &Fixture, user: &str, n: usize) -> String {
 }
 
 fn ctx(f: &Fixture) -> Arc<LmtpContext> {
-    Arc::new(LmtpContext { cfg: LmtpConfig::default(), hostname: "mx.test".into(), auth: f.auth.clone() })
+    Arc::new(LmtpContext::new(LmtpConfig::default(), "mx.test".into(), f.auth.clone()))
 }
 
 #[tokio::test]

@@ -106,7 +106,16 @@ impl Fixture {
     }
 
     pub fn connect_lmtp(&self, cfg: LmtpConfig) -> Client<DuplexStream> {
-        let ctx = Arc::new(LmtpContext { cfg, hostname: "mx.test".into(), auth: self.auth.clone() });
+        self.connect_lmtp_to(self.lmtp_ctx(cfg))
+    }
+
+    /// An LMTP context to share between connections (connection count,
+    /// in-flight DATA budget).
+    pub fn lmtp_ctx(&self, cfg: LmtpConfig) -> Arc<LmtpContext> {
+        Arc::new(LmtpContext::new(cfg, "mx.test".into(), self.auth.clone()))
+    }
+
+    pub fn connect_lmtp_to(&self, ctx: Arc<LmtpContext>) -> Client<DuplexStream> {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let rx = self.shutdown.subscribe();
         tokio::spawn(pop3connex_core::lmtp::serve(ctx, server, "test".into(), rx));
