@@ -878,3 +878,43 @@ def test_ipv6_abuse_is_counted_and_banned_per_64(server_factory, make_user):
     bans = ban_list(srv)
     assert "::/64" in bans, f"the ban does not cover ::1's /64:\n{bans}"
     assert not refused(srv), "IPv4 clients are not affected"
+
+
+def _greeting(port: int, source: str) -> bytes:
+    """The first line the server sends, b"" if it drops the connection first."""
+    s = syslib.connect(LOOPBACK, port, timeout=5, source=source)
+    try:
+        return s.recv(200)
+    except OSError:
+        return b""
+    finally:
+        s.close()
+
+
+def test_ipv4_ban_applies_to_ipv4_mapped_peers_on_an_ipv6_listener(server_factory):
+    """An IPv4 client on a dual-stack IPv6 listener arrives as ::ffff:a.b.c.d;
+    an IPv4 ban must refuse it there as on the IPv4 listener (outside attack
+    finding: the mapped listener greeted a banned address)."""
+    srv = server_factory(start=False)
+    mapped = syslib.free_port()
+    srv.start()
+    srv.stop()
+    # A loopback stand-in for "[::]:110": an IPv6 socket bound to the mapped
+    # form of 127.0.0.1 accepts IPv4 connections as ::ffff:127.x.y.z peers.
+    srv.set_option("pop3", "starttls", [f"{LOOPBACK}:{srv.ports.pop3}", f"[::ffff:{LOOPBACK}]:{mapped}"])
+    srv.set_option("pop3", "plaintext_auth_networks", ["127.0.46.0/24"])
+    srv.cli("ban", "add", "127.0.70.1", "--reason", "mapped test")
+    srv.start()
+    syslib.wait_until(lambda: _greeting(mapped, "127.0.70.2").startswith(b"+OK"), 15, 0.2,
+                      "the mapped listener to serve")
+    assert _greeting(srv.ports.pop3, "127.0.70.1") == b"", "IPv4 listener served a banned address"
+    assert _greeting(mapped, "127.0.70.1") == b"", "IPv4-mapped peer evaded the IPv4 ban"
+    assert _greeting(mapped, "127.0.70.2").startswith(b"+OK"), "an address that is not banned was refused"
+    # IPv4 network settings match the mapped peer too
+    for port in (srv.ports.pop3, mapped):
+        with syslib.Pop3.connect(LOOPBACK, port, source="127.0.46.1") as p:
+            r = p.cmd("USER somebody", expect_ok=None)
+            assert r.startswith("+OK"), f"plaintext USER refused for 127.0.46.1 on port {port}: {r}"
+    # the listener itself is logged with its mapped address; peers never are
+    mapped_peers = [ln for ln in srv.log_text().splitlines() if "::ffff:" in ln and "listening" not in ln]
+    assert not mapped_peers, f"peers must be logged in their IPv4 form: {mapped_peers[:3]}"

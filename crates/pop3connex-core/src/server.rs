@@ -167,7 +167,7 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
             loop {
                 let (sock, peer) = tokio::select! {
                     r = listener.accept() => match r {
-                        Ok(x) => x,
+                        Ok((s, p)) => (s, canonical_peer(p)),
                         Err(e) => { accept_error(e).await; continue; }
                     },
                     _ = stopped(&mut sd) => break,
@@ -236,6 +236,15 @@ async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr: addr.to_string(), source })
 }
 
+/// The peer as every later check sees it: an IPv4 client on a dual-stack
+/// (`[::]`) listener arrives as `::ffff:a.b.c.d` and is turned back into
+/// `a.b.c.d` here, once, so bans, blocklists, connection limits,
+/// `plaintext_auth_networks`, DNSBL, logs and events treat it exactly like the
+/// same client on an IPv4 listener.
+pub fn canonical_peer(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 /// Accept errors are usually EMFILE/ENFILE under a flood: pause briefly
 /// instead of spinning, and keep serving the sessions we have.
 async fn accept_error(e: std::io::Error) {
@@ -265,7 +274,7 @@ async fn accept_pop3(
     loop {
         let (sock, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok((s, p)) => (s, canonical_peer(p)),
                 Err(e) => { accept_error(e).await; continue; }
             },
             _ = stopped(&mut shutdown) => break,
@@ -340,5 +349,20 @@ impl RunningServer {
         };
         let _ = tokio::time::timeout(self.grace, drained).await;
         self.pop3_limiter.active() + self.lmtp_limiter.active()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_peer;
+
+    #[test]
+    fn ipv4_mapped_peers_are_seen_as_ipv4() {
+        let mapped: std::net::SocketAddr = "[::ffff:192.0.2.7]:4242".parse().unwrap();
+        assert_eq!(canonical_peer(mapped), "192.0.2.7:4242".parse().unwrap());
+        let v6: std::net::SocketAddr = "[2001:db8::7]:4242".parse().unwrap();
+        assert_eq!(canonical_peer(v6), v6, "real IPv6 peers are unchanged");
+        let v4: std::net::SocketAddr = "192.0.2.7:1".parse().unwrap();
+        assert_eq!(canonical_peer(v4), v4);
     }
 }
