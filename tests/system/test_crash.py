@@ -275,14 +275,18 @@ def test_kill9_during_quit(server_factory):
 
         threads = [threading.Thread(target=guarded, args=(name, pw, rng.randrange(1 << 30), outcomes[name]),
                                     daemon=True) for name, pw in users]
+        quit_sent_event.clear()
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(0.05, 0.8))
         if r % 2:
-            # Aimed: kill just after a QUIT went out, while the server
-            # applies its DELEs, before the +OK.
-            quit_sent_event.clear()
+            # Aimed: kill just after a QUIT with DELEs went out, while the
+            # server applies them, before the +OK. Waited for from the start
+            # of the round, while the mailboxes are full: a fast server
+            # drains them within a second, after which QUITs have nothing
+            # to apply.
             quit_sent_event.wait(5)
+        else:
+            time.sleep(rng.uniform(0.05, 0.8))
         srv.kill9()
         for t in threads:
             t.join(15)
