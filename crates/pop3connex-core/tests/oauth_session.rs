@@ -228,8 +228,8 @@ async fn unknown_and_disabled_accounts() {
 /// Full POP3 `AUTH` exchanges through `pop3::serve`.
 ///
 /// These need the validator wired into the session: `Pop3Context.oauth`
-/// and the `oauth` arguments of `sasl::start`/`sasl::mechanisms` (see the
-/// integration notes). Remove the `cfg` line below once that is merged.
+/// and `sasl::ConnectionFacts.oauth`, which the mechanism registry
+/// (`sasl::offered`/`sasl::start`) asks (see the integration notes). Remove the `cfg` line below once that is merged.
 mod wired {
     use super::*;
     use common::Client;
