@@ -45,6 +45,8 @@ python3 -c 'import pytest, scramp, jwt, cryptography' 2>/dev/null \
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+echo "==> module cycle check"
+python3 scripts/check-module-cycles.py
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 echo "==> cargo test"

@@ -7,7 +7,7 @@
 //!
 //! What a client can learn from a login attempt is limited to "it worked" or
 //! "it failed": an account that refuses logins (locked, disabled, password
-//! expired, see [`Authenticator::account_refusal`]) fails every mechanism
+//! expired, see [`Authenticator::login_refusal`]) fails every mechanism
 //! with the reply and the work of a wrong secret, and every password check
 //! runs the same hash verifications whether the name is unknown, has a
 //! hash of the configured scheme, or an imported one ([`verification_plan`]).
@@ -189,11 +189,25 @@ impl Authenticator {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
-    /// Why an existing account refuses every login whatever secret is
-    /// presented (the lockout, a per-address matter, is the session's).
-    /// Mechanisms check this before they verify anything and then answer
-    /// exactly as for a wrong secret.
-    pub fn account_refusal(&self, user: &UserRecord) -> Option<AuthFailure> {
+    /// The one account-policy check of every login path (USER/PASS, PLAIN,
+    /// SCRAM, OAUTHBEARER, XOAUTH2): why a login must be refused whatever
+    /// secret is presented. `locked` is the session's lockout verdict for
+    /// the claimed name and the peer's address (a per-address matter the
+    /// session tracks); `user` is the account, if it exists. Mechanisms ask
+    /// this before they verify anything and then answer exactly as for a
+    /// wrong secret. (`require_modern_auth` is not here: it refuses only a
+    /// *correct* password, so [`Self::verify_password`] applies it after
+    /// verification.)
+    pub fn login_refusal(&self, locked: bool, user: Option<&UserRecord>) -> Option<AuthFailure> {
+        if locked {
+            return Some(AuthFailure::Locked);
+        }
+        user.and_then(|u| self.account_refusal(u))
+    }
+
+    /// Why an existing account refuses every login: disabled, or its
+    /// password expired.
+    fn account_refusal(&self, user: &UserRecord) -> Option<AuthFailure> {
         if user.disabled {
             Some(AuthFailure::Disabled)
         } else if self.password_expired(user) {
@@ -266,7 +280,8 @@ impl Authenticator {
             .find_app_password(self.app_password_key(password))
             .await
             .map_err(|_| AuthFailure::Temporary)?;
-        let refusal = record.as_ref().and_then(|r| self.account_refusal(r));
+        // The caller checked the lockout (before hashing anything).
+        let refusal = self.login_refusal(false, record.as_ref());
         let app_password = match (&record, &found) {
             (Some(r), Some((id, owner))) if *owner == r.name => Some(*id),
             _ => None,

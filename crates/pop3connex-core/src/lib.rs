@@ -1,15 +1,24 @@
 //! POP3conneX server library.
 //!
 //! # Layout
-//! - [`config`]: the TOML configuration and its validation.
+//! - [`config`]: the TOML configuration and its validation, every section's
+//!   types included (`config::oauth`, `config::connector`); it imports
+//!   nothing above it.
 //! - [`secret`]: secret references (`env:`, `file:`) for every credential.
 //! - [`crypto`]: encryption at rest (master key, per-mailbox data keys,
 //!   chunked AEAD bound to mailbox and message).
 //! - [`password`]: password hashing (Argon2id, SHA512-CRYPT) and verification.
 //! - [`store`]: the storage trait and the SQLite backend.
 //! - [`mailstore`]: encryption on top of a store: deliver, list, read.
-//! - [`auth`]: account management and credential verification.
-//! - [`sasl`]: pluggable SASL mechanisms (PLAIN today).
+//! - [`policy`]: password policy (length, classes, reuse, maximum age).
+//! - [`scram`]: SCRAM-SHA-256 credentials, messages and proofs.
+//! - [`auth`]: account management, credential verification and the one
+//!   account-policy check of every login path.
+//! - [`https`]: the one hardened outbound HTTPS client (JWKS, introspection,
+//!   the connector's OAuth token refresh).
+//! - [`oauth`]: bearer-token validation (JWKS keys, introspection).
+//! - [`sasl`]: the SASL mechanism registry and the mechanisms: PLAIN,
+//!   SCRAM-SHA-256(-PLUS), OAUTHBEARER and XOAUTH2 (`sasl::bearer`).
 //! - [`tls`]: rustls configuration, hot reload, local CA generation.
 //! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
 //! - [`lmtp`]: LMTP ingestion sessions, their deadlines and the shared
@@ -19,6 +28,7 @@
 //! - [`import`]: Maildir and mbox import.
 //! - [`init`]: creating a fresh data directory.
 //! - [`events`]: structured security events, rate-limited per connection and address.
+//! - [`dnsbl`]: DNS blocklist checks of connecting addresses.
 //! - [`security`]: bans, lockouts, known addresses, failure counters, LOGIN-DELAY.
 //! - [`limits`]: connection limits, LRU-bounded maps, address aggregation.
 //! - [`types`]: newtypes shared by the layers.
@@ -32,6 +42,7 @@ pub mod connector;
 pub mod crypto;
 pub mod dnsbl;
 pub mod events;
+pub mod https;
 pub mod import;
 pub mod init;
 pub mod limits;

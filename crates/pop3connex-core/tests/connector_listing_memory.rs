@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pop3connex_core::connector::config::AccountConfig;
+use pop3connex_core::config::connector::AccountConfig;
 use pop3connex_core::connector::tlsclient;
 use pop3connex_core::connector::upstream::{Credential, Session, MAX_LISTING, MAX_LISTING_BYTES, MAX_STATUS_LINE};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};

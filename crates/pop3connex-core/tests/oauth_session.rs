@@ -16,7 +16,9 @@ use base64::Engine as _;
 use common::Fixture;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pop3connex_core::auth::AuthFailure;
-use pop3connex_core::oauth::{OAuthBearer, OAuthConfig, TokenValidator, XOAuth2};
+use pop3connex_core::config::oauth::OAuthConfig;
+use pop3connex_core::oauth::TokenValidator;
+use pop3connex_core::sasl::bearer::{OAuthBearer, XOAuth2};
 use pop3connex_core::sasl::{Mechanism, SaslContext, Step};
 use pop3connex_core::types::UserName;
 use serde_json::{json, Value};
@@ -216,18 +218,18 @@ async fn unknown_and_disabled_accounts() {
     expect_failure(&steps[1], AuthFailure::Disabled, Some("carol@example.org"));
 
     // The module's dispatcher knows exactly its two mechanisms.
-    assert_eq!(pop3connex_core::oauth::MECHANISMS, ["OAUTHBEARER", "XOAUTH2"]);
-    for name in pop3connex_core::oauth::MECHANISMS {
-        assert_eq!(pop3connex_core::oauth::start(name, &v).unwrap().name(), name);
+    assert_eq!(pop3connex_core::sasl::bearer::MECHANISMS, ["OAUTHBEARER", "XOAUTH2"]);
+    for name in pop3connex_core::sasl::bearer::MECHANISMS {
+        assert_eq!(pop3connex_core::sasl::bearer::start(name, &v).unwrap().name(), name);
     }
-    assert!(pop3connex_core::oauth::start("PLAIN", &v).is_none());
+    assert!(pop3connex_core::sasl::bearer::start("PLAIN", &v).is_none());
 }
 
 /// Full POP3 `AUTH` exchanges through `pop3::serve`.
 ///
 /// These need the validator wired into the session: `Pop3Context.oauth`
-/// and the `oauth` arguments of `sasl::start`/`sasl::mechanisms` (see the
-/// integration notes). Remove the `cfg` line below once that is merged.
+/// and `sasl::ConnectionFacts.oauth`, which the mechanism registry
+/// (`sasl::offered`/`sasl::start`) asks (see the integration notes). Remove the `cfg` line below once that is merged.
 mod wired {
     use super::*;
     use common::Client;

@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 
 use common::Fixture;
+use pop3connex_core::config::connector::{DnsConfig, DownstreamConfig, DownstreamProtocol, DownstreamTls};
 use pop3connex_core::config::LmtpConfig;
-use pop3connex_core::connector::config::{DnsConfig, DownstreamConfig, DownstreamProtocol, DownstreamTls};
 use pop3connex_core::connector::dns::Resolver;
 use pop3connex_core::connector::mtasts::PolicyCache;
 use pop3connex_core::connector::smtp::{deliver, Envelope, RcptOutcome};

@@ -552,7 +552,7 @@ fn user_table(users: &[pop3connex_core::store::UserSummary]) -> String {
 }
 
 async fn connector(cfg: Config, cmd: ConnectorCmd) -> Result<()> {
-    use pop3connex_core::connector::config::AccountConfig;
+    use pop3connex_core::config::connector::AccountConfig;
     use pop3connex_core::connector::engine::Connector;
     let cfg = Arc::new(cfg);
     let mail = Arc::new(MailStore::open(&cfg).await?);

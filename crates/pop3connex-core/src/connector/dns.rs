@@ -45,7 +45,7 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{LowerName, Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
 
-use super::config::DnsConfig;
+use crate::config::connector::DnsConfig;
 
 /// DNSSEC status of an answer (RFC 4035 section 4.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

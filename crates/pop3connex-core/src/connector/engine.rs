@@ -22,12 +22,12 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use tokio::sync::{watch, Semaphore};
 use zeroize::Zeroizing;
 
-use super::config::{AccountConfig, DeletePolicy, OversizePolicy, Target, UpstreamAuth};
 use super::oauth2::{OAuth2Error, RefreshTokenStore, TokenSource};
 use super::route::{self, Decision, Destination};
 use super::smtp::{self, Envelope, RcptOutcome, SmtpError};
 use super::upstream::{Credential, Session, UpstreamError};
 use super::{dns, mtasts, tlsclient};
+use crate::config::connector::{AccountConfig, DeletePolicy, OversizePolicy, Target, UpstreamAuth};
 use crate::config::Config;
 use crate::events::{emit_connector, ConnectorEvent};
 use crate::mailstore::MailStore;

@@ -21,7 +21,6 @@
 //! mailbox with an event; temporary failures leave the message upstream and
 //! back the account off.
 
-pub mod config;
 pub mod dane;
 pub mod dns;
 pub mod dnscheck;

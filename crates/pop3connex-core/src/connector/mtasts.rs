@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::config::DnsConfig;
 use super::dns::{check_name, DnsError, Resolver};
+use crate::config::connector::DnsConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

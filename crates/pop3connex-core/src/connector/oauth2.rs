@@ -1,9 +1,9 @@
 //! OAuth 2.0 refresh-token client for XOAUTH2/OAUTHBEARER upstream logins
 //! (RFC 6749 section 6).
 //!
-//! The token endpoint is called with [`ureq`] on tokio's blocking pool:
-//! HTTPS only, no redirects, [`HTTP_TIMEOUT`] for the whole request, at most
-//! [`MAX_RESPONSE_BYTES`] of body. The endpoint is verified against the CAs
+//! The token endpoint is called with the shared hardened client
+//! ([`crate::https`]): HTTPS only, no redirects, [`HTTP_TIMEOUT`] for the
+//! whole request, at most [`MAX_RESPONSE_BYTES`] of body. The endpoint is verified against the CAs
 //! of `ca_file`, or else the system roots (Mozilla's bundled roots if the
 //! system has none). Access tokens are cached until [`EXPIRY_MARGIN`] before
 //! they expire; concurrent callers share one refresh. A rotated refresh
@@ -21,7 +21,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::config::{OAuth2ClientConfig, OAuth2Preset};
+use crate::config::connector::{OAuth2ClientConfig, OAuth2Preset};
+use crate::https::{form_encode_into, load_ca_file, CaFileError, DefaultRoots, HttpsClient, HttpsError, HttpsOptions};
 use crate::secret::SecretRef;
 
 /// Whole-request timeout (connect, TLS, request, response).
@@ -105,7 +106,7 @@ pub struct TokenSource {
     client_secret: Option<SecretRef>,
     refresh_token: SecretRef,
     scope: Option<String>,
-    agent: ureq::Agent,
+    client: HttpsClient,
     store: Arc<dyn RefreshTokenStore>,
     cache: Mutex<Option<Cached>>,
     /// Held during a refresh. Holds a rotated refresh token the store
@@ -129,22 +130,6 @@ fn sanitize(text: &str) -> String {
     super::upstream::sanitize(text.as_bytes())
 }
 
-/// application/x-www-form-urlencoded encoding of one value, appended.
-fn form_encode(out: &mut String, s: &str) {
-    for &b in s.as_bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => out.push(b as char),
-            b' ' => out.push('+'),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                out.push('%');
-                out.push(HEX[usize::from(b >> 4)] as char);
-                out.push(HEX[usize::from(b & 15)] as char);
-            }
-        }
-    }
-}
-
 fn valid_token(t: &str) -> bool {
     !t.is_empty() && t.len() <= MAX_TOKEN_LEN && t.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
@@ -155,45 +140,26 @@ fn load_secret(r: &SecretRef, what: &str) -> Result<Zeroizing<String>, OAuth2Err
     Ok(Zeroizing::new(s.trim().to_owned()))
 }
 
-fn agent(ca_file: Option<&std::path::Path>) -> Result<ureq::Agent, OAuth2Error> {
-    use rustls_pki_types::pem::PemObject;
-    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
-    let roots = match ca_file {
-        Some(path) => {
-            let err = |d: String| OAuth2Error::Config(format!("CA bundle {}: {d}", path.display()));
-            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-            let mut certs = Vec::new();
-            for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-                certs.push(Certificate::from_der(c.map_err(|e| err(e.to_string()))?.as_ref()).to_owned());
-            }
-            if certs.is_empty() {
-                return Err(err("no certificates in file".into()));
-            }
-            RootCerts::Specific(Arc::new(certs))
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs().certs;
-            if found.is_empty() {
-                RootCerts::WebPki
-            } else {
-                RootCerts::Specific(Arc::new(
-                    found.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()).collect(),
-                ))
-            }
-        }
+/// The shared HTTPS client for the token endpoint: `ca_file` or else the
+/// system roots; statuses are inspected here (400/401/403 are refusals).
+fn client(ca_file: Option<&std::path::Path>) -> Result<HttpsClient, OAuth2Error> {
+    let ca = match ca_file {
+        Some(path) => Some(load_ca_file(path).map_err(|e| {
+            let d = match e {
+                CaFileError::Unreadable(d) => d,
+                CaFileError::Empty => "no certificates in file".into(),
+            };
+            OAuth2Error::Config(format!("CA bundle {}: {d}", path.display()))
+        })?),
+        None => None,
     };
-    let tls = TlsConfig::builder().provider(TlsProvider::Rustls).root_certs(roots).build();
-    Ok(ureq::Agent::config_builder()
-        .https_only(true)
-        .max_redirects(0)
-        .http_status_as_error(false)
-        .timeout_global(Some(HTTP_TIMEOUT))
-        .timeout_connect(Some(CONNECT_TIMEOUT))
-        .max_response_header_size(64 * 1024)
-        .user_agent(concat!("pop3connex/", env!("CARGO_PKG_VERSION")))
-        .tls_config(tls)
-        .build()
-        .new_agent())
+    Ok(HttpsClient::new(&HttpsOptions {
+        connect_timeout: CONNECT_TIMEOUT,
+        total_timeout: HTTP_TIMEOUT,
+        ca,
+        default_roots: DefaultRoots::System,
+        status_as_error: false,
+    }))
 }
 
 /// The parts of a token endpoint response we use.
@@ -256,7 +222,7 @@ impl TokenSource {
             client_secret: cfg.client_secret.clone(),
             refresh_token: cfg.refresh_token.clone(),
             scope: cfg.scope.clone().or(preset_scope.map(str::to_owned)),
-            agent: agent(cfg.ca_file.as_deref())?,
+            client: client(cfg.ca_file.as_deref())?,
             store,
             cache: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(None),
@@ -313,39 +279,25 @@ impl TokenSource {
     ) -> Result<(Zeroizing<String>, Duration, Option<Zeroizing<String>>), OAuth2Error> {
         let mut body = Zeroizing::new(String::with_capacity(512));
         body.push_str("grant_type=refresh_token&refresh_token=");
-        form_encode(&mut body, refresh);
+        form_encode_into(&mut body, refresh.as_bytes());
         body.push_str("&client_id=");
-        form_encode(&mut body, &self.client_id);
+        form_encode_into(&mut body, self.client_id.as_bytes());
         if let Some(r) = &self.client_secret {
             let secret = load_secret(r, "client_secret")?;
             body.push_str("&client_secret=");
-            form_encode(&mut body, &secret);
+            form_encode_into(&mut body, secret.as_bytes());
         }
         if let Some(scope) = &self.scope {
             body.push_str("&scope=");
-            form_encode(&mut body, scope);
+            form_encode_into(&mut body, scope.as_bytes());
         }
-        let agent = self.agent.clone();
-        let url = self.token_url.clone();
-        let (status, raw) = tokio::task::spawn_blocking(move || -> Result<(u16, Zeroizing<Vec<u8>>), String> {
-            let mut resp = agent
-                .post(&url)
-                .header("content-type", "application/x-www-form-urlencoded")
-                .header("accept", "application/json")
-                .send(body.as_bytes())
-                .map_err(|e| format!("POST {url}: {e}"))?;
-            let status = resp.status().as_u16();
-            let raw = resp
-                .body_mut()
-                .with_config()
-                .limit(MAX_RESPONSE_BYTES)
-                .read_to_vec()
-                .map_err(|e| format!("POST {url}: reading the response: {e}"))?;
-            Ok((status, Zeroizing::new(raw)))
-        })
-        .await
-        .map_err(|e| OAuth2Error::Temporary(format!("token request task failed: {e}")))?
-        .map_err(OAuth2Error::Temporary)?;
+        let url = &self.token_url;
+        let resp = self.client.post_form(url, None, body, MAX_RESPONSE_BYTES).await.map_err(|e| match e {
+            HttpsError::Task(e) => OAuth2Error::Temporary(format!("token request task failed: {e}")),
+            HttpsError::Request(e) => OAuth2Error::Temporary(format!("POST {url}: {e}")),
+            HttpsError::Body(e) => OAuth2Error::Temporary(format!("POST {url}: reading the response: {e}")),
+        })?;
+        let (status, raw) = (resp.status, resp.body);
         let parsed: Option<TokenResponse> = serde_json::from_slice(&raw).ok();
         match status {
             200 => {}

@@ -9,7 +9,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::config::{EnvelopeHeader, Occurrence, RouteConfig, Target};
+use crate::config::connector::{EnvelopeHeader, Occurrence, RouteConfig, Target};
 use crate::store::DedupKey;
 
 /// What routing and duplicate detection need from a message's header.

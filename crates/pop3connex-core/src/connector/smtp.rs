@@ -56,11 +56,11 @@ use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
-use super::config::{DownstreamConfig, DownstreamProtocol, DownstreamTls};
 use super::dane::DaneVerifier;
 use super::dns::{DnsError, Resolver, Security, TlsaRecord};
 use super::mtasts::{Mode, MtaStsError, Policy, PolicyCache};
 use super::tlsclient;
+use crate::config::connector::{DownstreamConfig, DownstreamProtocol, DownstreamTls};
 
 /// The SMTP envelope of one forwarded message.
 #[derive(Debug, Clone)]

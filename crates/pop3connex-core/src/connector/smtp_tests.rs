@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::connector::config::DownstreamProtocol;
+use crate::config::connector::DownstreamProtocol;
 use crate::secret::SecretRef;
 
 // ---------------------------------------------------------------- PKI ----

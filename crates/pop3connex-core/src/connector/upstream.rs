@@ -43,7 +43,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
-use super::config::{AccountConfig, UpstreamAuth, UpstreamTls};
+use crate::config::connector::{AccountConfig, UpstreamAuth, UpstreamTls};
 use crate::scram::{ScramClient, ScramError};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;

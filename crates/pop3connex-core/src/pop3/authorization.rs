@@ -64,7 +64,8 @@ impl Session<'_> {
                 if !self.credentials_allowed() {
                     return Ok((State::Authorization(a), self.refuse_plaintext(conn)));
                 }
-                if self.ctx.security.account_locked(&user, self.peer.ip()) {
+                let locked = self.ctx.security.account_locked(&user, self.peer.ip());
+                if self.ctx.auth.login_refusal(locked, None).is_some() {
                     // Refused before hashing: a locked name costs no CPU.
                     let name = UserName::parse(&user).map(|u| u.to_string()).unwrap_or_default();
                     emit(SecurityEvent::LockedOut { peer: self.peer.ip(), user: &name });
@@ -77,7 +78,7 @@ impl Session<'_> {
             Command::Auth { mechanism: None, .. } => {
                 conn.reply(StatusLine::ok("Supported mechanisms follow"));
                 if self.credentials_allowed() {
-                    for m in sasl::mechanisms(self.tls_exporter.is_some(), self.ctx.oauth.is_some()) {
+                    for m in sasl::offered(&self.sasl_facts()) {
                         conn.raw().extend_from_slice(m.as_bytes());
                         conn.raw().extend_from_slice(b"\r\n");
                     }
@@ -113,7 +114,7 @@ impl Session<'_> {
         mech_name: &str,
         initial: Option<Zeroizing<Vec<u8>>>,
     ) -> Handled {
-        let Some(mut mech) = sasl::start(mech_name, self.tls_exporter.is_some(), self.ctx.oauth.as_ref()) else {
+        let Some(mut mech) = sasl::start(mech_name, &self.sasl_facts()) else {
             conn.reply(StatusLine::err("Unsupported authentication mechanism"));
             return Ok((State::Authorization(a), Flow::Continue));
         };
@@ -320,6 +321,15 @@ impl Session<'_> {
         }
     }
 
+    /// What the SASL registry needs to know about this connection.
+    fn sasl_facts(&self) -> sasl::ConnectionFacts<'_> {
+        sasl::ConnectionFacts {
+            credentials_allowed: self.credentials_allowed(),
+            tls_exporter: self.tls_exporter.is_some(),
+            oauth: self.ctx.oauth.as_ref(),
+        }
+    }
+
     /// CAPA (RFC 2449). Lists only what works on this connection now.
     pub(super) fn capa<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: &mut Connection<S>, authorization: bool) {
         conn.reply(StatusLine::ok("Capability list follows"));
@@ -327,7 +337,7 @@ impl Session<'_> {
             ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"].iter().map(|s| s.to_string()).collect();
         if authorization && self.credentials_allowed() {
             caps.push("USER".into());
-            let mechanisms = sasl::mechanisms(self.tls_exporter.is_some(), self.ctx.oauth.is_some());
+            let mechanisms = sasl::offered(&self.sasl_facts());
             caps.push(format!("SASL {}", mechanisms.join(" ")));
         }
         if authorization && !self.tls {

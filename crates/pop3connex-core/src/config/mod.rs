@@ -15,9 +15,15 @@ use serde::{de::Error as _, Deserialize, Deserializer};
 
 use crate::secret::SecretRef;
 
+pub mod connector;
+pub mod oauth;
+
+use connector::ConnectorConfig;
+use oauth::OAuthConfig;
+
 /// The commented example configuration. A test checks that it parses and
 /// that it mentions every key the parser accepts.
-pub const EXAMPLE: &str = include_str!("../../../docs/pop3connex.example.toml");
+pub const EXAMPLE: &str = include_str!("../../../../docs/pop3connex.example.toml");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,11 +41,11 @@ pub struct Config {
     #[serde(default)]
     pub abuse: AbuseConfig,
     #[serde(default)]
-    pub oauth: crate::oauth::OAuthConfig,
+    pub oauth: OAuthConfig,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
-    pub connector: crate::connector::config::ConnectorConfig,
+    pub connector: ConnectorConfig,
     /// The file this was read from (for messages), not a config key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -389,7 +395,7 @@ macro_rules! bounded {
 }
 
 /// Used by the connector's config module too.
-pub(crate) use bounded;
+use bounded;
 
 bounded! {
     secs_1_300: 1, 300, " seconds";

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{de::Error as _, Deserialize, Deserializer, Serialize};
 
-use crate::config::bounded;
+use super::bounded;
 use crate::secret::SecretRef;
 
 #[derive(Debug, Clone, Deserialize)]
