@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::config::{OAuth2ClientConfig, OAuth2Preset};
+use crate::logtext::sanitize;
 use crate::secret::SecretRef;
 
 /// Whole-request timeout (connect, TLS, request, response).
@@ -122,11 +123,6 @@ impl fmt::Debug for TokenSource {
             .field("scope", &self.scope)
             .finish_non_exhaustive()
     }
-}
-
-/// Printable-ASCII, length-capped form of endpoint text.
-fn sanitize(text: &str) -> String {
-    super::upstream::sanitize(text.as_bytes())
 }
 
 /// application/x-www-form-urlencoded encoding of one value, appended.
