@@ -18,7 +18,7 @@
 pub const MAX_LOG_TEXT: usize = 200;
 
 /// Printable-ASCII, length-capped form of peer text for errors and logs.
-pub fn sanitize(text: impl AsRef<[u8]>) -> String {
+pub fn sanitize<T: AsRef<[u8]> + ?Sized>(text: &T) -> String {
     let text = text.as_ref();
     let mut out: String =
         text.iter().take(MAX_LOG_TEXT).map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '?' }).collect();
@@ -37,15 +37,15 @@ mod tests {
         assert_eq!(sanitize(b"ok\r\n\x00\xff"), "ok????");
         assert_eq!(sanitize("a\u{1b}[31mb"), "a?[31mb");
         assert_eq!(sanitize("caf\u{e9}"), "caf??");
-        assert_eq!(sanitize(String::from("tab\there")), "tab?here");
+        assert_eq!(sanitize(&String::from("tab\there")), "tab?here");
         assert_eq!(sanitize(""), "");
     }
 
     #[test]
     fn length_is_capped_in_octets() {
-        assert_eq!(sanitize([b'a'; 300]).len(), MAX_LOG_TEXT + 3);
-        assert!(sanitize([b'a'; 300]).ends_with("..."));
-        assert_eq!(sanitize([b'a'; MAX_LOG_TEXT]).len(), MAX_LOG_TEXT);
-        assert_eq!(sanitize("\u{e9}".repeat(150)), format!("{}...", "?".repeat(MAX_LOG_TEXT)));
+        assert_eq!(sanitize(&[b'a'; 300]).len(), MAX_LOG_TEXT + 3);
+        assert!(sanitize(&[b'a'; 300]).ends_with("..."));
+        assert_eq!(sanitize(&[b'a'; MAX_LOG_TEXT]).len(), MAX_LOG_TEXT);
+        assert_eq!(sanitize(&"\u{e9}".repeat(150)), format!("{}...", "?".repeat(MAX_LOG_TEXT)));
     }
 }

@@ -831,7 +831,7 @@ async fn session(
             // without usable TLSA records.
             return Err(temp(format!(
                 "refusing to send SMTP AUTH credentials to {}, an MX host not authenticated by DANE",
-                sanitize(name.to_str().as_ref())
+                sanitize(&*name.to_str())
             )));
         }
         if !ext.auth_plain() {
