@@ -12,13 +12,18 @@
 //! - [`reply`]: status lines and RFC 2449/3206 response codes.
 //! - [`stuff`]: streaming dot-stuffing for multi-line responses, and the
 //!   TOP header/body-line filter.
+//! - [`client`]: the client side, for the connector's upstream session:
+//!   reply-line framing ([`client::ReplyBuffer`]), status lines, dot-unstuffing,
+//!   LIST/UIDL/STAT/CAPA parsing into typed values, and command encoding.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod command;
 pub mod line;
 pub mod reply;
 pub mod stuff;
 
+pub use client::{ClientCommand, ReplyBuffer, Uidl};
 pub use command::{Command, CommandError, MsgNum};
 pub use line::{LineBuffer, LineError};
 pub use reply::{RespCode, StatusLine};

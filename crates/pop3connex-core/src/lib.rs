@@ -29,6 +29,7 @@
 //! - [`init`]: creating a fresh data directory.
 //! - [`events`]: structured security events, rate-limited per connection and address.
 //! - [`dnsbl`]: DNS blocklist checks of connecting addresses.
+//! - [`logtext`]: the one sanitiser for peer text quoted in errors, events and logs.
 //! - [`security`]: bans, lockouts, known addresses, failure counters, LOGIN-DELAY.
 //! - [`limits`]: connection limits, LRU-bounded maps, address aggregation.
 //! - [`types`]: newtypes shared by the layers.
@@ -47,6 +48,7 @@ pub mod import;
 pub mod init;
 pub mod limits;
 pub mod lmtp;
+pub mod logtext;
 pub mod mailstore;
 pub mod oauth;
 pub mod password;

@@ -23,6 +23,7 @@ use zeroize::Zeroizing;
 
 use crate::config::connector::{OAuth2ClientConfig, OAuth2Preset};
 use crate::https::{form_encode_into, load_ca_file, CaFileError, DefaultRoots, HttpsClient, HttpsError, HttpsOptions};
+use crate::logtext::sanitize;
 use crate::secret::SecretRef;
 
 /// Whole-request timeout (connect, TLS, request, response).
@@ -123,11 +124,6 @@ impl fmt::Debug for TokenSource {
             .field("scope", &self.scope)
             .finish_non_exhaustive()
     }
-}
-
-/// Printable-ASCII, length-capped form of endpoint text.
-fn sanitize(text: &str) -> String {
-    super::upstream::sanitize(text.as_bytes())
 }
 
 fn valid_token(t: &str) -> bool {

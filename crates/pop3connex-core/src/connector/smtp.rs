@@ -61,6 +61,7 @@ use super::dns::{DnsError, Resolver, Security, TlsaRecord};
 use super::mtasts::{Mode, MtaStsError, Policy, PolicyCache};
 use super::tlsclient;
 use crate::config::connector::{DownstreamConfig, DownstreamProtocol, DownstreamTls};
+use crate::logtext::sanitize;
 
 /// The SMTP envelope of one forwarded message.
 #[derive(Debug, Clone)]
@@ -93,8 +94,6 @@ pub enum SmtpError {
 const MAX_REPLY_LINES: usize = 100;
 /// Octets of one reply line including CRLF.
 const MAX_LINE: usize = 1024;
-/// Characters of server text kept in errors.
-const MAX_TEXT: usize = 200;
 /// The DATA write phase gets `timeout_secs` plus one second per this many octets.
 const DATA_BYTES_PER_SEC: u64 = 32 * 1024;
 /// The reply to the final "." may take this many times `timeout_secs`
@@ -111,17 +110,6 @@ fn temp(m: impl Into<String>) -> SmtpError {
 
 fn perm(m: impl Into<String>) -> SmtpError {
     SmtpError::Permanent(m.into())
-}
-
-/// Server-supplied text made safe for errors and logs: printable ASCII
-/// only, bounded length.
-fn sanitize(s: &str) -> String {
-    let mut out: String =
-        s.chars().take(MAX_TEXT).map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
-    if s.chars().count() > MAX_TEXT {
-        out.push_str("...");
-    }
-    out
 }
 
 /// Delivers one message to every recipient through `downstream`; returns one
@@ -843,7 +831,7 @@ async fn session(
             // without usable TLSA records.
             return Err(temp(format!(
                 "refusing to send SMTP AUTH credentials to {}, an MX host not authenticated by DANE",
-                sanitize(&name.to_str())
+                sanitize(&*name.to_str())
             )));
         }
         if !ext.auth_plain() {
