@@ -6,7 +6,7 @@
 //! - [`crypto`]: encryption at rest (master key, per-mailbox data keys,
 //!   chunked AEAD bound to mailbox and message).
 //! - [`password`]: password hashing (Argon2id, SHA512-CRYPT) and verification.
-//! - [`store`]: the storage trait and the SQLite backend.
+//! - [`store`]: the storage role traits, fenced leases, `store::open` and the SQLite backend.
 //! - [`mailstore`]: encryption on top of a store: deliver, list, read.
 //! - [`auth`]: account management and credential verification.
 //! - [`sasl`]: pluggable SASL mechanisms (PLAIN today).
