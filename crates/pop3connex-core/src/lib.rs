@@ -8,7 +8,7 @@
 //! - [`crypto`]: encryption at rest (master key, per-mailbox data keys,
 //!   chunked AEAD bound to mailbox and message).
 //! - [`password`]: password hashing (Argon2id, SHA512-CRYPT) and verification.
-//! - [`store`]: the storage trait and the SQLite backend.
+//! - [`store`]: the storage role traits, fenced leases, `store::open` and the SQLite backend.
 //! - [`mailstore`]: encryption on top of a store: deliver, list, read.
 //! - [`policy`]: password policy (length, classes, reuse, maximum age).
 //! - [`scram`]: SCRAM-SHA-256 credentials, messages and proofs.

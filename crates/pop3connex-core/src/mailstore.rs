@@ -9,14 +9,13 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-use crate::config::{Config, StoreBackend};
+use crate::config::Config;
 use crate::crypto::{random_id, CryptoError, DataKey, MasterKey, RecordId};
 use crate::scram::ScramCredentials;
-use crate::store::sqlite::SqliteStore;
 use crate::store::{
     MailboxRef, MessageMeta, MessageSource, NewMessage, Store, StoreError, StoredCredentials, UserRecord,
 };
-use crate::types::UserName;
+use crate::types::{MailboxId, UserName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MailStoreError {
@@ -42,9 +41,7 @@ impl MailStore {
     /// Opens the configured backend and checks the master key against it.
     pub async fn open(cfg: &Config) -> Result<Self, MailStoreError> {
         let master = MasterKey::load(&cfg.store.master_key)?;
-        let store: Arc<dyn Store> = match cfg.store.backend {
-            StoreBackend::Sqlite => Arc::new(SqliteStore::open(&cfg.store.path)?),
-        };
+        let store = crate::store::open(&cfg.store)?;
         Self::with_store(store, master).await
     }
 
@@ -173,7 +170,7 @@ impl MailStore {
 /// One copy of a [`SharedBody`]: where it goes and what precedes the body.
 struct Copy {
     key: DataKey,
-    mailbox_id: i64,
+    mailbox_id: MailboxId,
     /// Chosen before sealing so that sealing again (a retried write) yields
     /// the same message, and the caller knows the ids up front.
     uid: RecordId,

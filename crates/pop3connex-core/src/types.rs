@@ -16,7 +16,7 @@ pub struct InvalidUserName;
 
 impl UserName {
     pub fn parse(s: &str) -> Result<Self, InvalidUserName> {
-        let lower = s.to_ascii_lowercase();
+        let lower = normalise_user_name(s);
         let ok = !lower.is_empty()
             && lower.len() <= MAX_USER_NAME_LEN
             && lower.starts_with(|c: char| c.is_ascii_alphanumeric())
@@ -40,7 +40,50 @@ impl fmt::Display for UserName {
     }
 }
 
-/// Seconds since the Unix epoch.
+/// The one normalisation of account names: ASCII lower case. Every layer
+/// and every store backend compares names in this form (a lockout of
+/// `Alice` is a lockout of `alice`), so none applies its own.
+pub fn normalise_user_name(s: &str) -> String {
+    s.to_ascii_lowercase()
+}
+
+/// Defines an id newtype over a backend row id: ids of different kinds
+/// cannot be mixed up, and only the store makes them.
+macro_rules! row_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(i64);
+
+        impl $name {
+            /// Wraps a row id read from (or about to be written to) a store.
+            pub const fn from_raw(id: i64) -> Self {
+                Self(id)
+            }
+
+            /// The backend row id, for queries.
+            pub const fn raw(self) -> i64 {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+row_id!(
+    /// A mailbox (one per user) in a store.
+    MailboxId
+);
+row_id!(
+    /// A stored message, unique across mailboxes.
+    MessageId
+);
+
 /// A Unix time as RFC 3339 UTC (`2026-11-29T12:00:00Z`) for people.
 pub fn format_unix(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
@@ -49,6 +92,7 @@ pub fn format_unix(t: i64) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
+/// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
@@ -63,5 +107,17 @@ mod tests {
         for bad in ["", ".alice", "al ice", "al\u{e9}", "a/b", "a\0", &"a".repeat(256)] {
             assert!(UserName::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn one_normalisation_for_names() {
+        assert_eq!(normalise_user_name("ALICE@Example.org"), "alice@example.org");
+        assert_eq!(UserName::parse("ALICE").unwrap().as_str(), normalise_user_name("ALICE"));
+    }
+
+    #[test]
+    fn ids_print_like_numbers() {
+        assert_eq!(format!("{:>4}", MessageId::from_raw(7)), "   7");
+        assert_eq!(MailboxId::from_raw(3).raw(), 3);
     }
 }

@@ -2,14 +2,15 @@
 //! line to `backends!` (PostgreSQL will join SQLite here).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use pop3connex_core::crypto::random_id;
 use pop3connex_core::store::sqlite::SqliteStore;
 use pop3connex_core::store::{
-    BanRecord, ConnectorCommit, ConnectorStatus, LockoutRecord, MessageSource, NewMessage, Store, StoreError,
-    StoredCredentials,
+    BanRecord, ConnectorCommit, ConnectorStatus, LeaseResource, LockoutRecord, MessageSource, NewMessage, SeenState,
+    Store, StoreError, StoredCredentials,
 };
-use pop3connex_core::types::UserName;
+use pop3connex_core::types::{MailboxId, UserName};
 
 struct TempDir(std::path::PathBuf);
 impl Drop for TempDir {
@@ -25,7 +26,7 @@ fn sqlite(name: &str) -> (Arc<dyn Store>, TempDir) {
     (Arc::new(SqliteStore::open(&dir.join("s.db")).unwrap()), TempDir(dir))
 }
 
-fn msg(mailbox_id: i64, body: &[u8], import_key: Option<&str>) -> NewMessage {
+fn msg(mailbox_id: MailboxId, body: &[u8], import_key: Option<&str>) -> NewMessage {
     NewMessage {
         mailbox_id,
         uid: random_id(),
@@ -39,7 +40,7 @@ fn creds(hash: &str) -> StoredCredentials {
     StoredCredentials { hash: hash.into(), scram: Some(format!("scram-of-{hash}")) }
 }
 
-async fn user(store: &Arc<dyn Store>, name: &str) -> i64 {
+async fn user(store: &Arc<dyn Store>, name: &str) -> MailboxId {
     let n = UserName::parse(name).unwrap();
     store.create_user(&n, &creds("hash"), random_id(), vec![1, 2, 3]).await.unwrap();
     store.user(&n).await.unwrap().unwrap().mailbox.id
@@ -73,7 +74,8 @@ async fn delivery_listing_and_deletes(store: Arc<dyn Store>) {
     assert!(store.chunk(list[1].id, 1).await.is_err());
     // Deleting only touches the named mailbox.
     let bob_msgs = store.messages(b).await.unwrap();
-    store.delete_messages(a, vec![list[0].id, bob_msgs[0].id]).await.unwrap();
+    let lease = store.lock_maildrop(a).await.unwrap();
+    store.delete_messages(a, vec![list[0].id, bob_msgs[0].id], lease.token()).await.unwrap();
     assert_eq!(store.messages(a).await.unwrap().len(), 1);
     assert_eq!(store.messages(b).await.unwrap().len(), 1, "bob's message is not alice's to delete");
     // Delivery is all-or-nothing: a duplicate uid fails the whole batch.
@@ -87,14 +89,14 @@ async fn delivery_listing_and_deletes(store: Arc<dyn Store>) {
 /// A delivery of one message per listed mailbox, sealed on demand; the
 /// copy at `fail_at` fails to seal.
 struct Copies {
-    mailboxes: Vec<i64>,
+    mailboxes: Vec<MailboxId>,
     uids: Vec<pop3connex_core::crypto::RecordId>,
     fail_at: Option<usize>,
     sealed: std::sync::atomic::AtomicUsize,
 }
 
 impl Copies {
-    fn new(mailboxes: Vec<i64>, fail_at: Option<usize>) -> Arc<Self> {
+    fn new(mailboxes: Vec<MailboxId>, fail_at: Option<usize>) -> Arc<Self> {
         let uids = mailboxes.iter().map(|_| random_id()).collect();
         Arc::new(Copies { mailboxes, uids, fail_at, sealed: Default::default() })
     }
@@ -154,6 +156,74 @@ async fn maildrop_lock_is_exclusive(store: Arc<dyn Store>) {
     let _other = store.lock_maildrop(b).await.unwrap();
     drop(lock);
     let _again = store.lock_maildrop(a).await.unwrap();
+}
+
+const SHORT_TTL: Duration = Duration::from_millis(300);
+
+async fn lease_is_exclusive_and_tokens_grow(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    let first = store.acquire_lease(LeaseResource::Maildrop(a), "one", SHORT_TTL).await.unwrap();
+    assert!(matches!(store.acquire_lease(LeaseResource::Maildrop(a), "two", SHORT_TTL).await, Err(StoreError::Locked)));
+    // Another resource is independent.
+    let other = store.acquire_lease(LeaseResource::ConnectorAccount("isp".into()), "one", SHORT_TTL).await.unwrap();
+    let old = first.token();
+    store.release_lease(first).await.unwrap();
+    let second = store.acquire_lease(LeaseResource::Maildrop(a), "two", SHORT_TTL).await.unwrap();
+    assert!(second.token() > old, "a new holder's token is greater");
+    assert_eq!(second.holder(), "two");
+    drop(other);
+}
+
+async fn a_lease_not_renewed_expires_and_fences_its_commit(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    store.deliver(vec![msg(a, b"one", None), msg(a, b"two", None)]).await.unwrap();
+    let list = store.messages(a).await.unwrap();
+    let mut lease = store.acquire_lease(LeaseResource::Maildrop(a), "paused", SHORT_TTL).await.unwrap();
+    // A holder paused past its expiry: no renewal.
+    lease.stop_renewing();
+    tokio::time::sleep(SHORT_TTL * 2).await;
+    let stale = store.delete_messages(a, vec![list[0].id], lease.token()).await;
+    assert!(matches!(stale, Err(StoreError::Fenced)), "{stale:?}");
+    assert_eq!(store.messages(a).await.unwrap(), list, "a fenced commit changed nothing");
+    // Connector state is fenced the same way.
+    let mut run = store.acquire_lease(LeaseResource::ConnectorAccount("isp".into()), "run", SHORT_TTL).await.unwrap();
+    run.stop_renewing();
+    tokio::time::sleep(SHORT_TTL * 2).await;
+    let stale = store.connector_resync("isp", vec!["u1".into()], run.token()).await;
+    assert!(matches!(stale, Err(StoreError::Fenced)), "{stale:?}");
+    assert!(store.connector_seen("isp").await.unwrap().is_empty(), "a fenced commit changed nothing");
+}
+
+async fn a_held_lease_is_renewed(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    store.deliver(vec![msg(a, b"one", None)]).await.unwrap();
+    let list = store.messages(a).await.unwrap();
+    let lease = store.acquire_lease(LeaseResource::Maildrop(a), "live", SHORT_TTL).await.unwrap();
+    let first_expiry = lease.expires_at();
+    tokio::time::sleep(SHORT_TTL * 3).await;
+    assert!(lease.expires_at() > first_expiry, "renewed in the background");
+    assert!(!lease.is_lost());
+    store.renew_lease(&lease).await.unwrap();
+    store.delete_messages(a, vec![list[0].id], lease.token()).await.unwrap();
+    assert!(store.messages(a).await.unwrap().is_empty());
+}
+
+async fn a_stale_token_is_refused_after_a_new_holder(store: Arc<dyn Store>) {
+    let a = user(&store, "alice").await;
+    store.deliver(vec![msg(a, b"one", None)]).await.unwrap();
+    let list = store.messages(a).await.unwrap();
+    let old = store.acquire_lease(LeaseResource::Maildrop(a), "old", SHORT_TTL).await.unwrap();
+    let old_token = old.token();
+    // Released (the guard dropped): its token commits nothing any more.
+    store.release_lease(old).await.unwrap();
+    let refused = store.delete_messages(a, vec![list[0].id], old_token).await;
+    assert!(matches!(refused, Err(StoreError::Fenced)), "{refused:?}");
+    let new = store.acquire_lease(LeaseResource::Maildrop(a), "new", SHORT_TTL).await.unwrap();
+    let refused = store.delete_messages(a, vec![list[0].id], old_token).await;
+    assert!(matches!(refused, Err(StoreError::Fenced)), "{refused:?}");
+    assert_eq!(store.messages(a).await.unwrap(), list);
+    store.delete_messages(a, vec![list[0].id], new.token()).await.unwrap();
+    assert!(store.messages(a).await.unwrap().is_empty());
 }
 
 async fn imports_are_recorded_with_the_message(store: Arc<dyn Store>) {
@@ -251,20 +321,22 @@ async fn known_addresses_bounded_shared_and_purged(store: Arc<dyn Store>) {
 
 async fn connector_state_commits_atomically(store: Arc<dyn Store>) {
     let mb = user(&store, "alice").await;
+    let lease = store.lock_connector("isp").await.unwrap();
+    let fence = lease.token();
     let commit = |uidl: Option<&str>, key: u8, body: &[u8]| ConnectorCommit {
         at: 1_700_000_000,
         account: "isp".into(),
         uidl: uidl.map(str::to_owned),
-        state: "delivered",
+        state: SeenState::Delivered,
         deliveries: vec![(Some([key; 32]), msg(mb, body, None))],
         keys: vec![[key + 100; 32]],
     };
-    store.connector_commit(commit(Some("u1"), 1, b"one")).await.unwrap();
+    store.connector_commit(commit(Some("u1"), 1, b"one"), fence).await.unwrap();
     // The same duplicate key again: the message is not stored twice, but the
     // second UIDL is recorded.
-    store.connector_commit(commit(Some("u2"), 1, b"one again")).await.unwrap();
+    store.connector_commit(commit(Some("u2"), 1, b"one again"), fence).await.unwrap();
     // A deferred message: keys and deliveries kept, UIDL not recorded.
-    store.connector_commit(commit(None, 2, b"two")).await.unwrap();
+    store.connector_commit(commit(None, 2, b"two"), fence).await.unwrap();
     assert_eq!(store.messages(mb).await.unwrap().len(), 2);
     let mut seen: Vec<String> = store.connector_seen("isp").await.unwrap().into_iter().map(|s| s.uidl).collect();
     seen.sort();
@@ -272,20 +344,20 @@ async fn connector_state_commits_atomically(store: Arc<dyn Store>) {
     assert!(store.connector_seen("other").await.unwrap().is_empty());
     let known = store.dedup_known(vec![[1; 32], [101; 32], [2; 32], [3; 32]]).await.unwrap();
     assert_eq!(known, vec![[1; 32], [101; 32], [2; 32]]);
-    store.connector_forget("isp", vec!["u1".into()]).await.unwrap();
+    store.connector_forget("isp", vec!["u1".into()], fence).await.unwrap();
     assert_eq!(store.connector_seen("isp").await.unwrap().len(), 1);
-    store.connector_resync("isp", vec!["a".into(), "b".into(), "c".into()]).await.unwrap();
+    store.connector_resync("isp", vec!["a".into(), "b".into(), "c".into()], fence).await.unwrap();
     assert_eq!(store.connector_seen("isp").await.unwrap().len(), 3);
     store.dedup_prune(i64::MAX).await.unwrap();
     assert!(store.dedup_known(vec![[1; 32]]).await.unwrap().is_empty());
     // A commit into a mailbox that does not exist fails as a whole.
     let bad = ConnectorCommit { uidl: Some("u9".into()), ..commit(None, 9, b"x") };
-    let bad = ConnectorCommit { deliveries: vec![(None, msg(mb + 1000, b"x", None))], ..bad };
-    assert!(store.connector_commit(bad).await.is_err());
+    let bad =
+        ConnectorCommit { deliveries: vec![(None, msg(MailboxId::from_raw(mb.raw() + 1000), b"x", None))], ..bad };
+    assert!(store.connector_commit(bad, fence).await.is_err());
     assert!(!store.connector_seen("isp").await.unwrap().iter().any(|s| s.uidl == "u9"));
-    let lock = store.lock_connector("isp").await.unwrap();
     assert!(matches!(store.lock_connector("isp").await, Err(StoreError::Locked)));
-    drop(lock);
+    drop(lease);
     store.lock_connector("isp").await.unwrap();
 }
 
@@ -295,7 +367,9 @@ async fn connector_accounts_status_and_secrets(store: Arc<dyn Store>) {
     assert_eq!(store.connector_accounts().await.unwrap(), vec![("isp".into(), "name = \"isp\"".into())]);
     let status =
         ConnectorStatus { account: "isp".into(), failures: 2, last_error: Some("tls".into()), ..Default::default() };
-    store.put_connector_status(status.clone()).await.unwrap();
+    let lease = store.lock_connector("isp").await.unwrap();
+    store.put_connector_status(status.clone(), lease.token()).await.unwrap();
+    drop(lease);
     assert_eq!(store.connector_status("isp").await.unwrap(), Some(status));
     store.put_connector_secret("isp", "k", vec![1, 2]).await.unwrap();
     store.put_connector_secret("isp", "k", vec![3]).await.unwrap();
@@ -324,6 +398,10 @@ macro_rules! backends {
                 case!(delivery_listing_and_deletes);
                 case!(sealed_delivery_is_one_transaction);
                 case!(maildrop_lock_is_exclusive);
+                case!(lease_is_exclusive_and_tokens_grow);
+                case!(a_lease_not_renewed_expires_and_fences_its_commit);
+                case!(a_held_lease_is_renewed);
+                case!(a_stale_token_is_refused_after_a_new_holder);
                 case!(imports_are_recorded_with_the_message);
                 case!(deleting_a_user_removes_everything);
                 case!(key_check_round_trip);

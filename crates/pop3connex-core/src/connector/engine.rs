@@ -31,7 +31,7 @@ use crate::config::connector::{AccountConfig, DeletePolicy, OversizePolicy, Targ
 use crate::config::Config;
 use crate::events::{emit_connector, ConnectorEvent};
 use crate::mailstore::MailStore;
-use crate::store::{ConnectorCommit, ConnectorStatus, StoreError};
+use crate::store::{ConnectorCommit, ConnectorStatus, FencingToken, SeenState, StoreError};
 use crate::types::{unix_now, UserName};
 
 /// Counters of one run, printed by `connector run-once`.
@@ -202,9 +202,10 @@ impl Connector {
     /// Runs one account once: takes its lock, fetches, records the status.
     pub async fn run_account(&self, account: &AccountConfig) -> Result<RunReport, RunError> {
         let store = self.mail.store().clone();
-        let _lock = store.lock_connector(&account.name).await?;
+        let lease = store.lock_connector(&account.name).await?;
+        let fence = lease.token();
         let started = self.now();
-        let result = self.fetch(account).await;
+        let result = self.fetch(account, fence).await;
         let mut status = store
             .connector_status(&account.name)
             .await?
@@ -230,7 +231,7 @@ impl Connector {
                 }
             }
         }
-        store.put_connector_status(status).await?;
+        store.put_connector_status(status, fence).await?;
         // Keys are only added by runs that fetched something; an idle run
         // (the common case) costs no extra write.
         if matches!(&result, Ok(r) if r.fetched > 0) {
@@ -243,12 +244,12 @@ impl Connector {
     /// Marks everything upstream as already fetched, without downloading.
     pub async fn resync(&self, account: &AccountConfig) -> Result<usize, RunError> {
         let store = self.mail.store().clone();
-        let _lock = store.lock_connector(&account.name).await?;
+        let lease = store.lock_connector(&account.name).await?;
         let mut session = self.login(account).await?;
         let uidls: Vec<String> = session.uidl_all().await?.into_iter().map(|(_, u)| u).collect();
         session.quit().await?;
         let n = uidls.len();
-        store.connector_resync(&account.name, uidls).await?;
+        store.connector_resync(&account.name, uidls, lease.token()).await?;
         Ok(n)
     }
 
@@ -310,17 +311,17 @@ impl Connector {
         }
     }
 
-    async fn fetch(&self, account: &AccountConfig) -> Result<RunReport, RunError> {
+    async fn fetch(&self, account: &AccountConfig, fence: FencingToken) -> Result<RunReport, RunError> {
         let store = self.mail.store().clone();
         let mut report = RunReport { account: account.name.clone(), ..Default::default() };
         let mut session = self.login(account).await?;
         let listing = session.uidl_all().await?;
         let sizes: HashMap<u32, u64> = session.list_all().await?.into_iter().collect();
-        let seen: HashMap<String, (i64, String)> =
+        let seen: HashMap<String, (i64, SeenState)> =
             store.connector_seen(&account.name).await?.into_iter().map(|s| (s.uidl, (s.first_seen, s.state))).collect();
         let on_server: HashSet<&str> = listing.iter().map(|(_, u)| u.as_str()).collect();
         let vanished: Vec<String> = seen.keys().filter(|u| !on_server.contains(u.as_str())).cloned().collect();
-        store.connector_forget(&account.name, vanished).await?;
+        store.connector_forget(&account.name, vanished, fence).await?;
 
         let now = self.now();
         let mut to_delete: Vec<(u32, String)> = Vec::new();
@@ -328,10 +329,10 @@ impl Connector {
             if let Some((first_seen, state)) = seen.get(uidl) {
                 let due = match account.delete {
                     DeletePolicy::Never => false,
-                    DeletePolicy::AfterDelivery => state == "delivered",
+                    DeletePolicy::AfterDelivery => *state == SeenState::Delivered,
                     DeletePolicy::AfterDays => {
                         let days = account.delete_after_days.unwrap_or(u64::MAX / 86_400 - 1) as i64;
-                        state == "delivered" && now - first_seen >= days * 86_400
+                        *state == SeenState::Delivered && now - first_seen >= days * 86_400
                     }
                 };
                 if due {
@@ -358,7 +359,7 @@ impl Connector {
                     limit: account.max_message_size,
                     action,
                 });
-                store.connector_commit(self.oversize(account, uidl)).await?;
+                store.connector_commit(self.oversize(account, uidl), fence).await?;
                 report.skipped += 1;
                 if account.oversize == OversizePolicy::Delete {
                     to_delete.push((*n, uidl.clone()));
@@ -384,7 +385,7 @@ impl Connector {
                         limit: account.max_message_size,
                         action: "left upstream",
                     });
-                    store.connector_commit(self.oversize(account, uidl)).await?;
+                    store.connector_commit(self.oversize(account, uidl), fence).await?;
                     return Err(e.into());
                 }
                 Err(e) => return Err(e.into()),
@@ -393,7 +394,7 @@ impl Connector {
             bytes += body.len() as u64;
             report.fetched += 1;
             report.octets += body.len() as u64;
-            match self.process(account, uidl, &body, &mut report, &mut down).await? {
+            match self.process(account, uidl, &body, &mut report, &mut down, fence).await? {
                 Processed::Done => {
                     if account.delete == DeletePolicy::AfterDelivery {
                         to_delete.push((*n, uidl.clone()));
@@ -418,7 +419,7 @@ impl Connector {
         if !to_delete.is_empty() {
             report.deleted = to_delete.len() as u64;
             self.event(ConnectorEvent::ConnectorDeleted { account: &account.name, count: to_delete.len() });
-            store.connector_forget(&account.name, to_delete.into_iter().map(|(_, u)| u).collect()).await?;
+            store.connector_forget(&account.name, to_delete.into_iter().map(|(_, u)| u).collect(), fence).await?;
         }
         if deferred_downstream {
             return Err(RunError::Downstream(format!(
@@ -435,7 +436,7 @@ impl Connector {
             at: self.now(),
             account: account.name.clone(),
             uidl: Some(uidl.to_owned()),
-            state: "oversize",
+            state: SeenState::Oversize,
             deliveries: Vec::new(),
             keys: Vec::new(),
         }
@@ -449,6 +450,7 @@ impl Connector {
         body: &[u8],
         report: &mut RunReport,
         down: &mut HashSet<String>,
+        fence: FencingToken,
     ) -> Result<Processed, RunError> {
         let cfg = &self.cfg.connector;
         let msg = route::inspect(body, account.route.envelope_header);
@@ -456,7 +458,7 @@ impl Connector {
             at: self.now(),
             account: account.name.clone(),
             uidl: Some(uidl.to_owned()),
-            state: "delivered",
+            state: SeenState::Delivered,
             deliveries: Vec::new(),
             keys: Vec::new(),
         };
@@ -578,7 +580,7 @@ impl Connector {
             commit.uidl = None;
             outcome = "deferred";
         }
-        self.mail.store().connector_commit(commit).await?;
+        self.mail.store().connector_commit(commit, fence).await?;
         self.event(ConnectorEvent::ConnectorFetched { account: &account.name, uidl, size: body.len() as u64, outcome });
         Ok(if deferred { Processed::Deferred } else { Processed::Done })
     }

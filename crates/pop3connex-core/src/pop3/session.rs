@@ -12,7 +12,7 @@ use super::connection::{Connection, Input};
 use super::Pop3Context;
 use crate::crypto::DataKey;
 use crate::events::{ConnectionEvents, SecurityEvent};
-use crate::store::{MaildropLock, MessageMeta, UserRecord};
+use crate::store::{Lease, MessageMeta, UserRecord};
 
 /// How long the goodbye after the pre-authentication deadline may take to
 /// write; a peer that does not read is dropped after it.
@@ -53,8 +53,9 @@ pub(super) struct Maildrop {
     pub key: DataKey,
     pub messages: Vec<MessageMeta>,
     pub deleted: Vec<bool>,
-    /// Held until the session ends; dropping it unlocks the maildrop.
-    pub _lock: MaildropLock,
+    /// The maildrop lease, held (and renewed) until the session ends;
+    /// dropping it releases the maildrop. Its token fences the UPDATE.
+    pub lease: Lease,
 }
 
 impl Maildrop {

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::connection::Connection;
 use super::session::{Flow, Maildrop, Session, State};
+use crate::types::MessageId;
 
 impl Session<'_> {
     pub(super) fn dele<S: AsyncRead + AsyncWrite + Unpin>(
@@ -41,10 +42,13 @@ impl Session<'_> {
         conn: &mut Connection<S>,
         m: Box<Maildrop>,
     ) -> std::io::Result<(State, Flow)> {
-        let ids: Vec<i64> = m.messages.iter().zip(&m.deleted).filter(|(_, d)| **d).map(|(meta, _)| meta.id).collect();
+        let ids: Vec<MessageId> =
+            m.messages.iter().zip(&m.deleted).filter(|(_, d)| **d).map(|(meta, _)| meta.id).collect();
         let count = ids.len();
         let store = self.ctx.auth.mail().store();
-        let result = store.delete_messages(m.user.mailbox.id, ids).await;
+        // Fenced by the maildrop lease: a session that lost it (paused past
+        // its expiry) is refused like a storage failure and deletes nothing.
+        let result = store.delete_messages(m.user.mailbox.id, ids, m.lease.token()).await;
         let (left, _) = m.totals();
         // The update is committed (or failed): release the maildrop before
         // answering, so a client that reconnects at once never meets its

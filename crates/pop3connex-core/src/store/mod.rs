@@ -1,26 +1,73 @@
-//! Storage: the [`Store`] trait and its backends.
+//! Storage: the role traits a backend implements, [`open`] to choose the
+//! configured backend, and the backends themselves.
+//!
+//! A backend implements five role traits, one per kind of state, so it can
+//! be written and reviewed role by role (the `sqlite/` files mirror them):
+//!
+//! - [`AccountStore`]: users, passwords, app passwords, classes, key check;
+//! - [`MessageStore`]: messages, chunks, delivery, deletes, imports;
+//! - [`SecurityStore`]: bans, lockouts, known addresses;
+//! - [`ConnectorStore`]: seen-lists, commits, duplicate keys, status,
+//!   accounts and secrets of the connector;
+//! - [`LeaseStore`]: leases with fencing tokens ([`lease`]).
+//!
+//! [`Store`] is all five at once, implemented for every type that
+//! implements them, so `Arc<dyn Store>` is what the rest of the core holds.
+//! Code that calls role methods on a concrete backend adds
+//! `use crate::store::prelude::*`.
 //!
 //! Backends store ciphertext and wrapped keys only; encryption lives above
 //! them in [`crate::mailstore`], so a second backend (PostgreSQL, planned)
-//! implements persistence and locking, not cryptography. The conformance
+//! implements persistence and leases, not cryptography. The conformance
 //! suite in `tests/store_conformance.rs` runs against every backend.
 //!
-//! Durability contract: when [`Store::deliver`], [`Store::deliver_sealed`] or
-//! [`Store::delete_messages`] returns `Ok`, the change is committed and synced
-//! to stable storage. Either all items of one call become visible or none do.
+//! Durability contract: when [`MessageStore::deliver`],
+//! [`MessageStore::deliver_sealed`] or [`MessageStore::delete_messages`]
+//! returns `Ok`, the change is committed and synced to stable storage.
+//! Either all items of one call become visible or none do.
+//!
+//! Fencing: the commits that only the holder of a lease may make (the
+//! POP3 UPDATE's deletes, the connector's state) take the lease's
+//! [`FencingToken`], and the backend checks it in the same transaction as
+//! the change: a holder that lost its lease (paused past its expiry,
+//! partitioned, superseded) gets [`StoreError::Fenced`] and changes nothing.
 
+pub mod lease;
 pub mod sqlite;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::config::{StoreBackend, StoreConfig};
 use crate::crypto::RecordId;
-use crate::types::UserName;
+use crate::types::{MailboxId, MessageId, UserName};
+
+pub use lease::{FencingToken, Lease, LeaseResource};
+
+/// The role traits, for code that calls store methods on a concrete
+/// backend or a generic `S: Store` (`Arc<dyn Store>` needs no import).
+pub mod prelude {
+    pub use super::{AccountStore, ConnectorStore, LeaseStore, MessageStore, SecurityStore, Store};
+}
+
+/// Opens the configured backend.
+pub fn open(cfg: &StoreConfig) -> StoreResult<Arc<dyn Store>> {
+    Ok(match cfg.backend {
+        StoreBackend::Sqlite => Arc::new(sqlite::SqliteStore::open(&cfg.path)?),
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Another session holds the maildrop lock (POP3 `[IN-USE]`).
+    /// Another holder has the lease (for a maildrop: POP3 `[IN-USE]`).
     #[error("maildrop is locked by another session")]
     Locked,
+    /// A fenced commit whose lease is no longer current (expired, released
+    /// or taken over by a newer holder): refused, nothing changed. Callers
+    /// answer as for a storage failure.
+    #[error("lease lost: the fencing token is not current for this resource")]
+    Fenced,
     #[error("no such user")]
     NoSuchUser,
     #[error("user already exists")]
@@ -74,7 +121,7 @@ impl std::fmt::Debug for UserRecord {
 #[derive(Debug, Clone)]
 pub struct MailboxRef {
     /// Backend row id, used for queries.
-    pub id: i64,
+    pub id: MailboxId,
     /// Random id bound into the associated data of every ciphertext.
     pub uid: RecordId,
     pub wrapped_key: Vec<u8>,
@@ -83,7 +130,7 @@ pub struct MailboxRef {
 /// Listing information for one stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageMeta {
-    pub id: i64,
+    pub id: MessageId,
     pub uid: RecordId,
     /// Exact octets as transmitted by RETR without dot-stuffing (RFC 1939).
     pub size: u64,
@@ -94,7 +141,7 @@ pub struct MessageMeta {
 /// A sealed message ready to commit.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
-    pub mailbox_id: i64,
+    pub mailbox_id: MailboxId,
     pub uid: RecordId,
     pub size: u64,
     pub chunks: Vec<Vec<u8>>,
@@ -104,7 +151,7 @@ pub struct NewMessage {
 }
 
 /// The copies of one delivery, sealed one at a time by the backend where
-/// it writes them (see [`Store::deliver_sealed`]).
+/// it writes them (see [`MessageStore::deliver_sealed`]).
 ///
 /// A message for a hundred mailboxes would otherwise be a hundred sealed
 /// copies in memory at once; through a source the backend holds one sealed
@@ -188,9 +235,42 @@ pub struct SeenUid {
     pub uidl: String,
     /// When it was first fetched (for delete-after-days).
     pub first_seen: i64,
-    /// `delivered` (delivered, forwarded, quarantined or a duplicate) or
-    /// `oversize` (left upstream).
-    pub state: String,
+    pub state: SeenState,
+}
+
+/// What the connector did with an upstream message it remembers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SeenState {
+    /// Delivered, forwarded, quarantined or a duplicate: may be deleted
+    /// upstream by the account's delete policy.
+    Delivered,
+    /// Too large: left upstream (or deleted there by the oversize policy).
+    Oversize,
+}
+
+impl SeenState {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeenState::Delivered => "delivered",
+            SeenState::Oversize => "oversize",
+        }
+    }
+
+    /// Parses the stored form; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "delivered" => Some(SeenState::Delivered),
+            "oversize" => Some(SeenState::Oversize),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SeenState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What one fetched message produced, committed in one transaction: local
@@ -204,7 +284,8 @@ pub struct ConnectorCommit {
     /// `None`: record keys and deliveries but not the UIDL (a recipient was
     /// deferred, so the message must be fetched again).
     pub uidl: Option<String>,
-    pub state: &'static str,
+    /// The state recorded with the UIDL.
+    pub state: SeenState,
     pub deliveries: Vec<(Option<DedupKey>, NewMessage)>,
     pub keys: Vec<DedupKey>,
 }
@@ -221,19 +302,10 @@ pub struct ConnectorStatus {
     pub fetched_total: u64,
 }
 
-/// Held while a POP3 session owns a maildrop; dropping it releases the lock.
-pub struct MaildropLock {
-    _guard: Box<dyn Send + Sync>,
-}
-
-impl MaildropLock {
-    pub fn new(guard: impl Send + Sync + 'static) -> Self {
-        Self { _guard: Box::new(guard) }
-    }
-}
-
+/// Users and their credentials, app passwords and classes, and the master
+/// key check.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait AccountStore: Send + Sync + 'static {
     /// False while the store cannot write (disk full, I/O errors): reads
     /// work, every write fails with [`StoreError::Temporary`] and changes
     /// nothing. A backend returns to writable by itself when it can.
@@ -288,33 +360,45 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_app_password_used(&self, id: i64) -> StoreResult<()>;
     /// Deletes the user, the mailbox, its key and all its mail.
     async fn delete_user(&self, name: &UserName) -> StoreResult<()>;
+}
 
-    /// Takes the exclusive maildrop lock, across sessions and processes.
-    async fn lock_maildrop(&self, mailbox_id: i64) -> StoreResult<MaildropLock>;
+/// Messages of the mailboxes: listing, sealed chunks, delivery, deletes and
+/// import records.
+#[async_trait]
+pub trait MessageStore: Send + Sync + 'static {
     /// The maildrop listing in delivery order.
-    async fn messages(&self, mailbox_id: i64) -> StoreResult<Vec<MessageMeta>>;
+    async fn messages(&self, mailbox_id: MailboxId) -> StoreResult<Vec<MessageMeta>>;
     /// One sealed chunk of a message.
-    async fn chunk(&self, message_id: i64, index: u32) -> StoreResult<Vec<u8>>;
+    async fn chunk(&self, message_id: MessageId, index: u32) -> StoreResult<Vec<u8>>;
     /// Commits all messages atomically and durably.
     async fn deliver(&self, messages: Vec<NewMessage>) -> StoreResult<()>;
     /// Commits every message of `source` atomically and durably, like
-    /// [`Store::deliver`], but seals them one at a time where they are
-    /// written and holds at most one sealed message at a time. A failing
-    /// `seal` fails the whole delivery and commits none of it.
-    async fn deliver_sealed(&self, source: std::sync::Arc<dyn MessageSource>) -> StoreResult<()>;
-    /// Removes the listed messages of one mailbox atomically and durably.
-    async fn delete_messages(&self, mailbox_id: i64, ids: Vec<i64>) -> StoreResult<()>;
+    /// [`MessageStore::deliver`], but seals them one at a time where they
+    /// are written and holds at most one sealed message at a time. A
+    /// failing `seal` fails the whole delivery and commits none of it.
+    async fn deliver_sealed(&self, source: Arc<dyn MessageSource>) -> StoreResult<()>;
+    /// Removes the listed messages of one mailbox atomically and durably,
+    /// fenced by the maildrop lease ([`LeaseResource::Maildrop`]): with a
+    /// token that is not current, [`StoreError::Fenced`] and nothing is
+    /// removed.
+    async fn delete_messages(&self, mailbox_id: MailboxId, ids: Vec<MessageId>, fence: FencingToken)
+        -> StoreResult<()>;
     /// Which of `keys` were already imported into the mailbox.
-    async fn imported(&self, mailbox_id: i64, keys: Vec<String>) -> StoreResult<Vec<String>>;
+    async fn imported(&self, mailbox_id: MailboxId, keys: Vec<String>) -> StoreResult<Vec<String>>;
+}
 
-    /// Bans and lockouts, shared by every process using the store.
+/// Bans, lockouts and known addresses, shared by every process using the
+/// store.
+#[async_trait]
+pub trait SecurityStore: Send + Sync + 'static {
     async fn bans(&self) -> StoreResult<Vec<BanRecord>>;
     async fn put_ban(&self, ban: BanRecord) -> StoreResult<()>;
     /// Returns whether a ban for exactly `network` existed.
     async fn remove_ban(&self, network: ipnet::IpNet) -> StoreResult<bool>;
     async fn lockouts(&self) -> StoreResult<Vec<LockoutRecord>>;
     async fn put_lockout(&self, lockout: LockoutRecord) -> StoreResult<()>;
-    /// Returns whether a lockout for `user` existed.
+    /// Returns whether a lockout for `user` (normalised with
+    /// [`crate::types::normalise_user_name`]) existed.
     async fn remove_lockout(&self, user: &str) -> StoreResult<bool>;
     /// Records (or refreshes) a known address of an existing account and
     /// keeps only its [`KNOWN_ADDRESSES_PER_ACCOUNT`] newest.
@@ -326,23 +410,27 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes bans and lockouts that have expired by `now` and known
     /// addresses last seen before `known_before`.
     async fn purge_security(&self, now: i64, known_before: i64) -> StoreResult<()>;
+}
 
-    /// Connector: one run per account at a time, across processes.
-    async fn lock_connector(&self, account: &str) -> StoreResult<MaildropLock>;
+/// The connector's state. The writes a run makes are fenced by the
+/// account's lease ([`LeaseResource::ConnectorAccount`]): with a token that
+/// is not current they fail with [`StoreError::Fenced`] and change nothing.
+#[async_trait]
+pub trait ConnectorStore: Send + Sync + 'static {
     /// The UIDLs already dealt with for `account`.
     async fn connector_seen(&self, account: &str) -> StoreResult<Vec<SeenUid>>;
     /// Commits a fetched message's outcome atomically and durably.
-    async fn connector_commit(&self, commit: ConnectorCommit) -> StoreResult<()>;
+    async fn connector_commit(&self, commit: ConnectorCommit, fence: FencingToken) -> StoreResult<()>;
     /// Forgets UIDLs (deleted upstream or no longer listed).
-    async fn connector_forget(&self, account: &str, uidls: Vec<String>) -> StoreResult<()>;
+    async fn connector_forget(&self, account: &str, uidls: Vec<String>, fence: FencingToken) -> StoreResult<()>;
     /// Replaces the seen-list with `uidls`, all marked delivered now.
-    async fn connector_resync(&self, account: &str, uidls: Vec<String>) -> StoreResult<()>;
+    async fn connector_resync(&self, account: &str, uidls: Vec<String>, fence: FencingToken) -> StoreResult<()>;
     /// Which of `keys` are known duplicates.
     async fn dedup_known(&self, keys: Vec<DedupKey>) -> StoreResult<Vec<DedupKey>>;
     /// Forgets duplicate keys recorded before `before` (Unix time).
     async fn dedup_prune(&self, before: i64) -> StoreResult<()>;
     async fn connector_status(&self, account: &str) -> StoreResult<Option<ConnectorStatus>>;
-    async fn put_connector_status(&self, status: ConnectorStatus) -> StoreResult<()>;
+    async fn put_connector_status(&self, status: ConnectorStatus, fence: FencingToken) -> StoreResult<()>;
     /// Accounts added with the CLI: (name, TOML).
     async fn connector_accounts(&self) -> StoreResult<Vec<(String, String)>>;
     /// Adds an account; `UserExists` when the name is taken.
@@ -353,3 +441,54 @@ pub trait Store: Send + Sync + 'static {
     async fn connector_secret(&self, account: &str, kind: &str) -> StoreResult<Option<Vec<u8>>>;
     async fn put_connector_secret(&self, account: &str, kind: &str, sealed: Vec<u8>) -> StoreResult<()>;
 }
+
+/// Leases: exclusive, expiring, renewed while held, with a fencing token
+/// per resource that grows with every new holder (see [`lease`]).
+#[async_trait]
+pub trait LeaseStore: Send + Sync + 'static {
+    /// Takes the lease on `resource` for `holder` (a name for logs and
+    /// operators), valid for `ttl` and renewed in the background while the
+    /// returned guard lives; dropping the guard releases it.
+    /// [`StoreError::Locked`] while another holder has it.
+    async fn acquire_lease(
+        &self,
+        resource: LeaseResource,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<Lease>;
+
+    /// Extends `lease` by its time to live now (the background renewal does
+    /// this by itself); [`StoreError::Fenced`] when it was lost.
+    async fn renew_lease(&self, lease: &Lease) -> StoreResult<()> {
+        lease.renew().await
+    }
+
+    /// Releases `lease` and waits until the release is recorded; commits
+    /// with its token are refused from then on.
+    async fn release_lease(&self, lease: Lease) -> StoreResult<()> {
+        lease.release().await
+    }
+
+    /// The maildrop lease of a POP3 session: exclusive across sessions and
+    /// processes (POP3 `[IN-USE]` on [`StoreError::Locked`]).
+    async fn lock_maildrop(&self, mailbox_id: MailboxId) -> StoreResult<Lease> {
+        self.acquire_lease(LeaseResource::Maildrop(mailbox_id), &lease::process_holder(), lease::DEFAULT_TTL).await
+    }
+
+    /// The connector's per-account run lease: one run per account at a
+    /// time, across processes.
+    async fn lock_connector(&self, account: &str) -> StoreResult<Lease> {
+        self.acquire_lease(
+            LeaseResource::ConnectorAccount(account.to_owned()),
+            &lease::process_holder(),
+            lease::DEFAULT_TTL,
+        )
+        .await
+    }
+}
+
+/// Everything a backend stores: all role traits at once. Implemented for
+/// every type that implements them, so `Arc<dyn Store>` works as before.
+pub trait Store: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore {}
+
+impl<T: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore> Store for T {}

@@ -1,10 +1,15 @@
 //! Connector state: seen UIDLs, duplicate keys, run status, CLI accounts and
-//! sealed per-account secrets.
+//! sealed per-account secrets ([`ConnectorStore`]). The writes of a run
+//! are fenced by the account's lease (checked in `super::apply`).
 
+use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{map_err, message};
-use crate::store::{ConnectorCommit, ConnectorStatus, DedupKey, SeenUid, StoreError, StoreResult};
+use super::{map_err, message, SqliteStore, WriteOp};
+use crate::store::{
+    ConnectorCommit, ConnectorStatus, ConnectorStore, DedupKey, FencingToken, SeenState, SeenUid, StoreError,
+    StoreResult,
+};
 use crate::types::unix_now;
 
 pub(super) fn commit(conn: &Connection, c: &ConnectorCommit) -> StoreResult<()> {
@@ -28,7 +33,7 @@ pub(super) fn commit(conn: &Connection, c: &ConnectorCommit) -> StoreResult<()> 
         conn.execute(
             "INSERT INTO connector_seen(account, uidl, first_seen, state) VALUES(?1, ?2, ?3, ?4)
              ON CONFLICT(account, uidl) DO UPDATE SET state = excluded.state",
-            params![c.account, uidl, now, c.state],
+            params![c.account, uidl, now, c.state.as_str()],
         )
         .map_err(map_err)?;
     }
@@ -37,8 +42,13 @@ pub(super) fn commit(conn: &Connection, c: &ConnectorCommit) -> StoreResult<()> 
 
 pub(super) fn seen(conn: &Connection, account: &str) -> rusqlite::Result<Vec<SeenUid>> {
     let mut stmt = conn.prepare_cached("SELECT uidl, first_seen, state FROM connector_seen WHERE account = ?1")?;
-    let rows =
-        stmt.query_map([account], |r| Ok(SeenUid { uidl: r.get(0)?, first_seen: r.get(1)?, state: r.get(2)? }))?;
+    let rows = stmt.query_map([account], |r| {
+        let state: String = r.get(2)?;
+        // Only this file writes states; an unknown one is kept as the
+        // harmless choice (never deleted upstream by the delete policy).
+        let state = SeenState::parse(&state).unwrap_or(SeenState::Oversize);
+        Ok(SeenUid { uidl: r.get(0)?, first_seen: r.get(1)?, state })
+    })?;
     rows.collect()
 }
 
@@ -151,4 +161,65 @@ pub(super) fn put_secret(conn: &Connection, account: &str, kind: &str, sealed: &
     )
     .map(drop)
     .map_err(map_err)
+}
+
+#[async_trait]
+impl ConnectorStore for SqliteStore {
+    async fn connector_seen(&self, account: &str) -> StoreResult<Vec<SeenUid>> {
+        let account = account.to_owned();
+        self.read(move |c| seen(c, &account)).await
+    }
+
+    async fn connector_commit(&self, commit: ConnectorCommit, fence: FencingToken) -> StoreResult<()> {
+        self.write(WriteOp::ConnectorCommit(commit, fence)).await
+    }
+
+    async fn connector_forget(&self, account: &str, uidls: Vec<String>, fence: FencingToken) -> StoreResult<()> {
+        if uidls.is_empty() {
+            return Ok(());
+        }
+        self.write(WriteOp::ConnectorForget { account: account.to_owned(), uidls, fence }).await
+    }
+
+    async fn connector_resync(&self, account: &str, uidls: Vec<String>, fence: FencingToken) -> StoreResult<()> {
+        self.write(WriteOp::ConnectorResync { account: account.to_owned(), uidls, fence }).await
+    }
+
+    async fn dedup_known(&self, keys: Vec<DedupKey>) -> StoreResult<Vec<DedupKey>> {
+        self.read(move |c| dedup_known(c, keys)).await
+    }
+
+    async fn dedup_prune(&self, before: i64) -> StoreResult<()> {
+        self.write(WriteOp::DedupPrune(before)).await
+    }
+
+    async fn connector_status(&self, account: &str) -> StoreResult<Option<ConnectorStatus>> {
+        let account = account.to_owned();
+        self.read(move |c| status(c, &account)).await
+    }
+
+    async fn put_connector_status(&self, status: ConnectorStatus, fence: FencingToken) -> StoreResult<()> {
+        self.write(WriteOp::PutConnectorStatus(status, fence)).await
+    }
+
+    async fn connector_accounts(&self) -> StoreResult<Vec<(String, String)>> {
+        self.read(accounts).await
+    }
+
+    async fn add_connector_account(&self, name: &str, toml: &str) -> StoreResult<()> {
+        self.write(WriteOp::AddConnectorAccount { name: name.to_owned(), spec: toml.to_owned() }).await
+    }
+
+    async fn remove_connector_account(&self, name: &str) -> StoreResult<bool> {
+        self.write_existed(WriteOp::RemoveConnectorAccount(name.to_owned())).await
+    }
+
+    async fn connector_secret(&self, account: &str, kind: &str) -> StoreResult<Option<Vec<u8>>> {
+        let (account, kind) = (account.to_owned(), kind.to_owned());
+        self.read(move |c| secret(c, &account, &kind)).await
+    }
+
+    async fn put_connector_secret(&self, account: &str, kind: &str, sealed: Vec<u8>) -> StoreResult<()> {
+        self.write(WriteOp::PutConnectorSecret { account: account.to_owned(), kind: kind.to_owned(), sealed }).await
+    }
 }

@@ -24,12 +24,18 @@
 //!   commit, so freed space goes to mail instead of a WAL growing beside
 //!   the database.
 //! - Readers use a small pool of read-only connections on the blocking pool.
-//! - Maildrop locks are `flock`s on one file per mailbox next to the
-//!   database: exclusive across sessions and processes, released by the
-//!   kernel if a process dies.
+//! - Leases (maildrops, connector accounts) are `flock`s on one file per
+//!   resource next to the database, exclusive across sessions and processes
+//!   and released by the kernel if a process dies, plus a row in `leases`
+//!   holding the fencing token and expiry, which fenced commits check in
+//!   their own transaction (`lease.rs`).
+//! - One file per role, each with its role trait's `impl`: `accounts.rs`,
+//!   `message.rs`, `security.rs`, `connector.rs`, `lease.rs`; this file
+//!   holds the schema, the writer thread and the reader pool.
 
+mod accounts;
 mod connector;
-mod mailbox;
+mod lease;
 mod message;
 mod security;
 
@@ -40,17 +46,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use super::{
-    BanRecord, ConnectorCommit, ConnectorStatus, DedupKey, KnownAddress, LockoutRecord, MaildropLock, MessageMeta,
-    MessageSource, NewMessage, SeenUid, Store, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
+    BanRecord, ConnectorCommit, ConnectorStatus, FencingToken, KnownAddress, LockoutRecord, MessageSource, NewMessage,
+    StoreError, StoreResult, StoredCredentials,
 };
 use crate::crypto::RecordId;
 use crate::events::{emit, SecurityEvent};
-use crate::types::UserName;
+use crate::types::{MailboxId, MessageId, UserName};
 
 /// Most writes committed in one transaction; bounds the latency one
 /// delivery can add to the others in its group.
@@ -73,7 +78,7 @@ const LOW_SPACE_BYTES: u64 = 64 << 20;
 /// leave a WAL of its size behind for good.
 const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -118,33 +123,97 @@ CREATE TABLE IF NOT EXISTS imports(
 /// A write, executed by the writer thread.
 enum WriteOp {
     SetKeyCheck(Vec<u8>),
-    CreateUser { name: UserName, credentials: StoredCredentials, uid: RecordId, wrapped_key: Vec<u8> },
-    SetPassword { name: UserName, credentials: StoredCredentials },
-    ReplaceScram { name: UserName, old: String, new: String },
-    SetDisabled { name: UserName, disabled: bool },
-    SetRequireModern { name: UserName, required: bool },
-    SetClass { name: UserName, class: Option<String> },
-    AddAppPassword { name: UserName, label: String, hash: Vec<u8>, expires_at: Option<i64> },
-    RevokeAppPassword { name: UserName, id: i64 },
-    UseAppPassword { id: i64 },
+    CreateUser {
+        name: UserName,
+        credentials: StoredCredentials,
+        uid: RecordId,
+        wrapped_key: Vec<u8>,
+    },
+    SetPassword {
+        name: UserName,
+        credentials: StoredCredentials,
+    },
+    ReplaceScram {
+        name: UserName,
+        old: String,
+        new: String,
+    },
+    SetDisabled {
+        name: UserName,
+        disabled: bool,
+    },
+    SetRequireModern {
+        name: UserName,
+        required: bool,
+    },
+    SetClass {
+        name: UserName,
+        class: Option<String>,
+    },
+    AddAppPassword {
+        name: UserName,
+        label: String,
+        hash: Vec<u8>,
+        expires_at: Option<i64>,
+    },
+    RevokeAppPassword {
+        name: UserName,
+        id: i64,
+    },
+    UseAppPassword {
+        id: i64,
+    },
     DeleteUser(UserName),
     Deliver(Vec<NewMessage>),
     DeliverSealed(Arc<dyn MessageSource>),
-    Delete { mailbox_id: i64, ids: Vec<i64> },
+    Delete {
+        mailbox_id: MailboxId,
+        ids: Vec<MessageId>,
+        fence: FencingToken,
+    },
     PutBan(BanRecord),
     RemoveBan(String),
     PutLockout(LockoutRecord),
     RemoveLockout(String),
     PutKnownAddress(KnownAddress),
-    PurgeSecurity { now: i64, known_before: i64 },
-    ConnectorCommit(ConnectorCommit),
-    ConnectorForget { account: String, uidls: Vec<String> },
-    ConnectorResync { account: String, uidls: Vec<String> },
+    PurgeSecurity {
+        now: i64,
+        known_before: i64,
+    },
+    ConnectorCommit(ConnectorCommit, FencingToken),
+    ConnectorForget {
+        account: String,
+        uidls: Vec<String>,
+        fence: FencingToken,
+    },
+    ConnectorResync {
+        account: String,
+        uidls: Vec<String>,
+        fence: FencingToken,
+    },
     DedupPrune(i64),
-    PutConnectorStatus(ConnectorStatus),
-    AddConnectorAccount { name: String, spec: String },
+    PutConnectorStatus(ConnectorStatus, FencingToken),
+    AddConnectorAccount {
+        name: String,
+        spec: String,
+    },
     RemoveConnectorAccount(String),
-    PutConnectorSecret { account: String, kind: String, sealed: Vec<u8> },
+    PutConnectorSecret {
+        account: String,
+        kind: String,
+        sealed: Vec<u8>,
+    },
+    /// Records (or renews) a lease: see [`lease::record`].
+    RecordLease {
+        resource: String,
+        token: FencingToken,
+        holder: String,
+        expires_at: i64,
+    },
+    ReleaseLease {
+        resource: String,
+        token: FencingToken,
+    },
 }
 
 struct Job {
@@ -154,8 +223,31 @@ struct Job {
 
 pub struct SqliteStore {
     lock_dir: PathBuf,
-    writer: Mutex<mpsc::Sender<Job>>,
+    writer: Arc<WriterHandle>,
     shared: Arc<Shared>,
+}
+
+/// The queue to the writer thread; shared with the lease guards, which
+/// renew and release through it.
+struct WriterHandle(Mutex<mpsc::Sender<Job>>);
+
+impl WriterHandle {
+    async fn write(&self, op: WriteOp) -> StoreResult<()> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job { op, reply })?;
+        rx.await.map_err(|_| StoreError::Permanent("store writer stopped".into()))?
+    }
+
+    /// Queues a write without waiting for its outcome.
+    fn write_detached(&self, op: WriteOp) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.send(Job { op, reply });
+    }
+
+    fn send(&self, job: Job) -> StoreResult<()> {
+        let writer = self.0.lock().map_err(|_| StoreError::Permanent("writer poisoned".into()))?;
+        writer.send(job).map_err(|_| StoreError::Permanent("store writer stopped".into()))
+    }
 }
 
 /// Free bytes on the file system holding the database; `None` when
@@ -325,16 +417,11 @@ impl SqliteStore {
             .name("store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Permanent(format!("spawn writer: {e}")))?;
-        Ok(Self { lock_dir, writer: Mutex::new(tx), shared })
+        Ok(Self { lock_dir, writer: Arc::new(WriterHandle(Mutex::new(tx))), shared })
     }
 
     async fn write(&self, op: WriteOp) -> StoreResult<()> {
-        let (reply, rx) = oneshot::channel();
-        {
-            let writer = self.writer.lock().map_err(|_| StoreError::Permanent("writer poisoned".into()))?;
-            writer.send(Job { op, reply }).map_err(|_| StoreError::Permanent("store writer stopped".into()))?;
-        }
-        rx.await.map_err(|_| StoreError::Permanent("store writer stopped".into()))?
+        self.writer.write(op).await
     }
 
     /// A delete that reports `NoSuchUser` when nothing matched.
@@ -440,6 +527,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
          CREATE INDEX known_addresses_by_time ON known_addresses(last_seen);
          CREATE INDEX bans_by_expiry ON bans(expires_at);
          CREATE INDEX lockouts_by_until ON lockouts(until);",
+    ),
+    (
+        8,
+        "CREATE TABLE leases(resource TEXT PRIMARY KEY, token INTEGER NOT NULL, holder TEXT NOT NULL,
+                             expires_at INTEGER NOT NULL) WITHOUT ROWID;",
     ),
 ];
 
@@ -688,17 +780,17 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
             .map(drop)
             .map_err(map_err),
         WriteOp::CreateUser { name, credentials, uid, wrapped_key } => {
-            mailbox::create_user(conn, name, credentials, uid, wrapped_key)
+            accounts::create_user(conn, name, credentials, uid, wrapped_key)
         }
-        WriteOp::SetPassword { name, credentials } => mailbox::set_password(conn, name, credentials),
-        WriteOp::ReplaceScram { name, old, new } => mailbox::replace_scram(conn, name, old, new),
-        WriteOp::SetDisabled { name, disabled } => mailbox::set_disabled(conn, name, *disabled),
-        WriteOp::SetRequireModern { name, required } => mailbox::set_require_modern(conn, name, *required),
-        WriteOp::SetClass { name, class } => mailbox::set_class(conn, name, class.as_deref()),
+        WriteOp::SetPassword { name, credentials } => accounts::set_password(conn, name, credentials),
+        WriteOp::ReplaceScram { name, old, new } => accounts::replace_scram(conn, name, old, new),
+        WriteOp::SetDisabled { name, disabled } => accounts::set_disabled(conn, name, *disabled),
+        WriteOp::SetRequireModern { name, required } => accounts::set_require_modern(conn, name, *required),
+        WriteOp::SetClass { name, class } => accounts::set_class(conn, name, class.as_deref()),
         WriteOp::AddAppPassword { name, label, hash, expires_at } => {
-            mailbox::add_app_password(conn, name, label, hash, *expires_at)
+            accounts::add_app_password(conn, name, label, hash, *expires_at)
         }
-        WriteOp::RevokeAppPassword { name, id } => mailbox::revoke_app_password(conn, name, *id),
+        WriteOp::RevokeAppPassword { name, id } => accounts::revoke_app_password(conn, name, *id),
         WriteOp::UseAppPassword { id } => conn
             .execute(
                 "UPDATE app_passwords SET last_used_at = ?2 WHERE id = ?1",
@@ -706,26 +798,45 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
             )
             .map(drop)
             .map_err(map_err),
-        WriteOp::DeleteUser(name) => mailbox::delete_user(conn, name),
+        WriteOp::DeleteUser(name) => accounts::delete_user(conn, name),
         WriteOp::Deliver(msgs) => message::deliver(conn, msgs),
         WriteOp::DeliverSealed(source) => message::deliver_sealed(conn, source.as_ref()),
-        WriteOp::Delete { mailbox_id, ids } => message::delete(conn, *mailbox_id, ids),
+        WriteOp::Delete { mailbox_id, ids, fence } => {
+            lease::check(conn, &super::LeaseResource::Maildrop(*mailbox_id), *fence)?;
+            message::delete(conn, *mailbox_id, ids)
+        }
         WriteOp::PutBan(b) => security::put_ban(conn, b),
         WriteOp::RemoveBan(n) => security::remove(conn, "DELETE FROM bans WHERE network = ?1", n),
         WriteOp::PutLockout(l) => security::put_lockout(conn, l),
         WriteOp::RemoveLockout(u) => security::remove(conn, "DELETE FROM lockouts WHERE user = ?1", u),
         WriteOp::PutKnownAddress(k) => security::put_known(conn, k),
         WriteOp::PurgeSecurity { now, known_before } => security::purge(conn, *now, *known_before),
-        WriteOp::ConnectorCommit(c) => connector::commit(conn, c),
-        WriteOp::ConnectorForget { account, uidls } => connector::forget(conn, account, uidls),
-        WriteOp::ConnectorResync { account, uidls } => connector::resync(conn, account, uidls),
+        WriteOp::ConnectorCommit(c, fence) => {
+            lease::check_connector(conn, &c.account, *fence)?;
+            connector::commit(conn, c)
+        }
+        WriteOp::ConnectorForget { account, uidls, fence } => {
+            lease::check_connector(conn, account, *fence)?;
+            connector::forget(conn, account, uidls)
+        }
+        WriteOp::ConnectorResync { account, uidls, fence } => {
+            lease::check_connector(conn, account, *fence)?;
+            connector::resync(conn, account, uidls)
+        }
         WriteOp::DedupPrune(before) => {
             conn.execute("DELETE FROM connector_dedup WHERE at < ?1", [before]).map(drop).map_err(map_err)
         }
-        WriteOp::PutConnectorStatus(s) => connector::put_status(conn, s),
+        WriteOp::PutConnectorStatus(s, fence) => {
+            lease::check_connector(conn, &s.account, *fence)?;
+            connector::put_status(conn, s)
+        }
         WriteOp::AddConnectorAccount { name, spec } => connector::add_account(conn, name, spec),
         WriteOp::RemoveConnectorAccount(name) => connector::remove_account(conn, name),
         WriteOp::PutConnectorSecret { account, kind, sealed } => connector::put_secret(conn, account, kind, sealed),
+        WriteOp::RecordLease { resource, token, holder, expires_at } => {
+            lease::record(conn, resource, *token, holder, *expires_at)
+        }
+        WriteOp::ReleaseLease { resource, token } => lease::release(conn, resource, *token),
     }
 }
 
@@ -743,262 +854,10 @@ pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    fn writable(&self) -> bool {
-        self.shared.writable()
-    }
-
-    async fn key_check(&self) -> StoreResult<Option<Vec<u8>>> {
-        self.read(|c| {
-            use rusqlite::OptionalExtension;
-            c.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional()
-        })
-        .await
-    }
-
-    async fn set_key_check(&self, check: Vec<u8>) -> StoreResult<()> {
-        self.write(WriteOp::SetKeyCheck(check)).await
-    }
-
-    async fn create_user(
-        &self,
-        name: &UserName,
-        credentials: &StoredCredentials,
-        uid: RecordId,
-        wrapped_key: Vec<u8>,
-    ) -> StoreResult<()> {
-        self.write(WriteOp::CreateUser { name: name.clone(), credentials: credentials.clone(), uid, wrapped_key }).await
-    }
-
-    async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
-        let name = name.clone();
-        self.read(move |c| mailbox::user(c, &name)).await?
-    }
-
-    async fn users(&self) -> StoreResult<Vec<UserSummary>> {
-        self.read(mailbox::users).await?
-    }
-
-    async fn set_password(&self, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()> {
-        self.write(WriteOp::SetPassword { name: name.clone(), credentials: credentials.clone() }).await
-    }
-
-    async fn plaintext_scram(&self) -> StoreResult<Vec<(UserName, String)>> {
-        self.read(mailbox::plaintext_scram).await?
-    }
-
-    async fn replace_scram(&self, name: &UserName, old: &str, new: &str) -> StoreResult<()> {
-        self.write(WriteOp::ReplaceScram { name: name.clone(), old: old.to_owned(), new: new.to_owned() }).await
-    }
-
-    async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()> {
-        self.write(WriteOp::SetDisabled { name: name.clone(), disabled }).await
-    }
-
-    async fn set_require_modern_auth(&self, name: &UserName, required: bool) -> StoreResult<()> {
-        self.write(WriteOp::SetRequireModern { name: name.clone(), required }).await
-    }
-
-    async fn set_class(&self, name: &UserName, class: Option<String>) -> StoreResult<()> {
-        self.write(WriteOp::SetClass { name: name.clone(), class }).await
-    }
-
-    async fn password_history(&self, name: &UserName) -> StoreResult<Vec<String>> {
-        let name = name.clone();
-        self.read(move |c| mailbox::password_history(c, &name)).await
-    }
-
-    async fn add_app_password(
-        &self,
-        name: &UserName,
-        label: &str,
-        keyed_hash: Vec<u8>,
-        expires_at: Option<i64>,
-    ) -> StoreResult<i64> {
-        let op = WriteOp::AddAppPassword {
-            name: name.clone(),
-            label: label.to_owned(),
-            hash: keyed_hash.clone(),
-            expires_at,
-        };
-        self.write(op).await?;
-        self.read(move |c| c.query_row("SELECT id FROM app_passwords WHERE hash = ?1", [keyed_hash], |r| r.get(0)))
-            .await
-    }
-
-    async fn app_passwords(&self, name: &UserName) -> StoreResult<Vec<crate::store::AppPasswordInfo>> {
-        let name = name.clone();
-        self.read(move |c| mailbox::app_passwords(c, &name)).await
-    }
-
-    async fn revoke_app_password(&self, name: &UserName, id: i64) -> StoreResult<bool> {
-        self.write_existed(WriteOp::RevokeAppPassword { name: name.clone(), id }).await
-    }
-
-    async fn use_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<UserName>> {
-        let found = self.read(move |c| mailbox::find_app_password(c, &keyed_hash)).await?;
-        let Some((id, name)) = found else { return Ok(None) };
-        // The last-use time is bookkeeping: a store that cannot write
-        // (read-only on a full disk) still lets the device read its mail.
-        if let Err(e) = self.write(WriteOp::UseAppPassword { id }).await {
-            tracing::warn!(error = %e, "app password last-use time not recorded");
-        }
-        Ok(UserName::parse(&name).ok())
-    }
-
-    async fn find_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<(i64, UserName)>> {
-        let found = self.read(move |c| mailbox::find_app_password(c, &keyed_hash)).await?;
-        Ok(found.and_then(|(id, name)| UserName::parse(&name).ok().map(|n| (id, n))))
-    }
-
-    async fn mark_app_password_used(&self, id: i64) -> StoreResult<()> {
-        self.write(WriteOp::UseAppPassword { id }).await
-    }
-
-    async fn delete_user(&self, name: &UserName) -> StoreResult<()> {
-        self.write(WriteOp::DeleteUser(name.clone())).await
-    }
-
-    async fn lock_maildrop(&self, mailbox_id: i64) -> StoreResult<MaildropLock> {
-        mailbox::lock(&self.lock_dir, mailbox_id)
-    }
-
-    async fn messages(&self, mailbox_id: i64) -> StoreResult<Vec<MessageMeta>> {
-        self.read(move |c| message::list(c, mailbox_id)).await
-    }
-
-    async fn chunk(&self, message_id: i64, index: u32) -> StoreResult<Vec<u8>> {
-        self.read(move |c| message::chunk(c, message_id, index)).await?
-    }
-
-    async fn deliver(&self, messages: Vec<NewMessage>) -> StoreResult<()> {
-        if messages.is_empty() {
-            return Ok(());
-        }
-        self.write(WriteOp::Deliver(messages)).await
-    }
-
-    async fn deliver_sealed(&self, source: Arc<dyn MessageSource>) -> StoreResult<()> {
-        if source.is_empty() {
-            return Ok(());
-        }
-        self.write(WriteOp::DeliverSealed(source)).await
-    }
-
-    async fn delete_messages(&self, mailbox_id: i64, ids: Vec<i64>) -> StoreResult<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.write(WriteOp::Delete { mailbox_id, ids }).await
-    }
-
-    async fn imported(&self, mailbox_id: i64, keys: Vec<String>) -> StoreResult<Vec<String>> {
-        self.read(move |c| message::imported(c, mailbox_id, keys)).await
-    }
-
-    async fn bans(&self) -> StoreResult<Vec<BanRecord>> {
-        self.read(security::bans).await
-    }
-
-    async fn put_ban(&self, ban: BanRecord) -> StoreResult<()> {
-        self.write(WriteOp::PutBan(ban)).await
-    }
-
-    async fn remove_ban(&self, network: ipnet::IpNet) -> StoreResult<bool> {
-        self.write_existed(WriteOp::RemoveBan(network.to_string())).await
-    }
-
-    async fn lockouts(&self) -> StoreResult<Vec<LockoutRecord>> {
-        self.read(security::lockouts).await
-    }
-
-    async fn put_lockout(&self, lockout: LockoutRecord) -> StoreResult<()> {
-        self.write(WriteOp::PutLockout(lockout)).await
-    }
-
-    async fn remove_lockout(&self, user: &str) -> StoreResult<bool> {
-        self.write_existed(WriteOp::RemoveLockout(user.to_ascii_lowercase())).await
-    }
-
-    async fn put_known_address(&self, known: KnownAddress) -> StoreResult<()> {
-        self.write(WriteOp::PutKnownAddress(known)).await
-    }
-
-    async fn locked_known_addresses(&self, now: i64, since: i64) -> StoreResult<Vec<KnownAddress>> {
-        self.read(move |c| security::locked_known(c, now, since)).await
-    }
-
-    async fn purge_security(&self, now: i64, known_before: i64) -> StoreResult<()> {
-        self.write(WriteOp::PurgeSecurity { now, known_before }).await
-    }
-
-    async fn lock_connector(&self, account: &str) -> StoreResult<MaildropLock> {
-        mailbox::lock_named(&self.lock_dir, &format!("connector-{account}"))
-    }
-
-    async fn connector_seen(&self, account: &str) -> StoreResult<Vec<SeenUid>> {
-        let account = account.to_owned();
-        self.read(move |c| connector::seen(c, &account)).await
-    }
-
-    async fn connector_commit(&self, commit: ConnectorCommit) -> StoreResult<()> {
-        self.write(WriteOp::ConnectorCommit(commit)).await
-    }
-
-    async fn connector_forget(&self, account: &str, uidls: Vec<String>) -> StoreResult<()> {
-        if uidls.is_empty() {
-            return Ok(());
-        }
-        self.write(WriteOp::ConnectorForget { account: account.to_owned(), uidls }).await
-    }
-
-    async fn connector_resync(&self, account: &str, uidls: Vec<String>) -> StoreResult<()> {
-        self.write(WriteOp::ConnectorResync { account: account.to_owned(), uidls }).await
-    }
-
-    async fn dedup_known(&self, keys: Vec<DedupKey>) -> StoreResult<Vec<DedupKey>> {
-        self.read(move |c| connector::dedup_known(c, keys)).await
-    }
-
-    async fn dedup_prune(&self, before: i64) -> StoreResult<()> {
-        self.write(WriteOp::DedupPrune(before)).await
-    }
-
-    async fn connector_status(&self, account: &str) -> StoreResult<Option<ConnectorStatus>> {
-        let account = account.to_owned();
-        self.read(move |c| connector::status(c, &account)).await
-    }
-
-    async fn put_connector_status(&self, status: ConnectorStatus) -> StoreResult<()> {
-        self.write(WriteOp::PutConnectorStatus(status)).await
-    }
-
-    async fn connector_accounts(&self) -> StoreResult<Vec<(String, String)>> {
-        self.read(connector::accounts).await
-    }
-
-    async fn add_connector_account(&self, name: &str, toml: &str) -> StoreResult<()> {
-        self.write(WriteOp::AddConnectorAccount { name: name.to_owned(), spec: toml.to_owned() }).await
-    }
-
-    async fn remove_connector_account(&self, name: &str) -> StoreResult<bool> {
-        self.write_existed(WriteOp::RemoveConnectorAccount(name.to_owned())).await
-    }
-
-    async fn connector_secret(&self, account: &str, kind: &str) -> StoreResult<Option<Vec<u8>>> {
-        let (account, kind) = (account.to_owned(), kind.to_owned());
-        self.read(move |c| connector::secret(c, &account, &kind)).await
-    }
-
-    async fn put_connector_secret(&self, account: &str, kind: &str, sealed: Vec<u8>) -> StoreResult<()> {
-        self.write(WriteOp::PutConnectorSecret { account: account.to_owned(), kind: kind.to_owned(), sealed }).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::prelude::*;
     use std::sync::atomic::AtomicU64;
 
     struct TempDir(PathBuf);
@@ -1023,7 +882,7 @@ mod tests {
         UserName::parse(n).unwrap()
     }
 
-    fn message(mailbox_id: i64, body: &[u8]) -> NewMessage {
+    fn message(mailbox_id: MailboxId, body: &[u8]) -> NewMessage {
         NewMessage {
             mailbox_id,
             uid: crate::crypto::random_id(),
@@ -1159,11 +1018,14 @@ mod tests {
         let full = SqliteStore::open_with(&dir.db(), Arc::new(move |_: &Path| Some(space.load(Ordering::SeqCst))))
             .expect("a store on a full disk opens");
         assert!(!full.writable());
+        // A maildrop lease is granted on a read-only store (POP3 logins
+        // work), recorded once the store can write again.
+        let lease = full.lock_maildrop(mailbox).await.expect("a lease on a read-only store");
         assert_eq!(full.messages(mailbox).await.unwrap(), listed);
         assert_eq!(full.chunk(listed[0].id, 0).await.unwrap(), b"kept");
         let refused = full.deliver(vec![message(mailbox, b"refused")]).await;
         assert!(matches!(refused, Err(StoreError::Temporary(_))), "{refused:?}");
-        let refused = full.delete_messages(mailbox, vec![listed[0].id]).await;
+        let refused = full.delete_messages(mailbox, vec![listed[0].id], lease.token()).await;
         assert!(matches!(refused, Err(StoreError::Temporary(_))), "{refused:?}");
         assert_eq!(full.messages(mailbox).await.unwrap(), listed, "a refused write changed the mailbox");
 
@@ -1174,7 +1036,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         full.deliver(vec![message(mailbox, b"after")]).await.unwrap();
-        full.delete_messages(mailbox, vec![listed[0].id]).await.unwrap();
+        full.renew_lease(&lease).await.expect("the lease is recorded once the store can write");
+        full.delete_messages(mailbox, vec![listed[0].id], lease.token()).await.unwrap();
         assert_eq!(full.messages(mailbox).await.unwrap().len(), 1);
         drop(store);
     }

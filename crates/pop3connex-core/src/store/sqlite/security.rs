@@ -1,15 +1,19 @@
-//! Bans, lockouts and the known addresses that lockouts spare.
+//! Bans, lockouts and the known addresses that lockouts spare
+//! ([`SecurityStore`]).
 //!
 //! Every periodic read is bounded ([`MAX_SECURITY_ROWS`], newest first) and
 //! uses an index on the expiry column; expired rows are deleted by
 //! [`purge`] instead of being skipped on every read.
 
+use async_trait::async_trait;
 use rusqlite::{params, Connection};
 
-use super::map_err;
+use super::{map_err, SqliteStore, WriteOp};
 use crate::store::{
-    BanRecord, KnownAddress, LockoutRecord, StoreError, StoreResult, KNOWN_ADDRESSES_PER_ACCOUNT, MAX_SECURITY_ROWS,
+    BanRecord, KnownAddress, LockoutRecord, SecurityStore, StoreError, StoreResult, KNOWN_ADDRESSES_PER_ACCOUNT,
+    MAX_SECURITY_ROWS,
 };
+use crate::types::normalise_user_name;
 
 pub(super) fn put_ban(conn: &Connection, b: &BanRecord) -> StoreResult<()> {
     conn.execute(
@@ -110,6 +114,45 @@ pub(super) fn purge(conn: &Connection, now: i64, known_before: i64) -> StoreResu
     conn.execute("DELETE FROM bans WHERE expires_at IS NOT NULL AND expires_at <= ?1", [now]).map_err(map_err)?;
     conn.execute("DELETE FROM lockouts WHERE until <= ?1", [now]).map_err(map_err)?;
     conn.execute("DELETE FROM known_addresses WHERE last_seen < ?1", [known_before]).map(drop).map_err(map_err)
+}
+
+#[async_trait]
+impl SecurityStore for SqliteStore {
+    async fn bans(&self) -> StoreResult<Vec<BanRecord>> {
+        self.read(bans).await
+    }
+
+    async fn put_ban(&self, ban: BanRecord) -> StoreResult<()> {
+        self.write(WriteOp::PutBan(ban)).await
+    }
+
+    async fn remove_ban(&self, network: ipnet::IpNet) -> StoreResult<bool> {
+        self.write_existed(WriteOp::RemoveBan(network.to_string())).await
+    }
+
+    async fn lockouts(&self) -> StoreResult<Vec<LockoutRecord>> {
+        self.read(lockouts).await
+    }
+
+    async fn put_lockout(&self, lockout: LockoutRecord) -> StoreResult<()> {
+        self.write(WriteOp::PutLockout(lockout)).await
+    }
+
+    async fn remove_lockout(&self, user: &str) -> StoreResult<bool> {
+        self.write_existed(WriteOp::RemoveLockout(normalise_user_name(user))).await
+    }
+
+    async fn put_known_address(&self, known: KnownAddress) -> StoreResult<()> {
+        self.write(WriteOp::PutKnownAddress(known)).await
+    }
+
+    async fn locked_known_addresses(&self, now: i64, since: i64) -> StoreResult<Vec<KnownAddress>> {
+        self.read(move |c| locked_known(c, now, since)).await
+    }
+
+    async fn purge_security(&self, now: i64, known_before: i64) -> StoreResult<()> {
+        self.write(WriteOp::PurgeSecurity { now, known_before }).await
+    }
 }
 
 #[cfg(test)]

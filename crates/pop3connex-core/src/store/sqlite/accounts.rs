@@ -1,15 +1,15 @@
-//! Users, mailboxes and maildrop locks.
+//! Accounts: users and their mailboxes, passwords, app passwords and
+//! classes, and the master key check ([`AccountStore`]).
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-
+use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::map_err;
+use super::{map_err, SqliteStore, WriteOp};
 use crate::crypto::RecordId;
-use crate::store::{MailboxRef, MaildropLock, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary};
-use crate::types::{unix_now, UserName};
+use crate::store::{
+    AccountStore, AppPasswordInfo, MailboxRef, StoreError, StoreResult, StoredCredentials, UserRecord, UserSummary,
+};
+use crate::types::{unix_now, MailboxId, UserName};
 
 pub(super) fn create_user(
     conn: &Connection,
@@ -76,7 +76,7 @@ pub(super) fn user(conn: &Connection, name: &UserName) -> rusqlite::Result<Store
         password_changed_at,
         require_modern_auth,
         class,
-        mailbox: MailboxRef { id, uid, wrapped_key },
+        mailbox: MailboxRef { id: MailboxId::from_raw(id), uid, wrapped_key },
     })))
 }
 
@@ -179,31 +179,6 @@ pub(super) fn delete_user(conn: &Connection, name: &UserName) -> StoreResult<()>
     }
 }
 
-/// An open, locked lock file; closing it releases the lock.
-struct FileLock(#[allow(dead_code)] File);
-
-pub(super) fn lock(dir: &Path, mailbox_id: i64) -> StoreResult<MaildropLock> {
-    lock_named(dir, &mailbox_id.to_string())
-}
-
-/// An exclusive `flock` on `<dir>/<name>.lock` (names are validated
-/// identifiers: digits or `connector-<account>`).
-pub(super) fn lock_named(dir: &Path, name: &str) -> StoreResult<MaildropLock> {
-    let path = dir.join(format!("{name}.lock"));
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| StoreError::Temporary(format!("open {}: {e}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => Ok(MaildropLock::new(FileLock(file))),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked),
-        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Temporary(format!("lock {}: {e}", path.display()))),
-    }
-}
-
 fn changed(n: usize) -> StoreResult<()> {
     if n == 0 {
         Err(StoreError::NoSuchUser)
@@ -245,16 +220,13 @@ pub(super) fn add_app_password(
     )
 }
 
-pub(super) fn app_passwords(
-    conn: &Connection,
-    name: &UserName,
-) -> rusqlite::Result<Vec<crate::store::AppPasswordInfo>> {
+pub(super) fn app_passwords(conn: &Connection, name: &UserName) -> rusqlite::Result<Vec<AppPasswordInfo>> {
     let mut stmt = conn.prepare_cached(
         "SELECT a.id, a.label, a.created_at, a.expires_at, a.last_used_at FROM app_passwords a
          JOIN users u ON u.id = a.user_id WHERE u.name = ?1 ORDER BY a.id",
     )?;
     let rows = stmt.query_map([name.as_str()], |r| {
-        Ok(crate::store::AppPasswordInfo {
+        Ok(AppPasswordInfo {
             id: r.get(0)?,
             label: r.get(1)?,
             created_at: r.get(2)?,
@@ -289,4 +261,122 @@ pub(super) fn set_class(conn: &Connection, name: &UserName, class: Option<&str>)
     changed(
         conn.execute("UPDATE users SET class = ?2 WHERE name = ?1", params![name.as_str(), class]).map_err(map_err)?,
     )
+}
+
+#[async_trait]
+impl AccountStore for SqliteStore {
+    fn writable(&self) -> bool {
+        self.shared.writable()
+    }
+
+    async fn key_check(&self) -> StoreResult<Option<Vec<u8>>> {
+        self.read(|c| {
+            use rusqlite::OptionalExtension;
+            c.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional()
+        })
+        .await
+    }
+
+    async fn set_key_check(&self, check: Vec<u8>) -> StoreResult<()> {
+        self.write(WriteOp::SetKeyCheck(check)).await
+    }
+
+    async fn create_user(
+        &self,
+        name: &UserName,
+        credentials: &StoredCredentials,
+        uid: RecordId,
+        wrapped_key: Vec<u8>,
+    ) -> StoreResult<()> {
+        self.write(WriteOp::CreateUser { name: name.clone(), credentials: credentials.clone(), uid, wrapped_key }).await
+    }
+
+    async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
+        let name = name.clone();
+        self.read(move |c| user(c, &name)).await?
+    }
+
+    async fn users(&self) -> StoreResult<Vec<UserSummary>> {
+        self.read(users).await?
+    }
+
+    async fn set_password(&self, name: &UserName, credentials: &StoredCredentials) -> StoreResult<()> {
+        self.write(WriteOp::SetPassword { name: name.clone(), credentials: credentials.clone() }).await
+    }
+
+    async fn plaintext_scram(&self) -> StoreResult<Vec<(UserName, String)>> {
+        self.read(plaintext_scram).await?
+    }
+
+    async fn replace_scram(&self, name: &UserName, old: &str, new: &str) -> StoreResult<()> {
+        self.write(WriteOp::ReplaceScram { name: name.clone(), old: old.to_owned(), new: new.to_owned() }).await
+    }
+
+    async fn set_disabled(&self, name: &UserName, disabled: bool) -> StoreResult<()> {
+        self.write(WriteOp::SetDisabled { name: name.clone(), disabled }).await
+    }
+
+    async fn set_require_modern_auth(&self, name: &UserName, required: bool) -> StoreResult<()> {
+        self.write(WriteOp::SetRequireModern { name: name.clone(), required }).await
+    }
+
+    async fn set_class(&self, name: &UserName, class: Option<String>) -> StoreResult<()> {
+        self.write(WriteOp::SetClass { name: name.clone(), class }).await
+    }
+
+    async fn password_history(&self, name: &UserName) -> StoreResult<Vec<String>> {
+        let name = name.clone();
+        self.read(move |c| password_history(c, &name)).await
+    }
+
+    async fn add_app_password(
+        &self,
+        name: &UserName,
+        label: &str,
+        keyed_hash: Vec<u8>,
+        expires_at: Option<i64>,
+    ) -> StoreResult<i64> {
+        let op = WriteOp::AddAppPassword {
+            name: name.clone(),
+            label: label.to_owned(),
+            hash: keyed_hash.clone(),
+            expires_at,
+        };
+        self.write(op).await?;
+        self.read(move |c| c.query_row("SELECT id FROM app_passwords WHERE hash = ?1", [keyed_hash], |r| r.get(0)))
+            .await
+    }
+
+    async fn app_passwords(&self, name: &UserName) -> StoreResult<Vec<AppPasswordInfo>> {
+        let name = name.clone();
+        self.read(move |c| app_passwords(c, &name)).await
+    }
+
+    async fn revoke_app_password(&self, name: &UserName, id: i64) -> StoreResult<bool> {
+        self.write_existed(WriteOp::RevokeAppPassword { name: name.clone(), id }).await
+    }
+
+    async fn use_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<UserName>> {
+        let found = self.read(move |c| find_app_password(c, &keyed_hash)).await?;
+        let Some((id, name)) = found else { return Ok(None) };
+        // The last-use time is bookkeeping: a store that cannot write
+        // (read-only on a full disk) still lets the device read its mail.
+        if let Err(e) = self.write(WriteOp::UseAppPassword { id }).await {
+            tracing::warn!(error = %e, "app password last-use time not recorded");
+        }
+        Ok(UserName::parse(&name).ok())
+    }
+
+    async fn find_app_password(&self, keyed_hash: Vec<u8>) -> StoreResult<Option<(i64, UserName)>> {
+        let found = self.read(move |c| find_app_password(c, &keyed_hash)).await?;
+        Ok(found.and_then(|(id, name)| UserName::parse(&name).ok().map(|n| (id, n))))
+    }
+
+    async fn mark_app_password_used(&self, id: i64) -> StoreResult<()> {
+        self.write(WriteOp::UseAppPassword { id }).await
+    }
+
+    async fn delete_user(&self, name: &UserName) -> StoreResult<()> {
+        self.write(WriteOp::DeleteUser(name.clone())).await
+    }
 }
