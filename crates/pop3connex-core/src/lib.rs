@@ -9,6 +9,7 @@
 //! - [`store`]: the storage trait and the SQLite backend.
 //! - [`mailstore`]: encryption on top of a store: deliver, list, read.
 //! - [`auth`]: account management and credential verification.
+//! - [`admin`]: one function per admin operation (CLI, admin API), each recorded with its actor.
 //! - [`sasl`]: pluggable SASL mechanisms (PLAIN today).
 //! - [`tls`]: rustls configuration, hot reload, local CA generation.
 //! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
@@ -26,6 +27,7 @@
 
 pub use ipnet;
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod connector;
