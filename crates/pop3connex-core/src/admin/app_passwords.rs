@@ -78,7 +78,11 @@ impl Admin {
     }
 
     /// A user's app passwords, without their secrets.
-    pub async fn list_app_passwords(&self, actor: &Actor, name: &UserName) -> Result<Vec<AppPasswordEntry>, AdminError> {
+    pub async fn list_app_passwords(
+        &self,
+        actor: &Actor,
+        name: &UserName,
+    ) -> Result<Vec<AppPasswordEntry>, AdminError> {
         self.audited(actor, "app_password.list", name.as_str(), async {
             let now = unix_now();
             Ok(self

@@ -108,7 +108,11 @@ impl Admin {
     /// Lifts a lockout after repeated failed logins.
     pub async fn unlock(&self, actor: &Actor, name: &UserName) -> Result<Unlock, AdminError> {
         self.audited(actor, "user.unlock", name.as_str(), async {
-            Ok(if self.mail.store().remove_lockout(name.as_str()).await? { Unlock::Unlocked } else { Unlock::NotLocked })
+            Ok(if self.mail.store().remove_lockout(name.as_str()).await? {
+                Unlock::Unlocked
+            } else {
+                Unlock::NotLocked
+            })
         })
         .await
     }
