@@ -228,7 +228,9 @@ impl Admin {
 /// `user.add`), on what (`target`: a user name, a network, an account,
 /// never a secret) and how it ended (`outcome`: `ok` or an
 /// [`AdminError::kind`]). Today one `tracing` event at info; the audit log
-/// will be written here.
+/// will be written here. The target field is `admin.target`: a field named
+/// `target` would collide with the event's own target (the module) in the
+/// flattened JSON log format.
 fn record(actor: &Actor, op: &str, target: &str, outcome: &str) {
-    tracing::info!(admin.action = op, actor = %actor, target = %target, outcome = outcome, "admin action");
+    tracing::info!(admin.action = op, actor = %actor, admin.target = %target, outcome = outcome, "admin action");
 }
