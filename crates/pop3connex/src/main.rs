@@ -6,6 +6,7 @@
 
 mod cli;
 mod print;
+mod serve;
 
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
@@ -18,11 +19,9 @@ use cli::{
 use pop3connex_core::admin::import::ImportFormat;
 use pop3connex_core::admin::users::Unlock;
 use pop3connex_core::admin::{Actor, Admin};
-use pop3connex_core::config::{Config, LogConfig, LogFormat, EXAMPLE};
+use pop3connex_core::config::{Config, LogConfig, EXAMPLE};
 use pop3connex_core::import::{escape_controls, ImportOptions};
-use pop3connex_core::init::{init_data_dir, CONFIG_FILE};
-use pop3connex_core::mailstore::MailStore;
-use pop3connex_core::server;
+use pop3connex_core::init::CONFIG_FILE;
 use pop3connex_core::types::UserName;
 use zeroize::Zeroizing;
 
@@ -63,16 +62,16 @@ fn load(cli_config: &Option<PathBuf>) -> Result<Config> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Init { data_dir, hostname } => {
-            init_logging(&LogConfig::default(), "warn");
-            init(&data_dir, &hostname)
+            serve::init_logging(&LogConfig::default(), "warn");
+            serve::init(&data_dir, &hostname)
         }
-        Cmd::Serve => serve(cli.config),
+        Cmd::Serve => serve::serve(cli.config),
         Cmd::Config(ConfigCmd::Example) => {
             print!("{EXAMPLE}");
             Ok(())
         }
         Cmd::Config(ConfigCmd::Check) => {
-            init_logging(&LogConfig::default(), "warn");
+            serve::init_logging(&LogConfig::default(), "warn");
             let cfg = load(&cli.config)?;
             cfg.store.master_key.load().context("store.master_key")?;
             pop3connex_core::tls::TlsAcceptor::load(&cfg.tls).context("tls")?;
@@ -83,7 +82,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = load(&cli.config)?;
             // hickory logs whole DNS messages at warn on validation failures;
             // the connector reports those itself.
-            init_logging(
+            serve::init_logging(
                 &cfg.log,
                 "warn,pop3connex::connector=info,hickory_net=error,hickory_resolver=error,hickory_proto=error",
             );
@@ -102,7 +101,7 @@ fn run(cli: Cli) -> Result<()> {
 /// Logging at warn (admin commands report on stdout and stderr
 /// themselves), then the configuration.
 fn load_quiet(cli_config: &Option<PathBuf>) -> Result<Config> {
-    init_logging(&LogConfig::default(), "warn");
+    serve::init_logging(&LogConfig::default(), "warn");
     load(cli_config)
 }
 
@@ -112,82 +111,6 @@ fn with_admin(cfg: Config, op: impl AsyncFnOnce(&Admin, &Actor) -> Result<()>) -
     runtime()?.block_on(async {
         let admin = Admin::open(cfg).await?;
         op(&admin, &Actor::cli_from_env()).await
-    })
-}
-
-fn init(dir: &Path, hostname: &str) -> Result<()> {
-    let report = init_data_dir(dir, hostname)?;
-    let cfg = Config::load(&report.config)?;
-    runtime()?.block_on(MailStore::open(&cfg))?;
-    for p in &report.created {
-        println!("created {}", p.display());
-    }
-    for p in &report.kept {
-        println!("kept    {}", p.display());
-    }
-    println!("store   {} (SQLite, mail encrypted with master.key)", cfg.store.path.display());
-    Ok(())
-}
-
-fn init_logging(log: &LogConfig, default_level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("POP3CONNEX_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-        LogFormat::Human => builder.try_init(),
-    };
-}
-
-fn serve(config: Option<PathBuf>) -> Result<()> {
-    if config.is_none() && !default_config().exists() {
-        println!("No configuration found: creating the embedded default in ./{DEFAULT_DATA_DIR}");
-        init(Path::new(DEFAULT_DATA_DIR), "localhost")?;
-        println!();
-        println!("Add a user (in another terminal):  pop3connex user add alice");
-        println!("Trust this CA in clients:          ./{DEFAULT_DATA_DIR}/tls/ca.pem");
-        println!();
-    }
-    let cfg = load(&config)?;
-    // hickory (connector DNS) logs whole DNS messages at warn when DNSSEC
-    // validation fails; the connector's own events report those cases.
-    let filter = format!("{},hickory_net=error,hickory_resolver=error,hickory_proto=error", cfg.log.level.as_str());
-    init_logging(&cfg.log, &filter);
-    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
-        tracing::warn!(error = %e, "cannot raise the open-files limit");
-    }
-    runtime()?.block_on(async move {
-        let running = server::start(&cfg).await?;
-        for a in &running.pop3s {
-            tracing::info!(address = %a, "listening pop3s (implicit TLS)");
-        }
-        for a in &running.pop3 {
-            tracing::info!(address = %a, "listening pop3 (STLS required before login)");
-        }
-        for a in &running.lmtp {
-            tracing::info!(address = %a, "listening lmtp");
-        }
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = hup.recv() => running.reload().await,
-            }
-        }
-        tracing::info!(sessions = running.active_sessions(), "shutting down");
-        let left = running.shutdown().await;
-        if left > 0 {
-            tracing::warn!(sessions = left, "grace period over, closing remaining sessions");
-        }
-        tracing::info!("stopped");
-        Ok(())
     })
 }
 
