@@ -19,6 +19,7 @@
 //! - [`oauth`]: bearer-token validation (JWKS keys, introspection).
 //! - [`sasl`]: the SASL mechanism registry and the mechanisms: PLAIN,
 //!   SCRAM-SHA-256(-PLUS), OAUTHBEARER and XOAUTH2 (`sasl::bearer`).
+//! - [`admin`]: one function per admin operation (CLI, admin API), each recorded with its actor.
 //! - [`tls`]: rustls configuration, hot reload, local CA generation.
 //! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
 //! - [`lmtp`]: LMTP ingestion sessions, their deadlines and the shared
@@ -37,6 +38,7 @@
 
 pub use ipnet;
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod connector;

@@ -1,0 +1,120 @@
+//! How the CLI shows what admin operations return: tables and reports on
+//! stdout, notes and skipped entries on stderr, names from files and
+//! sources escaped for the terminal.
+
+use std::path::Path;
+
+use pop3connex_core::admin::app_passwords::{AppPasswordEntry, Expiry};
+use pop3connex_core::admin::connector::{AccountStatus, AccountSummary};
+use pop3connex_core::admin::security::BanEntry;
+use pop3connex_core::admin::users::{MailboxStat, PasswdImport};
+use pop3connex_core::import::{escape_controls, ImportReport};
+use pop3connex_core::store::UserSummary;
+use pop3connex_core::types::format_unix;
+
+/// `user list` as a table whose columns fit the longest value, header
+/// included. `UserName`'s `Display` ignores width and alignment, so names
+/// are padded as `&str`.
+pub fn user_table(users: &[UserSummary]) -> String {
+    use std::fmt::Write;
+    let rows: Vec<[String; 4]> = users
+        .iter()
+        .map(|u| {
+            let status = if u.disabled { "disabled" } else { "active" };
+            [u.name.as_str().to_owned(), u.messages.to_string(), u.octets.to_string(), status.to_owned()]
+        })
+        .collect();
+    let header = ["user", "messages", "octets", "status"].map(str::to_owned);
+    let width =
+        |col: usize| rows.iter().chain(std::iter::once(&header)).map(|r| r[col].chars().count()).max().unwrap_or(0);
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let mut out = String::new();
+    for [name, messages, octets, status] in std::iter::once(&header).chain(&rows) {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{name:<w0$}  {messages:>w1$}  {octets:>w2$}  {status}");
+    }
+    out
+}
+
+pub fn mailbox_stat(stat: &MailboxStat) {
+    println!("user: {}", stat.name);
+    println!("messages: {}", stat.messages);
+    println!("octets: {}", stat.octets);
+    println!("disabled: {}", stat.disabled);
+}
+
+/// Lines that were not imported go to stderr as `file:line: user: reason`.
+pub fn passwd_import(file: &Path, report: &PasswdImport) {
+    for skip in &report.skipped {
+        // The name comes from the file: never echo control characters to the terminal.
+        let msg = escape_controls(&format!("{}: {}", skip.user, skip.error));
+        eprintln!("{}:{}: {msg}", file.display(), skip.line);
+    }
+    println!("imported {} users, skipped {}", report.added, report.skipped.len());
+}
+
+pub fn app_passwords(entries: &[AppPasswordEntry]) {
+    println!("{:>5}  {:<30} {:>12} {:>14}", "id", "label", "expires in", "last used ago");
+    for a in entries {
+        let exp = match a.expiry {
+            Expiry::Never => "never".to_owned(),
+            Expiry::InDays(d) => format!("{d}d"),
+            Expiry::Expired => "expired".to_owned(),
+        };
+        let used = a.last_used_ago.map_or("never".into(), |s| format!("{s}s"));
+        println!("{:>5}  {:<30} {:>12} {:>14}", a.id, a.label, exp, used);
+    }
+}
+
+pub fn bans(bans: &[BanEntry]) {
+    println!("{:<42} {:>10} {:>8}  reason", "network", "expires in", "offences");
+    for b in bans {
+        let left = b.expires_in.map_or("never".to_owned(), |s| format!("{s}s"));
+        println!("{:<42} {:>10} {:>8}  {}", b.network.to_string(), left, b.offences, b.reason);
+    }
+}
+
+pub fn connector_accounts(accounts: &[AccountSummary]) {
+    for a in accounts {
+        println!(
+            "{}\t{}:{}\t{}\t{}\tseen={}\tlast_error={}",
+            a.name,
+            a.host,
+            a.port,
+            a.origin.as_str(),
+            if a.enabled { "enabled" } else { "disabled" },
+            a.seen,
+            a.last_error.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+pub fn connector_status(accounts: &[AccountStatus]) {
+    for a in accounts {
+        let s = &a.status;
+        let t = |v: Option<i64>| v.map_or("never".to_string(), format_unix);
+        println!("account: {}", a.name);
+        println!("  last_run_at: {}", t(s.last_run_at));
+        println!("  last_success_at: {}", t(s.last_success_at));
+        println!("  last_error: {}", s.last_error.as_deref().unwrap_or("-"));
+        println!("  consecutive_failures: {}", s.failures);
+        println!("  fetched_total: {}", s.fetched_total);
+        println!("  seen: {}", a.seen);
+    }
+}
+
+/// Notes and skipped entries on stderr (escaped: they quote source names), the summary on stdout.
+pub fn import_report(user: &str, report: &ImportReport) {
+    for note in &report.notes {
+        eprintln!("note: {}", escape_controls(note));
+    }
+    for skipped in &report.skipped {
+        eprintln!("skipped: {}", escape_controls(skipped));
+    }
+    println!(
+        "imported {} messages into {user}; {} were already present (resumed or repeated import); {} skipped",
+        report.imported,
+        report.already_present,
+        report.skipped.len()
+    );
+}

@@ -1,0 +1,91 @@
+//! Setting up and running the server: `init` (a fresh data directory),
+//! logging, and `serve` (listeners, reload on SIGHUP, graceful shutdown on
+//! SIGTERM or SIGINT).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use pop3connex_core::config::{Config, LogConfig, LogFormat};
+use pop3connex_core::init::init_data_dir;
+use pop3connex_core::mailstore::MailStore;
+use pop3connex_core::server;
+
+use crate::cli::DEFAULT_DATA_DIR;
+use crate::{default_config, load, runtime};
+
+pub fn init(dir: &Path, hostname: &str) -> Result<()> {
+    let report = init_data_dir(dir, hostname)?;
+    let cfg = Config::load(&report.config)?;
+    runtime()?.block_on(MailStore::open(&cfg))?;
+    for p in &report.created {
+        println!("created {}", p.display());
+    }
+    for p in &report.kept {
+        println!("kept    {}", p.display());
+    }
+    println!("store   {} (SQLite, mail encrypted with master.key)", cfg.store.path.display());
+    Ok(())
+}
+
+pub fn init_logging(log: &LogConfig, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("POP3CONNEX_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+pub fn serve(config: Option<PathBuf>) -> Result<()> {
+    if config.is_none() && !default_config().exists() {
+        println!("No configuration found: creating the embedded default in ./{DEFAULT_DATA_DIR}");
+        init(Path::new(DEFAULT_DATA_DIR), "localhost")?;
+        println!();
+        println!("Add a user (in another terminal):  pop3connex user add alice");
+        println!("Trust this CA in clients:          ./{DEFAULT_DATA_DIR}/tls/ca.pem");
+        println!();
+    }
+    let cfg = load(&config)?;
+    // hickory (connector DNS) logs whole DNS messages at warn when DNSSEC
+    // validation fails; the connector's own events report those cases.
+    let filter = format!("{},hickory_net=error,hickory_resolver=error,hickory_proto=error", cfg.log.level.as_str());
+    init_logging(&cfg.log, &filter);
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the open-files limit");
+    }
+    runtime()?.block_on(async move {
+        let running = server::start(&cfg).await?;
+        for a in &running.pop3s {
+            tracing::info!(address = %a, "listening pop3s (implicit TLS)");
+        }
+        for a in &running.pop3 {
+            tracing::info!(address = %a, "listening pop3 (STLS required before login)");
+        }
+        for a in &running.lmtp {
+            tracing::info!(address = %a, "listening lmtp");
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => running.reload().await,
+            }
+        }
+        tracing::info!(sessions = running.active_sessions(), "shutting down");
+        let left = running.shutdown().await;
+        if left > 0 {
+            tracing::warn!(sessions = left, "grace period over, closing remaining sessions");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
