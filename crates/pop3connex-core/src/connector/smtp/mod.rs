@@ -944,5 +944,4 @@ fn trim_newline(s: &[u8]) -> &[u8] {
 }
 
 #[cfg(test)]
-#[path = "smtp_tests.rs"]
 mod tests;
