@@ -8,11 +8,11 @@
 //! This file holds the public API ([`deliver`], [`Envelope`],
 //! [`RcptOutcome`], [`SmtpError`]) and groups the recipients into
 //! transactions. The rest is split by concern:
-//! - [`policy`]: the TLS policy decision (`none`, `verify`, `secure`,
+//! - `policy`: the TLS policy decision (`none`, `verify`, `secure`,
 //!   `dane`, `mta-sts`) and the table of what each one checks;
-//! - [`targets`]: the configured host or the MX hosts and addresses, in
+//! - `targets`: the configured host or the MX hosts and addresses, in
 //!   order, and when to try the next one;
-//! - [`client`]: the SMTP/LMTP exchange on one connection.
+//! - `client`: the SMTP/LMTP exchange on one connection.
 //!
 //! # Outcomes
 //!
