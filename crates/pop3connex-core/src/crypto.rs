@@ -16,6 +16,10 @@
 //! normalised user name and a purpose label in the associated data: a copy
 //! of the database alone does not reveal it, and a record copied onto
 //! another user fails to open.
+//!
+//! The connector's per-account secrets (rotated OAuth refresh tokens) are
+//! sealed the same way by a [`TokenSealer`]: their own subkey, the account
+//! name and the kind of secret in the associated data.
 
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -35,6 +39,10 @@ const CHECK_AAD: &[u8] = b"pop3connex/key-check/v1";
 const USER_SECRET_AAD: &[u8] = b"pop3connex/user-secret/v1";
 /// Derivation label of the subkey for per-user secrets.
 const USER_SECRET_KEY: &[u8] = b"user-secrets";
+/// Derivation label of the subkey for the connector's per-account secrets.
+/// Older than the `pop3connex/...` labels above and kept as it is: tokens
+/// sealed on disk must keep opening.
+const CONNECTOR_SECRET_KEY: &[u8] = b"pop3connex connector secrets v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
@@ -173,6 +181,40 @@ impl MasterKey {
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         open(&self.user_secret_cipher(), sealed, &user_secret_aad(purpose, user)).map(Zeroizing::new)
     }
+}
+
+/// Seals the connector's per-account secrets (rotated OAuth refresh
+/// tokens) under a subkey of the master key. The associated data is the
+/// account name, a NUL and the kind of secret, so a record copied onto
+/// another account or kind fails to open. On disk: the 24-byte nonce, then
+/// the ciphertext with its tag.
+pub struct TokenSealer {
+    cipher: XChaCha20Poly1305,
+}
+
+impl TokenSealer {
+    pub fn new(master: &MasterKey) -> Self {
+        let key = Zeroizing::new(master.derive(CONNECTOR_SECRET_KEY));
+        TokenSealer { cipher: XChaCha20Poly1305::new((&*key).into()) }
+    }
+
+    /// Seals `token`, a secret of `kind` (e.g. `oauth2-refresh-token`) of
+    /// the connector account `account`.
+    pub fn seal(&self, account: &str, kind: &str, token: &[u8]) -> Vec<u8> {
+        seal(&self.cipher, token, &token_aad(account, kind))
+    }
+
+    /// Opens what [`Self::seal`] sealed; fails for another account, another
+    /// kind, an edited record or another master key.
+    pub fn open(&self, account: &str, kind: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        open(&self.cipher, sealed, &token_aad(account, kind)).map(Zeroizing::new)
+    }
+}
+
+/// `account`, NUL, `kind`. (A NUL cannot occur in an account name, so no
+/// two pairs give the same bytes.)
+fn token_aad(account: &str, kind: &str) -> Vec<u8> {
+    format!("{account}\0{kind}").into_bytes()
 }
 
 /// Label, purpose (length-prefixed) and the normalised user name.
@@ -351,6 +393,43 @@ mod tests {
         let mut bad = sealed.clone();
         bad[30] ^= 1;
         assert!(mk.open_user_secret("scram", &alice, &bad).is_err());
+    }
+
+    #[test]
+    fn connector_tokens_are_bound_to_account_kind_and_key() {
+        let mk = mk();
+        let sealer = TokenSealer::new(&mk);
+        let kind = "oauth2-refresh-token";
+        let sealed = sealer.seal("isp", kind, b"refresh-token-value");
+        assert!(!sealed.windows(13).any(|w| w == b"refresh-token"));
+        assert_eq!(&**sealer.open("isp", kind, &sealed).unwrap(), b"refresh-token-value");
+        assert!(sealer.open("isp2", kind, &sealed).is_err(), "copied onto another account");
+        assert!(sealer.open("isp", "other-kind", &sealed).is_err(), "another kind");
+        assert!(TokenSealer::new(&self::mk()).open("isp", kind, &sealed).is_err(), "another master key");
+        let mut bad = sealed.clone();
+        bad[30] ^= 1;
+        assert!(sealer.open("isp", kind, &bad).is_err());
+        assert!(sealer.open("isp", kind, &sealed[..NONCE_LEN]).is_err());
+    }
+
+    /// Stores written before the sealing moved here keep opening: the
+    /// subkey, the nonce || ciphertext layout and the AAD are unchanged.
+    #[test]
+    fn connector_tokens_keep_their_on_disk_format() {
+        let mk = mk();
+        let key = Zeroizing::new(mk.derive(b"pop3connex connector secrets v1"));
+        let old = XChaCha20Poly1305::new((&*key).into());
+        let nonce = [7u8; 24];
+        let ct = old
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: b"tok".as_slice(), aad: b"acct\0oauth2-refresh-token" })
+            .unwrap();
+        let sealed = [&nonce[..], &ct].concat();
+        let sealer = TokenSealer::new(&mk);
+        assert_eq!(&**sealer.open("acct", "oauth2-refresh-token", &sealed).unwrap(), b"tok");
+        let new = sealer.seal("acct", "oauth2-refresh-token", b"tok2");
+        let (n, c) = new.split_at(24);
+        let plain = old.decrypt(XNonce::from_slice(n), Payload { msg: c, aad: b"acct\0oauth2-refresh-token" }).unwrap();
+        assert_eq!(plain, b"tok2");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The one hardened outbound HTTPS client: JWKS and introspection
-//! ([`crate::oauth`]) and the connector's OAuth 2.0 token refresh
-//! (`connector::oauth2`) all go through [`HttpsClient`].
+//! ([`crate::oauth`]), the connector's OAuth 2.0 token refresh
+//! (`connector::oauth2`) and the connector's MTA-STS policy fetch
+//! (`connector::mtasts`) all go through [`HttpsClient`].
 //!
 //! Built on [`ureq`] (blocking, run on tokio's blocking pool): a small,
 //! widely used client whose `rustls` feature uses the same rustls 0.23 + ring
@@ -15,19 +16,21 @@
 //! ([`form_encode`]) and kept in [`Zeroizing`] buffers, because they carry
 //! tokens and client secrets.
 //!
-//! # The exception: MTA-STS
-//! `connector::mtasts` fetches its policy with its own tokio-rustls GET, not
-//! with this client: the policy host is resolved with the connector's own
-//! (DNSSEC-validating, configurable) resolver and the connection must go to
-//! that already-resolved address while the certificate is verified for
-//! `mta-sts.<domain>` (system roots or `mta_sts_ca_file`). ureq resolves
-//! names itself; pinning the address would need a custom resolver and a
-//! thread per fetch, for an exchange that is one bounded HTTP/1.0 request.
+//! # Pinned addresses
+//! MTA-STS resolves the policy host with the connector's own
+//! (DNSSEC-validating, configurable) resolver, so the connection must go to
+//! that already-resolved address while the certificate is verified for the
+//! URL's host (`mta-sts.<domain>`). [`HttpsClient::get_pinned`] does that: it
+//! hands ureq a resolver that answers with the caller's addresses, whatever
+//! the name, and uses no proxy (a proxy would resolve the name again).
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use zeroize::Zeroizing;
 
 /// Largest response header block accepted.
@@ -91,6 +94,8 @@ pub struct Response {
     pub status: u16,
     /// `Cache-Control`, if present and printable.
     pub cache_control: Option<String>,
+    /// `Content-Type`, if present and printable.
+    pub content_type: Option<String>,
     pub body: Zeroizing<Vec<u8>>,
 }
 
@@ -100,8 +105,11 @@ pub struct Response {
 pub enum HttpsError {
     /// Connecting, TLS, sending, or (with `status_as_error`) the status.
     Request(String),
-    /// Reading the response body (including the size cap).
+    /// Reading the response body.
     Body(String),
+    /// The body is longer than the caller's limit (a property of the
+    /// resource, where [`HttpsError::Body`] is a failed transfer).
+    TooLarge(String),
     /// The blocking task could not run (e.g. shutting down).
     Task(String),
 }
@@ -110,6 +118,10 @@ pub enum HttpsError {
 #[derive(Clone)]
 pub struct HttpsClient {
     agent: ureq::Agent,
+    /// The same settings without a proxy, for [`HttpsClient::get_pinned`]
+    /// (each pinned request gets an agent of its own). Shared, as it is
+    /// large and clients are cloned.
+    pinned: Arc<ureq::config::Config>,
 }
 
 impl std::fmt::Debug for HttpsClient {
@@ -137,24 +149,51 @@ impl HttpsClient {
             }
         };
         let tls = TlsConfig::builder().provider(TlsProvider::Rustls).root_certs(roots).build();
-        let agent = ureq::Agent::config_builder()
-            .https_only(true)
-            .max_redirects(0)
-            .http_status_as_error(opts.status_as_error)
-            .timeout_global(Some(opts.total_timeout))
-            .timeout_connect(Some(opts.connect_timeout))
-            .max_response_header_size(MAX_HEADER_BYTES)
-            .user_agent(concat!("pop3connex/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls)
-            .build()
-            .new_agent();
-        HttpsClient { agent }
+        let config = || {
+            ureq::Agent::config_builder()
+                .https_only(true)
+                .max_redirects(0)
+                .http_status_as_error(opts.status_as_error)
+                .timeout_global(Some(opts.total_timeout))
+                .timeout_connect(Some(opts.connect_timeout))
+                .max_response_header_size(MAX_HEADER_BYTES)
+                .user_agent(concat!("pop3connex/", env!("CARGO_PKG_VERSION")))
+                .tls_config(tls.clone())
+        };
+        let agent = config().build().new_agent();
+        let pinned = Arc::new(config().proxy(None).build());
+        HttpsClient { agent, pinned }
     }
 
     /// GETs `url` with an `Accept` header, reading at most `limit` octets.
     pub async fn get(&self, url: &str, accept: &'static str, limit: u64) -> Result<Response, HttpsError> {
         let (agent, url) = (self.agent.clone(), url.to_owned());
         run(move || read(agent.get(&url).header("accept", accept).call(), limit)).await
+    }
+
+    /// GETs `url` like [`HttpsClient::get`], but connects only to `addrs`
+    /// (tried in order; at most 16) instead of resolving the URL's host, and
+    /// never through a proxy. The certificate is still verified for the
+    /// URL's host. A TLS failure's text starts with `TLS: `, as the caller
+    /// cannot tell it from a connection failure otherwise.
+    pub async fn get_pinned(
+        &self,
+        url: &str,
+        addrs: &[SocketAddr],
+        accept: &'static str,
+        limit: u64,
+    ) -> Result<Response, HttpsError> {
+        let resolver = PinnedResolver(addrs.to_vec());
+        let agent = ureq::Agent::with_parts((*self.pinned).clone(), DefaultConnector::new(), resolver);
+        let url = url.to_owned();
+        run(move || {
+            let resp = agent.get(&url).header("accept", accept).call().map_err(|e| match tls_failure(&e) {
+                true => HttpsError::Request(format!("TLS: {e}")),
+                false => HttpsError::Request(e.to_string()),
+            })?;
+            read(Ok(resp), limit)
+        })
+        .await
     }
 
     /// POSTs an `application/x-www-form-urlencoded` body (built with
@@ -192,9 +231,46 @@ where
 fn read(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>, limit: u64) -> Result<Response, HttpsError> {
     let mut resp = resp.map_err(|e| HttpsError::Request(e.to_string()))?;
     let status = resp.status().as_u16();
-    let cache_control = resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let body = resp.body_mut().with_config().limit(limit).read_to_vec().map_err(|e| HttpsError::Body(e.to_string()))?;
-    Ok(Response { status, cache_control, body: Zeroizing::new(body) })
+    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (cache_control, content_type) = (header("cache-control"), header("content-type"));
+    let body = resp.body_mut().with_config().limit(limit).read_to_vec().map_err(|e| match e {
+        ureq::Error::BodyExceedsLimit(_) => HttpsError::TooLarge(e.to_string()),
+        e => HttpsError::Body(e.to_string()),
+    })?;
+    Ok(Response { status, cache_control, content_type, body: Zeroizing::new(body) })
+}
+
+/// Whether a request failed in the TLS handshake (certificate, protocol).
+fn tls_failure(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) | ureq::Error::TlsRequired => true,
+        ureq::Error::Io(io) => io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
+        _ => false,
+    }
+}
+
+/// A "resolver" that answers every name with the caller's addresses.
+#[derive(Debug)]
+struct PinnedResolver(Vec<SocketAddr>);
+
+impl Resolver for PinnedResolver {
+    fn resolve(
+        &self,
+        _uri: &ureq::http::Uri,
+        _config: &ureq::config::Config,
+        _timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let mut out = self.empty();
+        for &addr in &self.0 {
+            if out.try_push(addr).is_err() {
+                break;
+            }
+        }
+        if out.is_empty() {
+            return Err(ureq::Error::HostNotFound);
+        }
+        Ok(out)
+    }
 }
 
 /// application/x-www-form-urlencoded encoding of one value, appended.
@@ -223,6 +299,80 @@ pub fn form_encode(s: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A CA file and an HTTPS server on 127.0.0.1 whose certificate names
+    /// `pinned.test` only, answering one request with `body`.
+    async fn pinned_server(body: &'static str) -> (std::path::PathBuf, SocketAddr) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let file = std::env::temp_dir().join(format!("p3x-https-{}-ca.pem", std::process::id()));
+        std::fs::write(&file, ca_cert.pem()).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["pinned.test".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+        let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], der)
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(reply.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        (file, addr)
+    }
+
+    #[tokio::test]
+    async fn pinned_get_connects_to_the_given_address_and_verifies_the_url_host() {
+        let (ca_file, addr) = pinned_server("policy").await;
+        let client = HttpsClient::new(&HttpsOptions {
+            connect_timeout: Duration::from_secs(5),
+            total_timeout: Duration::from_secs(10),
+            ca: Some(load_ca_file(&ca_file).unwrap()),
+            default_roots: DefaultRoots::WebPki,
+            status_as_error: false,
+        });
+        let _ = std::fs::remove_file(&ca_file);
+        // `pinned.test` resolves nowhere: only the pinned address is used.
+        let url = format!("https://pinned.test:{}/x", addr.port());
+        let r = client.get_pinned(&url, &[addr], "text/plain", 100).await.unwrap();
+        assert_eq!((r.status, r.content_type.as_deref(), &r.body[..]), (200, Some("text/plain"), &b"policy"[..]));
+        // The certificate is checked against the URL's host, not the address.
+        let url = format!("https://other.test:{}/x", addr.port());
+        match client.get_pinned(&url, &[addr], "text/plain", 100).await {
+            Err(HttpsError::Request(m)) => assert!(m.starts_with("TLS: "), "{m}"),
+            other => panic!("{:?}", other.map(|r| r.status)),
+        }
+        // A body over the limit is its own error.
+        let url = format!("https://pinned.test:{}/x", addr.port());
+        assert!(matches!(client.get_pinned(&url, &[addr], "text/plain", 3).await, Err(HttpsError::TooLarge(_))));
+        assert!(matches!(client.get_pinned(&url, &[], "text/plain", 100).await, Err(HttpsError::Request(_))));
+    }
 
     #[test]
     fn form_encoding_for_basic_auth() {

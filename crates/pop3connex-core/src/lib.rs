@@ -6,7 +6,8 @@
 //!   nothing above it.
 //! - [`secret`]: secret references (`env:`, `file:`) for every credential.
 //! - [`crypto`]: encryption at rest (master key, per-mailbox data keys,
-//!   chunked AEAD bound to mailbox and message).
+//!   chunked AEAD bound to mailbox and message, sealed per-user secrets and
+//!   the connector's sealed refresh tokens).
 //! - [`password`]: password hashing (Argon2id, SHA512-CRYPT) and verification.
 //! - [`store`]: the storage role traits, fenced leases, `store::open` and the SQLite backend.
 //! - [`mailstore`]: encryption on top of a store: deliver, list, read.
@@ -15,7 +16,8 @@
 //! - [`auth`]: account management, credential verification and the one
 //!   account-policy check of every login path.
 //! - [`https`]: the one hardened outbound HTTPS client (JWKS, introspection,
-//!   the connector's OAuth token refresh).
+//!   the connector's OAuth token refresh, MTA-STS policies over addresses
+//!   the connector resolved).
 //! - [`oauth`]: bearer-token validation (JWKS keys, introspection).
 //! - [`sasl`]: the SASL mechanism registry and the mechanisms: PLAIN,
 //!   SCRAM-SHA-256(-PLUS), OAUTHBEARER and XOAUTH2 (`sasl::bearer`).

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use crate::config::Config;
-use crate::crypto::{random_id, CryptoError, DataKey, MasterKey, RecordId};
+use crate::crypto::{random_id, CryptoError, DataKey, MasterKey, RecordId, TokenSealer};
 use crate::scram::ScramCredentials;
 use crate::store::{
     MailboxRef, MessageMeta, MessageSource, NewMessage, Store, StoreError, StoredCredentials, UserRecord,
@@ -113,6 +113,11 @@ impl MailStore {
     /// the salt secret for SCRAM's fake credentials of unknown users).
     pub fn derived_secret(&self, purpose: &[u8]) -> [u8; 32] {
         self.master.derive(purpose)
+    }
+
+    /// The sealer of the connector's per-account secrets.
+    pub fn token_sealer(&self) -> TokenSealer {
+        TokenSealer::new(&self.master)
     }
 
     pub fn data_key(&self, mailbox: &MailboxRef) -> Result<DataKey, CryptoError> {

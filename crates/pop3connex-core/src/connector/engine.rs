@@ -17,8 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use tokio::sync::{watch, Semaphore};
 use zeroize::Zeroizing;
 
@@ -727,43 +725,24 @@ fn run_alert_hook(command: Vec<String>, json: Vec<u8>) {
     });
 }
 
-/// Rotated refresh tokens, sealed with a key derived from the master key and
-/// bound to the account name.
+/// Rotated refresh tokens, sealed by the store's [`crate::crypto::TokenSealer`]
+/// (a key derived from the master key, bound to the account name).
 struct SealedTokens {
     mail: Arc<MailStore>,
 }
 
 const TOKEN_KIND: &str = "oauth2-refresh-token";
 
-impl SealedTokens {
-    fn cipher(&self) -> XChaCha20Poly1305 {
-        let key = Zeroizing::new(self.mail.derived_secret(b"pop3connex connector secrets v1"));
-        XChaCha20Poly1305::new((&*key).into())
-    }
-}
-
 #[async_trait]
 impl RefreshTokenStore for SealedTokens {
     async fn load(&self, account: &str) -> Option<Zeroizing<String>> {
         let sealed = self.mail.store().connector_secret(account, TOKEN_KIND).await.ok()??;
-        if sealed.len() < 24 {
-            return None;
-        }
-        let (nonce, ct) = sealed.split_at(24);
-        let aad = format!("{account}\0{TOKEN_KIND}");
-        let plain = self.cipher().decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: aad.as_bytes() }).ok()?;
-        String::from_utf8(plain).ok().map(Zeroizing::new)
+        let mut plain = self.mail.token_sealer().open(account, TOKEN_KIND, &sealed).ok()?;
+        String::from_utf8(std::mem::take(&mut *plain)).ok().map(Zeroizing::new)
     }
 
     async fn save(&self, account: &str, token: Zeroizing<String>) -> Result<(), String> {
-        let mut nonce = [0u8; 24];
-        getrandom::getrandom(&mut nonce).map_err(|e| e.to_string())?;
-        let aad = format!("{account}\0{TOKEN_KIND}");
-        let ct = self
-            .cipher()
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: token.as_bytes(), aad: aad.as_bytes() })
-            .map_err(|_| "sealing failed".to_string())?;
-        let sealed = [&nonce[..], &ct].concat();
+        let sealed = self.mail.token_sealer().seal(account, TOKEN_KIND, token.as_bytes());
         self.mail.store().put_connector_secret(account, TOKEN_KIND, sealed).await.map_err(|e| e.to_string())
     }
 }

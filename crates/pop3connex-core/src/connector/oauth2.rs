@@ -291,7 +291,9 @@ impl TokenSource {
         let resp = self.client.post_form(url, None, body, MAX_RESPONSE_BYTES).await.map_err(|e| match e {
             HttpsError::Task(e) => OAuth2Error::Temporary(format!("token request task failed: {e}")),
             HttpsError::Request(e) => OAuth2Error::Temporary(format!("POST {url}: {e}")),
-            HttpsError::Body(e) => OAuth2Error::Temporary(format!("POST {url}: reading the response: {e}")),
+            HttpsError::Body(e) | HttpsError::TooLarge(e) => {
+                OAuth2Error::Temporary(format!("POST {url}: reading the response: {e}"))
+            }
         })?;
         let (status, raw) = (resp.status, resp.body);
         let parsed: Option<TokenResponse> = serde_json::from_slice(&raw).ok();

@@ -43,7 +43,9 @@ impl Introspection {
             self.client.post_form(url, Some(self.authorization.clone()), form, MAX_INTROSPECTION_BYTES).await.map_err(
                 |e| match e {
                     HttpsError::Task(e) => TokenError::Unavailable(format!("introspection task failed: {e}")),
-                    HttpsError::Request(e) | HttpsError::Body(e) => TokenError::Unavailable(format!("POST {url}: {e}")),
+                    HttpsError::Request(e) | HttpsError::Body(e) | HttpsError::TooLarge(e) => {
+                        TokenError::Unavailable(format!("POST {url}: {e}"))
+                    }
                 },
             )?;
         let resp: Map<String, Value> = serde_json::from_slice(&resp.body)

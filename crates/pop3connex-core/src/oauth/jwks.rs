@@ -285,7 +285,9 @@ impl Jwks {
                     .await
                     .map_err(|e| match e {
                         HttpsError::Task(e) => format!("fetch task failed: {e}"),
-                        HttpsError::Request(e) | HttpsError::Body(e) => format!("GET {url}: {e}"),
+                        HttpsError::Request(e) | HttpsError::Body(e) | HttpsError::TooLarge(e) => {
+                            format!("GET {url}: {e}")
+                        }
                     })?;
                 let ttl = cache_ttl(resp.cache_control.as_deref());
                 Ok(Loaded { keys: parse_jwks(&resp.body)?, ttl: Some(ttl), stamp: None })

@@ -4,15 +4,20 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use super::client::{normalize, stuff, Conn, Io, Reply};
 use super::*;
-use crate::config::connector::DownstreamProtocol;
+use crate::config::connector::{DownstreamProtocol, DownstreamTls};
+use crate::connector::mtasts::Mode;
 use crate::secret::SecretRef;
 
 // ---------------------------------------------------------------- PKI ----
