@@ -201,27 +201,10 @@ impl Conn {
 
 /// The message with every line end made CRLF (bare CR and bare LF too, so
 /// no receiver can see an end-of-data the next hop does not), an ending CRLF
-/// added if missing, and no stuffing yet.
+/// added if missing, and no stuffing yet: the same conversion the import
+/// does, [`crate::import::to_crlf`].
 pub(super) fn normalize(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 2);
-    let mut i = 0;
-    while i < message.len() {
-        match message[i] {
-            b'\r' => {
-                out.extend_from_slice(b"\r\n");
-                if message.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-            }
-            b'\n' => out.extend_from_slice(b"\r\n"),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    if !out.is_empty() && !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out
+    crate::import::to_crlf(message)
 }
 
 /// DATA payload: `normalized` (from [`normalize`]) dot-stuffed and
