@@ -421,7 +421,10 @@ mod tests {
         assert_eq!(by("key-custodian"), ["audit.read", "config.read", "keys.rotate"]);
     }
 
-    fn custom(entries: &[(&str, &[&str], Option<&[&str]>)]) -> BTreeMap<String, RoleConfig> {
+    /// A custom role as (name, permissions, domains).
+    type RoleSpec<'a> = (&'a str, &'a [&'a str], Option<&'a [&'a str]>);
+
+    fn custom(entries: &[RoleSpec<'_>]) -> BTreeMap<String, RoleConfig> {
         entries
             .iter()
             .map(|(n, p, d)| {

@@ -312,11 +312,13 @@ impl Admin {
                 .open(admin_id, FactorKind::Totp, &f.sealed)
                 .ok_or_else(|| storage_error("a sealed factor does not open under this master key"))?;
             let step = totp_match(&secret, code, now).ok_or_else(|| AdminError::refused("wrong code"))?;
-            let codes = self.first_recovery_codes(admin_id).await?;
             if !self.mail.store().activate_admin_factor(admin_id, id, unix_now()).await? {
                 return Err(AdminError::not_found("unknown or expired enrolment"));
             }
             self.mail.store().use_factor_step(id, step, now as i64).await?;
+            // After the factor is active: codes made for a failed enrolment
+            // would be stored but never shown.
+            let codes = self.first_recovery_codes(admin_id).await?;
             tracing::warn!(alert = true, admin = %rec.name, actor = %actor, kind = "totp", label = %f.label,
                 "administrator second factor enrolled");
             Ok(codes)
@@ -415,11 +417,11 @@ impl Admin {
             }
             let plain = Zeroizing::new(serde_json::to_vec(&passkey).map_err(|e| AdminError::Storage(Box::new(e)))?);
             let sealed = sealer.seal(admin_id, FactorKind::WebAuthn, &plain);
-            let codes = self.first_recovery_codes(admin_id).await?;
             self.mail
                 .store()
                 .add_admin_factor(admin_id, FactorKind::WebAuthn.as_str(), &st.label, sealed, None)
                 .await?;
+            let codes = self.first_recovery_codes(admin_id).await?;
             tracing::warn!(alert = true, admin = %rec.name, actor = %actor, kind = "webauthn", label = %st.label,
                 "administrator second factor enrolled");
             Ok(codes)
