@@ -21,6 +21,7 @@
 //! - [`oauth`]: bearer-token validation (JWKS keys, introspection).
 //! - [`sasl`]: the SASL mechanism registry and the mechanisms: PLAIN,
 //!   SCRAM-SHA-256(-PLUS), OAUTHBEARER and XOAUTH2 (`sasl::bearer`).
+//! - [`rbac`]: admin-plane permissions, built-in and custom roles.
 //! - [`admin`]: one function per admin operation (CLI, admin API), each recorded with its actor.
 //! - [`tls`]: rustls configuration, hot reload, local CA generation.
 //! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
@@ -58,6 +59,7 @@ pub mod oauth;
 pub mod password;
 pub mod policy;
 pub mod pop3;
+pub mod rbac;
 pub mod sasl;
 pub mod scram;
 pub mod secret;

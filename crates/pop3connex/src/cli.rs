@@ -48,6 +48,84 @@ pub enum Cmd {
     /// Fetch mail from upstream POP3 mailboxes (accounts, runs, state).
     #[command(subcommand)]
     Connector(ConnectorCmd),
+    /// Administrators of the HTTPS admin plane, their roles, second factors and service tokens.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+}
+
+#[derive(Subcommand)]
+pub enum AdminCmd {
+    /// Add an administrator (password from a prompt or --password-stdin). The
+    /// first console login can only enrol a second factor.
+    Add {
+        name: String,
+        /// Role (repeatable): built-in or from [admin.roles]; see `admin roles`.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List administrators with roles, factors and last login.
+    List {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse an administrator's logins and the service tokens it created.
+    Disable { name: String },
+    /// Undo `disable`.
+    Enable { name: String },
+    /// Remove an administrator, its factors, recovery codes and tokens.
+    Remove { name: String },
+    /// Remove every second factor and recovery code (lost device): the next
+    /// login can only enrol a new factor.
+    ResetMfa { name: String },
+    /// List the built-in and custom roles with their permissions.
+    Roles,
+    /// Replace an administrator's roles.
+    SetRoles {
+        name: String,
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+    },
+    /// Change an administrator's password.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Service tokens of the admin API.
+    #[command(subcommand)]
+    Token(AdminTokenCmd),
+}
+
+#[derive(Subcommand)]
+pub enum AdminTokenCmd {
+    /// List service tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token at once.
+    Revoke { id: String },
+    /// Create a token for automation with an administrator's rights (at most
+    /// theirs) and print it once.
+    Create {
+        /// The administrator the token acts for (needs tokens.write).
+        #[arg(long)]
+        admin: String,
+        #[arg(long)]
+        name: String,
+        /// Permission (repeatable), e.g. users.read.
+        #[arg(long = "permission", required = true)]
+        permissions: Vec<String>,
+        /// Days until it expires (at most [admin] max_token_days).
+        #[arg(long)]
+        expires_days: u64,
+        /// Source network it may be used from (repeatable CIDR); default: any.
+        #[arg(long = "network")]
+        networks: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use cli::{
-    AppPasswordCmd, BanCmd, Cli, Cmd, ConfigCmd, ConnectorCmd, ImportCmd, MailboxCmd, UserCmd, DEFAULT_DATA_DIR,
+    AdminCmd, AdminTokenCmd, AppPasswordCmd, BanCmd, Cli, Cmd, ConfigCmd, ConnectorCmd, ImportCmd, MailboxCmd, UserCmd,
+    DEFAULT_DATA_DIR,
 };
 use pop3connex_core::admin::import::ImportFormat;
 use pop3connex_core::admin::users::Unlock;
@@ -91,6 +92,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::User(cmd) => with_admin(load_quiet(&cli.config)?, async |admin, actor| user(admin, actor, cmd).await),
         Cmd::Import(cmd) => with_admin(load_quiet(&cli.config)?, async |admin, actor| import(admin, actor, cmd).await),
         Cmd::Ban(cmd) => with_admin(load_quiet(&cli.config)?, async |admin, actor| ban(admin, actor, cmd).await),
+        Cmd::Admin(cmd) => with_admin(load_quiet(&cli.config)?, async |admin, actor| admins(admin, actor, cmd).await),
         Cmd::Mailbox(MailboxCmd::Stat { name }) => with_admin(load_quiet(&cli.config)?, async |admin, actor| {
             print::mailbox_stat(&admin.mailbox_stat(actor, &UserName::parse(&name)?).await?);
             Ok(())
@@ -238,6 +240,79 @@ async fn connector(admin: &Admin, actor: &Actor, cmd: ConnectorCmd) -> Result<()
             println!("account={name} marked {n} upstream message(s) as fetched");
         }
         ConnectorCmd::DnsCheck { domain } => print!("{}", admin.dns_check(actor, &domain).await?),
+    }
+    Ok(())
+}
+
+async fn admins(admin: &Admin, actor: &Actor, cmd: AdminCmd) -> Result<()> {
+    match cmd {
+        AdminCmd::Add { name, roles, password_stdin } => {
+            let pw = read_password(password_stdin)?;
+            let info = admin.admin_add(actor, &name, &pw, &roles).await?;
+            println!(
+                "added administrator {} ({}); the first login enrols a second factor",
+                info.name,
+                info.roles.join(", ")
+            );
+        }
+        AdminCmd::List { json } => {
+            let list = admin.admin_list(actor).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", print::admin_table(&list));
+            }
+        }
+        AdminCmd::Disable { name } => {
+            admin.admin_set_enabled(actor, &name, false).await?;
+            println!("disabled administrator {name}");
+        }
+        AdminCmd::Enable { name } => {
+            admin.admin_set_enabled(actor, &name, true).await?;
+            println!("enabled administrator {name}");
+        }
+        AdminCmd::Remove { name } => {
+            admin.admin_remove(actor, &name).await?;
+            println!("removed administrator {name}");
+        }
+        AdminCmd::ResetMfa { name } => {
+            admin.admin_reset_mfa(actor, &name).await?;
+            println!("removed every second factor and recovery code of {name}; the next login enrols a new factor");
+        }
+        AdminCmd::Roles => print!("{}", print::roles(admin.roles().all())),
+        AdminCmd::SetRoles { name, roles } => {
+            admin.admin_set_roles(actor, &name, &roles).await?;
+            println!("roles of {name}: {}", roles.join(", "));
+        }
+        AdminCmd::Passwd { name, password_stdin } => {
+            let pw = read_password(password_stdin)?;
+            admin.admin_set_password(actor, &name, &pw).await?;
+            println!("password changed for administrator {name}");
+        }
+        AdminCmd::Token(AdminTokenCmd::List { json }) => {
+            let list = admin.token_list(actor).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", print::token_table(&list));
+            }
+        }
+        AdminCmd::Token(AdminTokenCmd::Revoke { id }) => {
+            admin.token_revoke(actor, &id).await?;
+            println!("revoked token {id}");
+        }
+        AdminCmd::Token(AdminTokenCmd::Create { admin: owner, name, permissions, expires_days, networks }) => {
+            let permissions = pop3connex_core::rbac::PermissionSet::parse_list(&permissions).map_err(|e| anyhow!(e))?;
+            let networks = networks
+                .iter()
+                .map(|n| n.parse::<pop3connex_core::ipnet::IpNet>().map_err(|_| anyhow!("`{n}` is not a CIDR network")))
+                .collect::<Result<Vec<_>>>()?;
+            let expires_at = pop3connex_core::types::unix_now().max(0) as u64 + expires_days.saturating_mul(86_400);
+            let creator = admin.principal_for_cli(actor, &owner).await?;
+            let (info, token) = admin.token_create(&creator, &name, &permissions, expires_at, &networks).await?;
+            eprintln!("token {} created; it is shown once, store it now:", info.id);
+            println!("{}", &*token);
+        }
     }
     Ok(())
 }

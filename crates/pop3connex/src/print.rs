@@ -4,11 +4,14 @@
 
 use std::path::Path;
 
+use pop3connex_core::admin::admins::AdminInfo;
 use pop3connex_core::admin::app_passwords::{AppPasswordEntry, Expiry};
 use pop3connex_core::admin::connector::{AccountStatus, AccountSummary};
 use pop3connex_core::admin::security::BanEntry;
+use pop3connex_core::admin::tokens::TokenInfo;
 use pop3connex_core::admin::users::{MailboxStat, PasswdImport};
 use pop3connex_core::import::{escape_controls, ImportReport};
+use pop3connex_core::rbac::Role;
 use pop3connex_core::store::UserSummary;
 use pop3connex_core::types::format_unix;
 
@@ -34,6 +37,95 @@ pub fn user_table(users: &[UserSummary]) -> String {
         let _ = writeln!(out, "{name:<w0$}  {messages:>w1$}  {octets:>w2$}  {status}");
     }
     out
+}
+
+/// Rows as a table whose columns fit the longest value, header included;
+/// the last column is not padded.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    use std::fmt::Write;
+    let header = header.map(str::to_owned);
+    let all = || std::iter::once(&header).chain(rows);
+    let widths: Vec<usize> = (0..N).map(|c| all().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in all() {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 < N {
+                // Writing to a String cannot fail.
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            } else {
+                line.push_str(cell);
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+fn time_or_never(t: Option<i64>) -> String {
+    t.map_or_else(|| "never".to_owned(), format_unix)
+}
+
+/// `admin list`.
+pub fn admin_table(admins: &[AdminInfo]) -> String {
+    let rows: Vec<[String; 5]> = admins
+        .iter()
+        .map(|a| {
+            let factors = if a.factors.is_empty() {
+                "none (enrolment pending)".to_owned()
+            } else {
+                a.factors.iter().map(|f| format!("{}:{}", f.kind.as_str(), f.label)).collect::<Vec<_>>().join(", ")
+            };
+            let status = if a.enabled { "active" } else { "disabled" };
+            [
+                escape_controls(&a.name),
+                a.roles.join(","),
+                status.to_owned(),
+                time_or_never(a.last_login_at),
+                escape_controls(&factors),
+            ]
+        })
+        .collect();
+    table(["admin", "roles", "status", "last login", "factors"], &rows)
+}
+
+/// `admin roles`.
+pub fn roles(roles: &[Role]) -> String {
+    let rows: Vec<[String; 3]> = roles
+        .iter()
+        .map(|r| {
+            let scope = r.domains.as_ref().map_or_else(|| "all users".to_owned(), |d| d.join(","));
+            let kind = if r.builtin { "built-in" } else { "custom" };
+            [r.name.clone(), format!("{kind}, {scope}"), r.permissions.names().join(" ")]
+        })
+        .collect();
+    table(["role", "kind, scope", "permissions"], &rows)
+}
+
+/// `admin token list`.
+pub fn token_table(tokens: &[TokenInfo]) -> String {
+    let rows: Vec<[String; 7]> = tokens
+        .iter()
+        .map(|t| {
+            let status = if t.revoked { "revoked" } else { "active" };
+            let used = match (&t.last_used_at, &t.last_used_from) {
+                (Some(at), Some(from)) => format!("{} from {from}", format_unix(*at)),
+                (Some(at), None) => format_unix(*at),
+                _ => "never".to_owned(),
+            };
+            let nets = if t.networks.is_empty() { "any".to_owned() } else { t.networks.join(",") };
+            [
+                t.id.clone(),
+                escape_controls(&t.name),
+                escape_controls(&t.creator),
+                status.to_owned(),
+                format_unix(t.expires_at),
+                used,
+                format!("{} [{}]", t.permissions.join(" "), nets),
+            ]
+        })
+        .collect();
+    table(["id", "name", "creator", "status", "expires", "last use", "permissions [networks]"], &rows)
 }
 
 pub fn mailbox_stat(stat: &MailboxStat) {

@@ -292,3 +292,97 @@ fn user_list_header_and_rows_align() {
         assert_eq!(row[3].0, header[3].0, "status starts under \"status\":\n{text}");
     }
 }
+
+#[test]
+fn admin_cli_round_trip() {
+    let dir = data_dir("admin-cli");
+    let pw = "correct horse battery staple\n";
+    let ok = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let add = pop3connex(&dir.0, &["admin", "add", "alice", "--role", "superadmin", "--password-stdin"], pw);
+    assert!(ok(&add).contains("added administrator alice"));
+    ok(&pop3connex(&dir.0, &["admin", "add", "bob", "--role", "auditor", "--role", "key-custodian"], pw));
+    let dup = pop3connex(&dir.0, &["admin", "add", "bob", "--role", "auditor", "--password-stdin"], pw);
+    assert!(!dup.status.success() && String::from_utf8_lossy(&dup.stderr).contains("already exists"));
+    let bad = pop3connex(&dir.0, &["admin", "add", "carol", "--role", "root", "--password-stdin"], pw);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("unknown role"));
+
+    let table = ok(&pop3connex(&dir.0, &["admin", "list"], ""));
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("admin") && lines[0].contains("roles") && lines[0].contains("factors"), "{table}");
+    assert!(lines[2].starts_with("bob") && lines[2].contains("auditor,key-custodian") && lines[2].contains("active"));
+    assert!(lines[2].contains("none (enrolment pending)"), "{table}");
+
+    ok(&pop3connex(&dir.0, &["admin", "disable", "bob"], ""));
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&pop3connex(&dir.0, &["admin", "list", "--json"], ""))).unwrap();
+    assert_eq!(json[1]["name"], "bob");
+    assert_eq!(json[1]["enabled"], false);
+    assert_eq!(json[0]["roles"][0], "superadmin");
+    assert!(json.to_string().find("argon2").is_none(), "no password hash in the listing");
+
+    ok(&pop3connex(&dir.0, &["admin", "set-roles", "bob", "--role", "mailbox-admin"], ""));
+    ok(&pop3connex(&dir.0, &["admin", "reset-mfa", "bob"], ""));
+    ok(&pop3connex(&dir.0, &["admin", "passwd", "bob", "--password-stdin"], "another long passphrase here\n"));
+    let roles = ok(&pop3connex(&dir.0, &["admin", "roles"], ""));
+    assert!(roles.lines().any(|l| l.starts_with("auditor") && l.contains("audit.read") && !l.contains("users.write")));
+
+    // A token for automation, shown once, listed without its secret, revoked.
+    let out = pop3connex(
+        &dir.0,
+        &[
+            "admin",
+            "token",
+            "create",
+            "--admin",
+            "alice",
+            "--name",
+            "backup",
+            "--permission",
+            "users.read",
+            "--expires-days",
+            "7",
+        ],
+        "",
+    );
+    let token = ok(&out).trim().to_owned();
+    assert!(token.starts_with("p3x_"), "{token}");
+    let id = token[4..20].to_owned();
+    let list = ok(&pop3connex(&dir.0, &["admin", "token", "list"], ""));
+    assert!(list.contains(&id) && list.contains("backup") && !list.contains(&token), "{list}");
+    let more = pop3connex(
+        &dir.0,
+        &[
+            "admin",
+            "token",
+            "create",
+            "--admin",
+            "bob",
+            "--name",
+            "x",
+            "--permission",
+            "users.read",
+            "--expires-days",
+            "7",
+        ],
+        "",
+    );
+    assert!(!more.status.success(), "bob lacks tokens.write");
+    ok(&pop3connex(&dir.0, &["admin", "token", "revoke", &id], ""));
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&pop3connex(&dir.0, &["admin", "token", "list", "--json"], ""))).unwrap();
+    assert_eq!(list[0]["revoked"], true);
+
+    ok(&pop3connex(&dir.0, &["admin", "remove", "bob"], ""));
+    let table = ok(&pop3connex(&dir.0, &["admin", "list"], ""));
+    assert!(!table.contains("bob") && table.contains("alice"));
+    let gone = pop3connex(&dir.0, &["admin", "remove", "bob"], "");
+    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no such administrator"));
+}

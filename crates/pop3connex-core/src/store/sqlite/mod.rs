@@ -30,10 +30,11 @@
 //!   holding the fencing token and expiry, which fenced commits check in
 //!   their own transaction (`lease.rs`).
 //! - One file per role, each with its role trait's `impl`: `accounts.rs`,
-//!   `message.rs`, `security.rs`, `connector.rs`, `lease.rs`; this file
+//!   `message.rs`, `security.rs`, `connector.rs`, `lease.rs`, `admin.rs`; this file
 //!   holds the schema, the writer thread and the reader pool.
 
 mod accounts;
+mod admin;
 mod connector;
 mod lease;
 mod message;
@@ -78,7 +79,7 @@ const LOW_SPACE_BYTES: u64 = 64 << 20;
 /// leave a WAL of its size behind for good.
 const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -214,6 +215,8 @@ enum WriteOp {
         resource: String,
         token: FencingToken,
     },
+    /// Administrators, factors, recovery codes, service tokens.
+    Admin(admin::AdminWrite),
 }
 
 struct Job {
@@ -533,6 +536,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "CREATE TABLE leases(resource TEXT PRIMARY KEY, token INTEGER NOT NULL, holder TEXT NOT NULL,
                              expires_at INTEGER NOT NULL) WITHOUT ROWID;",
     ),
+    // Administrators of the admin plane, their factors, recovery codes and
+    // service tokens (`admin.rs` holds the statements).
+    (9, admin::TABLES),
 ];
 
 fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
@@ -837,6 +843,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
             lease::record(conn, resource, *token, holder, *expires_at)
         }
         WriteOp::ReleaseLease { resource, token } => lease::release(conn, resource, *token),
+        WriteOp::Admin(w) => admin::apply(conn, w),
     }
 }
 
