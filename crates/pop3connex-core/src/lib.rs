@@ -22,6 +22,7 @@
 //! - [`sasl`]: the SASL mechanism registry and the mechanisms: PLAIN,
 //!   SCRAM-SHA-256(-PLUS), OAUTHBEARER and XOAUTH2 (`sasl::bearer`).
 //! - [`admin`]: one function per admin operation (CLI, admin API), each recorded with its actor.
+//! - [`audit_log`]: the tamper-evident audit log (HMAC chain, head file, signed checkpoints, verify).
 //! - [`tls`]: rustls configuration, hot reload, local CA generation.
 //! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
 //! - [`lmtp`]: LMTP ingestion sessions, their deadlines and the shared
@@ -41,6 +42,7 @@
 pub use ipnet;
 
 pub mod admin;
+pub mod audit_log;
 pub mod auth;
 pub mod config;
 pub mod connector;
