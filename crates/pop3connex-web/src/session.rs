@@ -55,6 +55,8 @@ pub enum Stage {
 pub struct Session {
     pub admin_id: i64,
     pub admin_name: String,
+    /// The admin's roles at login (shown in the page header).
+    pub roles: Vec<String>,
     pub address: IpAddr,
     pub stage: Stage,
     pub created_at: u64,
@@ -62,6 +64,11 @@ pub struct Session {
     /// WebAuthn ceremony state (opaque, kept server-side), by purpose.
     pub webauthn_state: Option<(WebAuthnPurpose, String)>,
     pub pending_totp: Option<PendingTotp>,
+    /// Which second factors the admin has (the MFA and step-up pages offer them).
+    pub has_totp: bool,
+    pub has_passkey: bool,
+    /// Recovery codes of a first enrolment, shown once on the next page.
+    pub recovery_codes: Option<Vec<Zeroizing<String>>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -250,12 +257,16 @@ mod tests {
         Session {
             admin_id,
             admin_name: format!("a{admin_id}"),
+            roles: Vec::new(),
             address: "127.0.0.1".parse().unwrap(),
             stage,
             created_at: now,
             last_seen: now,
             webauthn_state: None,
             pending_totp: None,
+            has_totp: false,
+            has_passkey: false,
+            recovery_codes: None,
         }
     }
 
