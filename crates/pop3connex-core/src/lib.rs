@@ -21,6 +21,7 @@
 //! - [`oauth`]: bearer-token validation (JWKS keys, introspection).
 //! - [`sasl`]: the SASL mechanism registry and the mechanisms: PLAIN,
 //!   SCRAM-SHA-256(-PLUS), OAUTHBEARER and XOAUTH2 (`sasl::bearer`).
+//! - [`rbac`]: admin-plane permissions, built-in and custom roles.
 //! - [`admin`]: one function per admin operation (CLI, admin API), each recorded with its actor.
 //! - [`audit_log`]: the tamper-evident audit log (HMAC chain, head file, signed checkpoints, verify).
 //! - [`tls`]: rustls configuration, hot reload, local CA generation.
@@ -60,6 +61,7 @@ pub mod oauth;
 pub mod password;
 pub mod policy;
 pub mod pop3;
+pub mod rbac;
 pub mod sasl;
 pub mod scram;
 pub mod secret;
