@@ -390,6 +390,32 @@ impl AuditLog {
     }
 }
 
+/// Parses a time given on the command line as Unix ms: Unix seconds,
+/// `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn parse_time(text: &str) -> Option<i64> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<i64>() {
+        return secs.checked_mul(1000);
+    }
+    let (date, time) = match text.split_once('T') {
+        Some((d, t)) => (d, Some(t.strip_suffix('Z').unwrap_or(t))),
+        None => (text, None),
+    };
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i32>().ok());
+    let (year, month, day) = (d.next()??, d.next()??, d.next()??);
+    let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, u8::try_from(day).ok()?).ok()?;
+    let (h, m, s) = match time {
+        None => (0, 0, 0),
+        Some(t) => {
+            let mut p = t.splitn(3, ':').map(|p| p.parse::<u8>().ok());
+            (p.next()??, p.next()??, p.next().unwrap_or(Some(0))?)
+        }
+    };
+    let at = date.with_hms(h, m, s).ok()?.assume_utc();
+    Some(at.unix_timestamp() * 1000)
+}
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
