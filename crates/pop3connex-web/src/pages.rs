@@ -874,7 +874,7 @@ async fn tokens_page(
         })
         .collect();
     let grantable = c.principal.permissions.names().into_iter().map(Into::into).collect();
-    let max_days = s.cfg.admin.as_ref().map_or(365, |a| u64::from(a.max_token_days));
+    let max_days = s.cfg.admin.as_ref().map_or(365, |a| a.max_token_days);
     let v = TokensView { tokens, grantable, max_days, new_token, can_write: c.principal.can(Permission::TokensWrite) };
     page(status, console::admins::tokens(&frame(s, c, "/tokens", notice), &v))
 }
