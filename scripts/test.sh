@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(curl mpop fetchmail swaks testssl.sh openssl ca-certificates python3 postfix dovecot-core dovecot-lmtpd
-                 dovecot-pop3d nmap fail2ban nsd ldnsutils libssl-dev pkg-config)
+                 dovecot-pop3d nmap fail2ban nsd ldnsutils libssl-dev pkg-config chromium chromium-driver libnss3-tools)
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,8 +40,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ -z "$policy_added" ] || $SUDO rm -f /usr/sbin/policy-rc.d
     [ "$rc" -eq 0 ] || exit "$rc"
 fi
-python3 -c 'import pytest, scramp, jwt, cryptography' 2>/dev/null \
-    || python3 -m pip install --quiet 'pytest>=7,<9' 'scramp>=1.4,<2' 'pyjwt[crypto]>=2.8,<3'
+python3 -c 'import pytest, scramp, jwt, cryptography, selenium' 2>/dev/null \
+    || python3 -m pip install --quiet 'pytest>=7,<9' 'scramp>=1.4,<2' 'pyjwt[crypto]>=2.8,<3' 'selenium>=4.11,<5'
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

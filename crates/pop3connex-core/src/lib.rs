@@ -23,6 +23,7 @@
 //!   SCRAM-SHA-256(-PLUS), OAUTHBEARER and XOAUTH2 (`sasl::bearer`).
 //! - [`rbac`]: admin-plane permissions, built-in and custom roles.
 //! - [`admin`]: one function per admin operation (CLI, admin API), each recorded with its actor.
+//! - [`audit_log`]: the tamper-evident audit log (HMAC chain, head file, signed checkpoints, verify).
 //! - [`tls`]: rustls configuration, hot reload, local CA generation.
 //! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
 //! - [`lmtp`]: LMTP ingestion sessions, their deadlines and the shared
@@ -42,6 +43,7 @@
 pub use ipnet;
 
 pub mod admin;
+pub mod audit_log;
 pub mod auth;
 pub mod config;
 pub mod connector;

@@ -375,6 +375,15 @@ impl Guard {
         }
     }
 
+    /// Bans `ip` now, with the same growing ban length as the automatic
+    /// bans, for a limit counted elsewhere (the admin listener's
+    /// `login_failures_before_ban`). Allowlisted addresses are never banned.
+    pub fn ban_address(&self, ip: IpAddr, reason: &'static str) {
+        let now = (self.clock)();
+        let mut inner = self.lock();
+        self.ban(&mut inner, ip, reason, now);
+    }
+
     fn delay_for(&self, failures: u64) -> Duration {
         let factor = 1u32.checked_shl(failures.saturating_sub(1).min(16) as u32).unwrap_or(u32::MAX);
         self.base_delay.saturating_mul(factor).min(Duration::from_millis(self.cfg.max_failure_delay_ms))

@@ -99,6 +99,17 @@ impl TlsAcceptor {
 }
 
 fn build(cert_path: &Path, key_ref: &SecretRef) -> Result<Configs, TlsError> {
+    let mut config = server_config(cert_path, key_ref)?;
+    let without_alpn = Arc::new(config.clone());
+    config.alpn_protocols = vec![b"pop3".to_vec()];
+    Ok(Configs { with_alpn: Arc::new(config), without_alpn })
+}
+
+/// A rustls server configuration under this module's rules (TLS 1.2/1.3,
+/// the fixed ECDHE+AEAD suites, server order, no early data), without
+/// ALPN: the POP3 listeners and the admin listener (ALPN h2, http/1.1) set
+/// their own protocols on it.
+pub fn server_config(cert_path: &Path, key_ref: &SecretRef) -> Result<ServerConfig, TlsError> {
     let cert_err = |reason: String| TlsError::Certificate { path: cert_path.to_owned(), reason };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
         .map_err(|e| cert_err(e.to_string()))?
@@ -123,9 +134,7 @@ fn build(cert_path: &Path, key_ref: &SecretRef) -> Result<Configs, TlsError> {
     config.ignore_client_order = true;
     config.max_early_data_size = 0;
     config.ticketer = provider::Ticketer::new()?;
-    let without_alpn = Arc::new(config.clone());
-    config.alpn_protocols = vec![b"pop3".to_vec()];
-    Ok(Configs { with_alpn: Arc::new(config), without_alpn })
+    Ok(config)
 }
 
 /// Files written by [`generate_local_ca`].

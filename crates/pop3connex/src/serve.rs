@@ -59,7 +59,26 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
     runtime()?.block_on(async move {
-        let running = server::start(&cfg).await?;
+        let mail = std::sync::Arc::new(MailStore::open(&cfg).await?);
+        let running = server::start_with_store(&cfg, mail.clone()).await?;
+        let (stop_checkpoints, checkpoints) = start_audit_checkpoints(&cfg, &mail);
+        // The admin plane (off unless [admin] is configured) shares the
+        // store; its reload button asks this loop to do what SIGHUP does.
+        let (web_stop, web_stopped) = tokio::sync::watch::channel(false);
+        let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(4);
+        let web = match cfg.admin {
+            Some(_) => {
+                let shared = std::sync::Arc::new(cfg.clone());
+                let admin = std::sync::Arc::new(pop3connex_core::admin::Admin::with_mail(shared.clone(), mail.clone()));
+                let control = pop3connex_web::Control { shutdown: web_stopped, reload: Some(reload_tx) };
+                let web = pop3connex_web::start(admin, shared, control).await?;
+                for a in &web.addresses {
+                    tracing::info!(address = %a, "listening https (admin API and console)");
+                }
+                Some(web)
+            }
+            None => None,
+        };
         for a in &running.pop3s {
             tracing::info!(address = %a, "listening pop3s (implicit TLS)");
         }
@@ -78,9 +97,16 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => running.reload().await,
+                Some(()) = reload_rx.recv() => running.reload().await,
             }
         }
+        let _ = web_stop.send(true);
+        if let Some(web) = web {
+            let _ = web.task.await;
+        }
         tracing::info!(sessions = running.active_sessions(), "shutting down");
+        let _ = stop_checkpoints.send(true);
+        let _ = checkpoints.await;
         let left = running.shutdown().await;
         if left > 0 {
             tracing::warn!(sessions = left, "grace period over, closing remaining sessions");
@@ -88,4 +114,21 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// How often the server checks whether an audit checkpoint is due (one is
+/// written at least hourly while records are added).
+const AUDIT_CHECKPOINT_TICK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts the audit log's checkpoint task: checkpoints at least every hour
+/// while records are added, and every checkpoint (CLI commands write some
+/// too) emitted to this server's log.
+fn start_audit_checkpoints(
+    cfg: &Config,
+    mail: &std::sync::Arc<MailStore>,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    use pop3connex_core::audit_log::{run_checkpoints, AuditLog};
+    let log = std::sync::Arc::new(AuditLog::for_mail(mail, &cfg.store.path));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    (stop, tokio::spawn(run_checkpoints(log, AUDIT_CHECKPOINT_TICK, stopped)))
 }
