@@ -2,14 +2,21 @@
 something lands in `audit-log export` as an attempt and an outcome record,
 `audit-log verify` passes on the untouched log, and a database edited with
 sqlite3 (a middle record changed, the newest records deleted) makes verify
-exit 1 naming the record.
+exit 1 naming the record, and a checkpoint taken from the log verifies
+offline with the printed public key.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import mailbox
+import re
 import sqlite3
+import struct
+import subprocess
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import syslib
 
@@ -32,6 +39,10 @@ def test_every_cli_change_is_recorded_and_tampering_is_named(server_factory, tmp
     box = mailbox.mbox(str(mbox_path))
     box.add(b"From: a@example.org\nSubject: one\n\nbody\n")
     box.flush()
+    maildir = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "new" / "1.host").write_bytes(b"From: a@example.org\nSubject: two\n\nbody\n")
     account = tmp_path / "account.toml"
     account.write_text(
         'name = "audited"\nhost = "127.0.0.1"\nport = 9\ntls = "implicit"\nuser = "u"\n'
@@ -49,6 +60,7 @@ def test_every_cli_change_is_recorded_and_tampering_is_named(server_factory, tmp
     srv.cli("user", "app-password", "revoke", "alice", app_id)
     srv.cli("user", "import-passwd", str(passwd))
     srv.cli("import", "mbox", "alice", str(mbox_path))
+    srv.cli("import", "maildir", "alice", str(maildir))
     srv.cli("ban", "add", "192.0.2.0/24", "--reason", "audit test")
     srv.cli("ban", "remove", "192.0.2.0/24")
     srv.cli("connector", "add", "--file", str(account))
@@ -62,7 +74,8 @@ def test_every_cli_change_is_recorded_and_tampering_is_named(server_factory, tmp
         ("user.add", "alice"), ("user.passwd", "alice"), ("user.set_class", "alice"),
         ("user.require_modern_auth", "alice"), ("user.disable", "alice"), ("user.enable", "alice"),
         ("user.unlock", "alice"), ("app_password.add", "alice"), ("app_password.revoke", f"alice/{app_id}"),
-        ("user.import_passwd", "passwd-file"), ("import.mbox", "alice"), ("ban.add", "192.0.2.0/24"),
+        ("user.import_passwd", "passwd-file"), ("import.mbox", "alice"), ("import.maildir", "alice"),
+        ("ban.add", "192.0.2.0/24"),
         ("ban.remove", "192.0.2.0/24"), ("connector.add", "audited"), ("connector.remove", "audited"),
         ("user.delete", "bob"),
     ]
@@ -91,6 +104,25 @@ def test_every_cli_change_is_recorded_and_tampering_is_named(server_factory, tmp
     assert [r["outcome"] for r in reads[:2]] == ["attempt", "ok"], reads
     shown = srv.cli("audit-log", "show", "--action", "ban", "--limit", "5").stdout.decode()
     assert "ban.remove" in shown and "ban.add" in shown and "user.add" not in shown, shown
+
+    # An auditor checks a logged checkpoint offline with the public key alone.
+    key_b64 = srv.cli("audit-log", "public-key").stdout.decode().split()[1]
+    env = {**srv.env(), "POP3CONNEX_LOG": "pop3connex::audit=info"}
+    for _ in range(100):  # appends until the next checkpoint is due
+        cp = subprocess.run([str(srv.binary), "--config", str(srv.config), "ban", "list"], env=env,
+                            capture_output=True, timeout=60, check=True)
+        line = next((l for l in cp.stderr.decode().splitlines() if "audit checkpoint" in l), None)
+        if line:
+            break
+    assert line, "no checkpoint was logged within 100 records"
+    fields = dict(re.findall(r"(seq|mac|time|signature)=(\S+)", re.sub(r"\x1b\[[0-9;]*m", "", line)))
+    message = (b"pop3connex/audit-checkpoint/v1" + struct.pack(">qq", int(fields["seq"]), int(fields["time"]))
+               + bytes.fromhex(fields["mac"]))
+    Ed25519PublicKey.from_public_bytes(base64.b64decode(key_b64)).verify(
+        base64.b64decode(fields["signature"]), message)
+    logged = next(r for r in export(srv) if r["seq"] == int(fields["seq"]))
+    assert logged["mac"] == fields["mac"]
+    records = export(srv)
 
     ok = srv.cli("audit-log", "verify")
     assert ok.stdout.decode().startswith("audit log intact: "), ok.stdout

@@ -427,3 +427,82 @@ fn actors_are_shown_without_secrets() {
     assert_eq!(admin.to_string(), "admin:ops@192.0.2.9");
     assert_eq!(Actor::ServiceToken { id: "t1".into() }.to_string(), "token:t1");
 }
+
+/// The audit records of the store, oldest first.
+async fn audit_records(admin: &Admin) -> Vec<pop3connex_core::admin::AuditRecord> {
+    let mut out = Vec::new();
+    admin
+        .audit_log_export(&cli(), None, None, &mut |r| {
+            out.push(r.clone());
+            Ok(())
+        })
+        .await
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn every_operation_is_in_the_audit_log_as_attempt_then_outcome() {
+    let s = setup("audit-pairs").await;
+    let alice = user("alice");
+    s.admin.add_user(&cli(), &alice, PASSWORD.as_bytes()).await.unwrap();
+    s.admin.set_class(&cli(), &alice, Some("staff")).await.unwrap();
+    let err = s.admin.set_class(&cli(), &user("ghost"), Some("staff")).await.unwrap_err();
+    assert_eq!(err.kind(), "not_found");
+    let web = Actor::Admin { name: "root".into(), address: "192.0.2.9".parse().unwrap() };
+    s.admin.add_ban(&web, "198.51.100.0/24", "test", None).await.unwrap();
+
+    let records = audit_records(&s.admin).await;
+    let seen: Vec<(&str, &str, &str)> =
+        records.iter().map(|r| (r.action.as_str(), r.target.as_str(), r.outcome.as_str())).collect();
+    assert_eq!(
+        seen[..8],
+        [
+            ("user.add", "alice", "attempt"),
+            ("user.add", "alice", "ok"),
+            ("user.set_class", "alice", "attempt"),
+            ("user.set_class", "alice", "ok"),
+            ("user.set_class", "ghost", "attempt"),
+            ("user.set_class", "ghost", "not_found"),
+            ("ban.add", "198.51.100.0/24", "attempt"),
+            ("ban.add", "198.51.100.0/24", "ok"),
+        ]
+    );
+    assert_eq!(records[2].before, Some(serde_json::json!({ "class": null })));
+    assert_eq!(records[2].after, Some(serde_json::json!({ "class": "staff" })));
+    assert_eq!(records[6].actor, "admin:root@192.0.2.9");
+    assert_eq!(records[6].source.as_deref(), Some("192.0.2.9"));
+    assert!(!serde_json::to_string(&records).unwrap().contains(PASSWORD));
+
+    // Events and reads of the log are recorded too.
+    let details = pop3connex_core::admin::AuditDetails::default();
+    s.admin.audit_event(&web, "admin.login", "root", "failed", details).await.unwrap();
+    let query = pop3connex_core::admin::AuditQuery { action: Some("admin".into()), limit: 10, ..Default::default() };
+    let read = s.admin.audit_log_read(&web, &query).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!((read[0].action.as_str(), read[0].outcome.as_str()), ("admin.login", "failed"));
+    let last = audit_records(&s.admin).await;
+    assert!(last.iter().any(|r| r.action == "audit.read" && r.actor == "admin:root@192.0.2.9" && r.outcome == "ok"));
+    assert!(s.admin.audit_log().verify().await.unwrap().intact());
+}
+
+#[tokio::test]
+async fn an_operation_whose_attempt_cannot_be_recorded_is_not_performed() {
+    let s = setup("audit-fail-closed").await;
+    s.admin.add_user(&cli(), &user("alice"), PASSWORD.as_bytes()).await.unwrap();
+    let db = s.admin.config().store.path.clone();
+    rusqlite::Connection::open(&db).unwrap().execute_batch("DROP TABLE audit_log").unwrap();
+
+    let err = s.admin.add_user(&cli(), &user("bob"), PASSWORD.as_bytes()).await.unwrap_err();
+    assert_eq!(err.kind(), "storage", "{err}");
+    assert!(err.to_string().contains("audit log"), "{err}");
+    let err = s.admin.set_disabled(&cli(), &user("alice"), true).await.unwrap_err();
+    assert_eq!(err.kind(), "storage");
+    assert_last(&s.log, "user.disable", "alice", "audit_failed");
+    let details = pop3connex_core::admin::AuditDetails::default();
+    assert!(s.admin.audit_event(&cli(), "admin.login", "x", "ok", details).await.is_err());
+
+    let users = s.admin.mail().store().users().await.unwrap();
+    assert_eq!(users.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["alice"], "bob was added");
+    assert!(!users[0].disabled, "alice was disabled without a record");
+}

@@ -7,8 +7,9 @@ use std::time::Duration;
 use pop3connex_core::crypto::random_id;
 use pop3connex_core::store::sqlite::SqliteStore;
 use pop3connex_core::store::{
-    BanRecord, ConnectorCommit, ConnectorStatus, LeaseResource, LockoutRecord, MessageSource, NewMessage, SeenState,
-    ServiceTokenRecord, Store, StoreError, StoredCredentials,
+    AuditChain, AuditCheckpoint, AuditFilter, BanRecord, ConnectorCommit, ConnectorStatus, LeaseResource,
+    LockoutRecord, MessageSource, NewMessage, SeenState, ServiceTokenRecord, Store, StoreError, StoredAuditRecord,
+    StoredCredentials,
 };
 use pop3connex_core::types::{MailboxId, UserName};
 
@@ -468,6 +469,78 @@ async fn administrators_factors_codes_and_tokens(store: Arc<dyn Store>) {
     assert!(store.admin_factors(bob).await.unwrap().is_empty());
 }
 
+/// A chain whose "MAC" is the previous one's first byte plus one followed
+/// by the seq: shows which tail each append saw.
+struct CountingChain;
+
+impl AuditChain for CountingChain {
+    fn mac(&self, prev: Option<&[u8]>, record: &StoredAuditRecord) -> Vec<u8> {
+        assert!(record.mac.is_empty());
+        vec![prev.map_or(0, |p| p[0] + 1), record.seq as u8]
+    }
+}
+
+fn audit_record(action: &str, time: i64, actor: &str) -> StoredAuditRecord {
+    StoredAuditRecord {
+        seq: 0,
+        time,
+        actor: actor.into(),
+        source: None,
+        action: action.into(),
+        target: "t".into(),
+        outcome: "ok".into(),
+        before: Some("{\"a\":1}".into()),
+        after: None,
+        mac: Vec::new(),
+    }
+}
+
+async fn audit_records_chain_and_checkpoints(store: Arc<dyn Store>) {
+    assert_eq!(store.audit_tail().await.unwrap(), None);
+    let chain: Arc<dyn AuditChain> = Arc::new(CountingChain);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (store, chain) = (store.clone(), chain.clone());
+        let action = if i % 2 == 0 { "user.add" } else { "ban.add" };
+        let actor = if i % 3 == 0 { "admin:root@192.0.2.1" } else { "cli" };
+        tasks.push(tokio::spawn(async move { store.append_audit(audit_record(action, i, actor), chain).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let all = store.audit_range(0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    for (i, r) in all.iter().enumerate() {
+        // Every append chained to the record before it.
+        assert_eq!(r.mac, vec![if i == 0 { 0 } else { all[i - 1].mac[0] + 1 }, r.seq as u8]);
+        assert_eq!(r.before.as_deref(), Some("{\"a\":1}"));
+    }
+    assert_eq!(store.audit_tail().await.unwrap(), Some((20, all[19].mac.clone())));
+    assert_eq!(store.audit_range(18, 100).await.unwrap().len(), 2);
+    let newest_first = store.audit_query(AuditFilter { limit: 3, ..Default::default() }).await.unwrap();
+    assert_eq!(newest_first.iter().map(|r| r.seq).collect::<Vec<_>>(), [20, 19, 18]);
+    let q = |f: AuditFilter| {
+        let store = store.clone();
+        async move { store.audit_query(AuditFilter { limit: 100, ..f }).await.unwrap().len() }
+    };
+    assert_eq!(q(AuditFilter { action: Some("user".into()), ..Default::default() }).await, 10);
+    assert_eq!(q(AuditFilter { action: Some("use".into()), ..Default::default() }).await, 0);
+    assert_eq!(q(AuditFilter { actor: Some("admin:root".into()), ..Default::default() }).await, 7);
+    assert_eq!(q(AuditFilter { actor: Some("admin".into()), ..Default::default() }).await, 0);
+    assert_eq!(q(AuditFilter { since: Some(5), until: Some(10), ..Default::default() }).await, 5);
+    assert_eq!(q(AuditFilter { before_seq: Some(4), ..Default::default() }).await, 3);
+
+    assert_eq!(store.last_audit_checkpoint().await.unwrap(), None);
+    let cp =
+        |seq: i64, sig: u8| AuditCheckpoint { seq, mac: vec![seq as u8], time: seq * 10, signature: vec![sig; 64] };
+    store.put_audit_checkpoint(cp(10, 1)).await.unwrap();
+    store.put_audit_checkpoint(cp(20, 2)).await.unwrap();
+    // A second checkpoint for the same seq does not replace the first.
+    store.put_audit_checkpoint(cp(10, 9)).await.unwrap();
+    assert_eq!(store.audit_checkpoints().await.unwrap(), [cp(10, 1), cp(20, 2)]);
+    assert_eq!(store.last_audit_checkpoint().await.unwrap(), Some(cp(20, 2)));
+}
+
 macro_rules! backends {
     ($($backend:ident),*) => {
         mod conformance {
@@ -499,6 +572,7 @@ macro_rules! backends {
                 case!(connector_state_commits_atomically);
                 case!(connector_accounts_status_and_secrets);
                 case!(administrators_factors_codes_and_tokens);
+                case!(audit_records_chain_and_checkpoints);
             }
             )*
         }

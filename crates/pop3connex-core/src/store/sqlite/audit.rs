@@ -159,3 +159,64 @@ impl AuditStore for SqliteStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::prelude::*;
+
+    struct Counting;
+    impl AuditChain for Counting {
+        fn mac(&self, prev: Option<&[u8]>, _: &StoredAuditRecord) -> Vec<u8> {
+            vec![prev.map_or(0, |p| p[0] + 1)]
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_store_of_schema_8_upgrades_in_place_to_the_audit_log() {
+        let dir = std::env::temp_dir().join(format!("p3x-audit-upgrade-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("s.db");
+        {
+            // A store as version 8 wrote it (no audit tables), with a user.
+            let conn = Connection::open(&db).unwrap();
+            let base = super::super::SCHEMA;
+            conn.execute_batch(&base[..base.find("CREATE TABLE IF NOT EXISTS audit_log").unwrap()]).unwrap();
+            for (_, step) in super::super::MIGRATIONS.iter().filter(|(v, _)| *v <= 8) {
+                conn.execute_batch(step).unwrap();
+            }
+            conn.execute_batch(
+                "PRAGMA user_version = 8;
+                 INSERT INTO users(name, password_hash, disabled, created_at, password_changed_at)
+                     VALUES('alice', 'h', 0, 1, 1);
+                 INSERT INTO mailboxes(user_id, uid, wrapped_key) VALUES(1, zeroblob(16), x'01');",
+            )
+            .unwrap();
+            let audit: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'audit_log'", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(audit, 0);
+        }
+        let store = SqliteStore::open(&db).unwrap();
+        let version: i64 = store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
+        assert_eq!(version, super::super::SCHEMA_VERSION);
+        assert!(store.user(&crate::types::UserName::parse("alice").unwrap()).await.unwrap().is_some());
+        let record = StoredAuditRecord {
+            seq: 0,
+            time: 1,
+            actor: "cli".into(),
+            source: None,
+            action: "user.add".into(),
+            target: "bob".into(),
+            outcome: "attempt".into(),
+            before: None,
+            after: None,
+            mac: Vec::new(),
+        };
+        let stored = store.append_audit(record, Arc::new(Counting)).await.unwrap();
+        assert_eq!((stored.seq, stored.mac), (1, vec![0]));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
