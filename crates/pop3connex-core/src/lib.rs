@@ -21,7 +21,9 @@
 //! - [`oauth`]: bearer-token validation (JWKS keys, introspection).
 //! - [`sasl`]: the SASL mechanism registry and the mechanisms: PLAIN,
 //!   SCRAM-SHA-256(-PLUS), OAUTHBEARER and XOAUTH2 (`sasl::bearer`).
+//! - [`rbac`]: admin-plane permissions, built-in and custom roles.
 //! - [`admin`]: one function per admin operation (CLI, admin API), each recorded with its actor.
+//! - [`audit_log`]: the tamper-evident audit log (HMAC chain, head file, signed checkpoints, verify).
 //! - [`tls`]: rustls configuration, hot reload, local CA generation.
 //! - [`pop3`]: POP3 sessions (connection framing, state machine, commands).
 //! - [`lmtp`]: LMTP ingestion sessions, their deadlines and the shared
@@ -41,6 +43,7 @@
 pub use ipnet;
 
 pub mod admin;
+pub mod audit_log;
 pub mod auth;
 pub mod config;
 pub mod connector;
@@ -58,6 +61,7 @@ pub mod oauth;
 pub mod password;
 pub mod policy;
 pub mod pop3;
+pub mod rbac;
 pub mod sasl;
 pub mod scram;
 pub mod secret;

@@ -5,11 +5,12 @@
 //!
 //! The CLI only parses arguments and prints what these functions return;
 //! the HTTPS admin API will call the same functions. Every operation passes
-//! through one hook, [`Admin::audited`], which records who did what to
-//! which target and how it ended ([`record`]): today one `tracing` event at
-//! info, tomorrow the audit log. Records never carry a secret: operations
-//! pass a target (a user name, a network, an account name), never a
-//! password or a token.
+//! through one hook, [`Admin::audited`] (or [`Admin::audited_with`] with a
+//! source address and before/after values), which writes the attempt to the
+//! tamper-evident [`crate::audit_log`] before the work runs (and refuses the
+//! work if it cannot), then its outcome, and logs one `tracing` event
+//! ([`record`]). Records never carry a secret: operations pass a target (a
+//! user name, a network, an account name), never a password or a token.
 //!
 //! Files: [`users`] (accounts, passwd-file import, unlock, mailbox stats),
 //! [`app_passwords`], [`classes`], [`security`] (bans), [`connector`]
@@ -28,6 +29,8 @@ use std::sync::Arc;
 
 use tokio::sync::OnceCell;
 
+pub use crate::audit_log::{AuditDetails, AuditQuery, AuditRecord};
+use crate::audit_log::{AuditLog, NewRecord};
 use crate::auth::{AccountError, Authenticator};
 use crate::config::Config;
 use crate::connector::engine::{Connector, RunError};
@@ -177,6 +180,7 @@ pub struct Admin {
     mail: Arc<MailStore>,
     auth: OnceCell<Authenticator>,
     connector: OnceCell<Arc<Connector>>,
+    audit: Arc<AuditLog>,
 }
 
 impl Admin {
@@ -188,7 +192,13 @@ impl Admin {
 
     /// Works on an already opened store (the server, tests).
     pub fn with_mail(cfg: Arc<Config>, mail: Arc<MailStore>) -> Admin {
-        Admin { cfg, mail, auth: OnceCell::new(), connector: OnceCell::new() }
+        let audit = Arc::new(AuditLog::for_mail(&mail, &cfg.store.path));
+        Admin { cfg, mail, auth: OnceCell::new(), connector: OnceCell::new(), audit }
+    }
+
+    /// The audit log (verification, checkpoints, the public key).
+    pub fn audit_log(&self) -> &Arc<AuditLog> {
+        &self.audit
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -209,8 +219,8 @@ impl Admin {
             .await
     }
 
-    /// The one hook every operation passes: runs `work`, then records who
-    /// did `op` to `target` and how it ended.
+    /// The one hook every operation passes: records the attempt, runs
+    /// `work`, records how it ended. See [`Admin::audited_with`].
     pub(crate) async fn audited<T>(
         &self,
         actor: &Actor,
@@ -218,17 +228,141 @@ impl Admin {
         target: &str,
         work: impl Future<Output = Result<T, AdminError>>,
     ) -> Result<T, AdminError> {
+        self.audited_with(actor, op, target, AuditDetails::default(), work).await
+    }
+
+    /// Fail closed: appends the attempt (outcome `attempt`, with `details`'
+    /// before/after values) to the audit log BEFORE running `work`; if that
+    /// append fails, `work` is not run and [`AdminError::Storage`] is
+    /// returned. Then appends the outcome (`ok` or the error kind); if that
+    /// append fails, it is logged at error and the work's result returned
+    /// (the attempt is on record).
+    pub(crate) async fn audited_with<T>(
+        &self,
+        actor: &Actor,
+        op: &'static str,
+        target: &str,
+        details: AuditDetails,
+        work: impl Future<Output = Result<T, AdminError>>,
+    ) -> Result<T, AdminError> {
+        let details = with_source(actor, details);
+        let actor_text = actor.to_string();
+        let attempt = NewRecord { actor: &actor_text, action: op, target, outcome: "attempt", details: &details };
+        if let Err(e) = self.audit.append(attempt).await {
+            record(actor, op, target, "audit_failed");
+            tracing::error!(error = %e, admin.action = op, "audit log cannot be written: operation refused");
+            return Err(AdminError::Storage(
+                format!("the audit log cannot be written, so the operation was not performed: {e}").into(),
+            ));
+        }
         let result = work.await;
-        record(actor, op, target, result.as_ref().map_or_else(|e| e.kind(), |_| "ok"));
+        let outcome = result.as_ref().map_or_else(|e| e.kind(), |_| "ok");
+        record(actor, op, target, outcome);
+        let source_only = AuditDetails { source: details.source, before: None, after: None };
+        let done = NewRecord { actor: &actor_text, action: op, target, outcome, details: &source_only };
+        if let Err(e) = self.audit.append(done).await {
+            tracing::error!(error = %e, admin.action = op, outcome, "the outcome of an operation is not in the audit log");
+        }
         result
+    }
+
+    /// Records an event that is not an operation: an admin login (success or
+    /// failure), a failed MFA challenge, a refused authorisation, a service
+    /// token's use. Fails closed too: on `Err` the caller refuses the
+    /// request.
+    pub async fn audit_event(
+        &self,
+        actor: &Actor,
+        op: &str,
+        target: &str,
+        outcome: &str,
+        details: AuditDetails,
+    ) -> Result<(), AdminError> {
+        let details = with_source(actor, details);
+        let actor_text = actor.to_string();
+        record(actor, op, target, outcome);
+        let new = NewRecord { actor: &actor_text, action: op, target, outcome, details: &details };
+        self.audit.append(new).await.map(drop).map_err(|e| {
+            tracing::error!(error = %e, admin.action = op, "audit log cannot be written");
+            AdminError::Storage(format!("the audit log cannot be written: {e}").into())
+        })
+    }
+
+    /// Reads audit records (newest first), itself recorded as `audit.read`.
+    pub async fn audit_log_read(&self, actor: &Actor, query: &AuditQuery) -> Result<Vec<AuditRecord>, AdminError> {
+        self.audited(actor, "audit.read", &describe_query(query.since, query.until), async {
+            self.audit.query(query).await.map_err(|e| AdminError::Storage(Box::new(e)))
+        })
+        .await
+    }
+
+    /// Hands every record with `since <= time < until` (Unix ms) to `sink`,
+    /// oldest first; recorded as `audit.read` (target `export ...`). Returns
+    /// how many records were exported.
+    pub async fn audit_log_export(
+        &self,
+        actor: &Actor,
+        since: Option<i64>,
+        until: Option<i64>,
+        sink: &mut (dyn FnMut(&AuditRecord) -> std::io::Result<()> + Send),
+    ) -> Result<u64, AdminError> {
+        let target = format!("export {}", describe_query(since, until));
+        self.audited(actor, "audit.read", &target, async {
+            self.audit.export(since, until, sink).await.map_err(|e| AdminError::Storage(Box::new(e)))
+        })
+        .await
+    }
+
+    /// Verifies the audit log, then records that it was verified
+    /// (`audit.verify`, outcome `intact` or `failed`). The verification
+    /// does not depend on that record: a log whose tail was deleted refuses
+    /// new records, and is reported all the same.
+    pub async fn audit_log_verify(
+        &self,
+        actor: &Actor,
+    ) -> Result<(crate::audit_log::VerifyReport, Option<AdminError>), AdminError> {
+        let report = self.audit.verify().await.map_err(|e| AdminError::Storage(Box::new(e)))?;
+        let outcome = if report.intact() { "intact" } else { "failed" };
+        let recorded = self.audit_event(actor, "audit.verify", "*", outcome, AuditDetails::default()).await.err();
+        Ok((report, recorded))
+    }
+
+    /// Points the head file at the chain's tail after an investigated
+    /// mismatch, recorded as `audit.head_reset` with the old head and the
+    /// tail.
+    pub async fn audit_log_reset_head(&self, actor: &Actor) -> Result<AuditRecord, AdminError> {
+        record(actor, "audit.head_reset", "head", "ok");
+        self.audit.reset_head(&actor.to_string()).await.map_err(|e| AdminError::Storage(Box::new(e)))
     }
 }
 
-/// Records one administrative operation: who (`actor`), what (`op`, e.g.
+/// The actor's address as the record's source when the caller gave none.
+fn with_source(actor: &Actor, mut details: AuditDetails) -> AuditDetails {
+    if details.source.is_none() {
+        if let Actor::Admin { address, .. } = actor {
+            details.source = Some(*address);
+        }
+    }
+    details
+}
+
+/// A query's time range as a record target (`since=... until=...`, `*`).
+fn describe_query(since: Option<i64>, until: Option<i64>) -> String {
+    match (since, until) {
+        (None, None) => "*".into(),
+        (s, u) => [s.map(|s| format!("since={s}")), u.map(|u| format!("until={u}"))]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// Logs one administrative operation: who (`actor`), what (`op`, e.g.
 /// `user.add`), on what (`target`: a user name, a network, an account,
 /// never a secret) and how it ended (`outcome`: `ok` or an
-/// [`AdminError::kind`]). Today one `tracing` event at info; the audit log
-/// will be written here. The target field is `admin.target`: a field named
+/// [`AdminError::kind`]), as one `tracing` event at info beside the audit
+/// record. The target field is `admin.target`: a field named
 /// `target` would collide with the event's own target (the module) in the
 /// flattened JSON log format.
 fn record(actor: &Actor, op: &str, target: &str, outcome: &str) {

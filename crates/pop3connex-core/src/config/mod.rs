@@ -15,9 +15,11 @@ use serde::{de::Error as _, Deserialize, Deserializer};
 
 use crate::secret::SecretRef;
 
+pub mod admin;
 pub mod connector;
 pub mod oauth;
 
+use admin::AdminConfig;
 use connector::ConnectorConfig;
 use oauth::OAuthConfig;
 
@@ -46,6 +48,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub connector: ConnectorConfig,
+    /// `[admin]`: the HTTPS admin plane; `None` (absent): off.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// The file this was read from (for messages), not a config key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -477,6 +482,9 @@ impl Config {
         }
         cfg.oauth.resolve_paths(&base);
         cfg.connector.resolve_paths(&base);
+        if let Some(a) = &mut cfg.admin {
+            a.finish(&base, &cfg.server.hostname);
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -485,6 +493,9 @@ impl Config {
         let err = |message: String| ConfigError::Semantic { path: self.source.clone(), message };
         self.oauth.check().map_err(err)?;
         self.connector.check().map_err(err)?;
+        if let Some(a) = &self.admin {
+            a.check().map_err(err)?;
+        }
         for zone in &self.abuse.dnsbl {
             let ok = !zone.is_empty()
                 && zone.len() < 200
@@ -655,6 +666,15 @@ mod tests {
             "helo",
             "auth_user",
             "auth_password",
+            "allow_networks",
+            "trusted_proxies",
+            "public_origin",
+            "session_idle_secs",
+            "session_absolute_secs",
+            "step_up_secs",
+            "login_failures_before_ban",
+            "max_token_days",
+            "permissions",
         ] {
             assert!(EXAMPLE.contains(&format!("{key} =")), "example does not document {key}");
         }

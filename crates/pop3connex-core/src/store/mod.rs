@@ -1,7 +1,7 @@
 //! Storage: the role traits a backend implements, [`open`] to choose the
 //! configured backend, and the backends themselves.
 //!
-//! A backend implements five role traits, one per kind of state, so it can
+//! A backend implements six role traits, one per kind of state, so it can
 //! be written and reviewed role by role (the `sqlite/` files mirror them):
 //!
 //! - [`AccountStore`]: users, passwords, app passwords, classes, key check;
@@ -9,9 +9,12 @@
 //! - [`SecurityStore`]: bans, lockouts, known addresses;
 //! - [`ConnectorStore`]: seen-lists, commits, duplicate keys, status,
 //!   accounts and secrets of the connector;
-//! - [`LeaseStore`]: leases with fencing tokens ([`lease`]).
+//! - [`LeaseStore`]: leases with fencing tokens ([`lease`]);
+//! - [`AuditStore`]: the chained records and signed checkpoints of the
+//!   audit log (the chaining and signing keys live above, in
+//!   [`crate::audit_log`]).
 //!
-//! [`Store`] is all five at once, implemented for every type that
+//! [`Store`] is all six at once, implemented for every type that
 //! implements them, so `Arc<dyn Store>` is what the rest of the core holds.
 //! Code that calls role methods on a concrete backend adds
 //! `use crate::store::prelude::*`.
@@ -48,7 +51,7 @@ pub use lease::{FencingToken, Lease, LeaseResource};
 /// The role traits, for code that calls store methods on a concrete
 /// backend or a generic `S: Store` (`Arc<dyn Store>` needs no import).
 pub mod prelude {
-    pub use super::{AccountStore, ConnectorStore, LeaseStore, MessageStore, SecurityStore, Store};
+    pub use super::{AccountStore, AuditStore, ConnectorStore, LeaseStore, MessageStore, SecurityStore, Store};
 }
 
 /// Opens the configured backend.
@@ -487,8 +490,91 @@ pub trait LeaseStore: Send + Sync + 'static {
     }
 }
 
+/// One record of the audit log as stored. Its `mac` chains it to the
+/// record before it (see [`crate::audit_log`]); `before` and `after` are
+/// JSON text, authenticated as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAuditRecord {
+    /// 1, 2, 3, ... without gaps: a gap is a deleted record.
+    pub seq: i64,
+    /// Unix time in milliseconds.
+    pub time: i64,
+    pub actor: String,
+    pub source: Option<String>,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+    pub mac: Vec<u8>,
+}
+
+/// Computes the MAC of the next audit record from the MAC of the current
+/// tail (`None` for the first record). Called by the backend inside the
+/// append transaction, so the tail it sees is the one it appends to, even
+/// with several processes appending.
+pub trait AuditChain: Send + Sync {
+    /// `record.mac` is empty when this is called.
+    fn mac(&self, prev: Option<&[u8]>, record: &StoredAuditRecord) -> Vec<u8>;
+}
+
+/// A signed statement "the chain had `seq` records, the last with `mac`".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditCheckpoint {
+    pub seq: i64,
+    pub mac: Vec<u8>,
+    /// Unix time in milliseconds.
+    pub time: i64,
+    /// Ed25519 over the checkpoint's canonical encoding.
+    pub signature: Vec<u8>,
+}
+
+/// Which audit records a query returns: newest first, at most `limit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Unix ms, inclusive.
+    pub since: Option<i64>,
+    /// Unix ms, exclusive.
+    pub until: Option<i64>,
+    /// The whole actor (`cli:root`), or its part before `@` (`admin:alice`).
+    pub actor: Option<String>,
+    /// The whole action (`user.add`) or a prefix up to a dot (`user`).
+    pub action: Option<String>,
+    /// Only records with a smaller seq (paging backwards).
+    pub before_seq: Option<i64>,
+    pub limit: usize,
+}
+
+/// The audit log's records and checkpoints. Records are only ever
+/// appended; nothing in the program updates or deletes them.
+#[async_trait]
+pub trait AuditStore: Send + Sync + 'static {
+    /// Appends `record` after the current tail with the next seq and the
+    /// MAC `chain` computes from the tail's MAC, in one transaction: when it
+    /// returns `Ok` the record is committed and synced. Returns the record
+    /// as stored (seq and MAC filled in).
+    async fn append_audit(
+        &self,
+        record: StoredAuditRecord,
+        chain: Arc<dyn AuditChain>,
+    ) -> StoreResult<StoredAuditRecord>;
+    /// The newest record's seq and MAC.
+    async fn audit_tail(&self) -> StoreResult<Option<(i64, Vec<u8>)>>;
+    /// Up to `limit` records with seq greater than `after_seq`, oldest first
+    /// (for walking the whole chain page by page).
+    async fn audit_range(&self, after_seq: i64, limit: usize) -> StoreResult<Vec<StoredAuditRecord>>;
+    /// Records matching `filter`, newest first.
+    async fn audit_query(&self, filter: AuditFilter) -> StoreResult<Vec<StoredAuditRecord>>;
+    /// Stores a checkpoint; one already stored for the same seq is kept.
+    async fn put_audit_checkpoint(&self, checkpoint: AuditCheckpoint) -> StoreResult<()>;
+    /// Every checkpoint, oldest first (one per many records: small).
+    async fn audit_checkpoints(&self) -> StoreResult<Vec<AuditCheckpoint>>;
+    /// The checkpoint with the highest seq.
+    async fn last_audit_checkpoint(&self) -> StoreResult<Option<AuditCheckpoint>>;
+}
+
 /// Everything a backend stores: all role traits at once. Implemented for
 /// every type that implements them, so `Arc<dyn Store>` works as before.
-pub trait Store: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore {}
+pub trait Store: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore {}
 
-impl<T: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore> Store for T {}
+impl<T: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore> Store for T {}

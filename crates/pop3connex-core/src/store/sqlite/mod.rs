@@ -30,10 +30,11 @@
 //!   holding the fencing token and expiry, which fenced commits check in
 //!   their own transaction (`lease.rs`).
 //! - One file per role, each with its role trait's `impl`: `accounts.rs`,
-//!   `message.rs`, `security.rs`, `connector.rs`, `lease.rs`; this file
+//!   `message.rs`, `security.rs`, `connector.rs`, `lease.rs`, `audit.rs`; this file
 //!   holds the schema, the writer thread and the reader pool.
 
 mod accounts;
+mod audit;
 mod connector;
 mod lease;
 mod message;
@@ -78,7 +79,7 @@ const LOW_SPACE_BYTES: u64 = 64 << 20;
 /// leave a WAL of its size behind for good.
 const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 10;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -118,6 +119,25 @@ CREATE TABLE IF NOT EXISTS imports(
     source_key TEXT NOT NULL,
     PRIMARY KEY(mailbox_id, source_key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_log(
+    seq INTEGER PRIMARY KEY,
+    time INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    before TEXT,
+    after TEXT,
+    mac BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_by_time ON audit_log(time);
+CREATE TABLE IF NOT EXISTS audit_checkpoints(
+    seq INTEGER PRIMARY KEY,
+    mac BLOB NOT NULL,
+    time INTEGER NOT NULL,
+    signature BLOB NOT NULL
+);
 ";
 
 /// A write, executed by the writer thread.
@@ -214,6 +234,13 @@ enum WriteOp {
         resource: String,
         token: FencingToken,
     },
+    /// Appends an audit record after the tail: see [`audit::append`].
+    AppendAudit {
+        record: super::StoredAuditRecord,
+        chain: Arc<dyn super::AuditChain>,
+        out: audit::AuditSlot,
+    },
+    PutAuditCheckpoint(super::AuditCheckpoint),
 }
 
 struct Job {
@@ -533,6 +560,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "CREATE TABLE leases(resource TEXT PRIMARY KEY, token INTEGER NOT NULL, holder TEXT NOT NULL,
                              expires_at INTEGER NOT NULL) WITHOUT ROWID;",
     ),
+    // The audit log (`audit.rs`); `IF NOT EXISTS` because SCHEMA creates
+    // the same tables for fresh databases.
+    (
+        10,
+        "CREATE TABLE IF NOT EXISTS audit_log(seq INTEGER PRIMARY KEY, time INTEGER NOT NULL, actor TEXT NOT NULL,
+                                            source TEXT, action TEXT NOT NULL, target TEXT NOT NULL,
+                                            outcome TEXT NOT NULL, before TEXT, after TEXT, mac BLOB NOT NULL);
+         CREATE INDEX IF NOT EXISTS audit_log_by_time ON audit_log(time);
+         CREATE TABLE IF NOT EXISTS audit_checkpoints(seq INTEGER PRIMARY KEY, mac BLOB NOT NULL,
+                                                      time INTEGER NOT NULL, signature BLOB NOT NULL);",
+    ),
 ];
 
 fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
@@ -837,6 +875,8 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
             lease::record(conn, resource, *token, holder, *expires_at)
         }
         WriteOp::ReleaseLease { resource, token } => lease::release(conn, resource, *token),
+        WriteOp::AppendAudit { record, chain, out } => audit::append(conn, record, chain.as_ref(), out),
+        WriteOp::PutAuditCheckpoint(c) => audit::put_checkpoint(conn, c),
     }
 }
 
