@@ -48,6 +48,47 @@ pub enum Cmd {
     /// Fetch mail from upstream POP3 mailboxes (accounts, runs, state).
     #[command(subcommand)]
     Connector(ConnectorCmd),
+    /// Verify, show and export the tamper-evident audit log.
+    #[command(subcommand)]
+    AuditLog(AuditLogCmd),
+}
+
+#[derive(Subcommand)]
+pub enum AuditLogCmd {
+    /// Check the chain, the checkpoints and the head file; exit 1 naming the first bad record.
+    Verify,
+    /// Show records, newest first (itself recorded as audit.read).
+    Show {
+        /// From this time: Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time (same forms).
+        #[arg(long)]
+        until: Option<String>,
+        /// An actor (`cli:root`) or its part before `@` (`admin:alice`).
+        #[arg(long)]
+        actor: Option<String>,
+        /// An action (`user.add`) or its prefix before a dot (`user`).
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Write records as JSON lines, oldest first, each with its MAC (itself recorded as audit.read).
+    Export {
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Print the Ed25519 key that verifies checkpoints (base64 and PEM).
+    PublicKey,
+    /// After investigating a head-file mismatch: accept the chain as it is (recorded).
+    ResetHead {
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]

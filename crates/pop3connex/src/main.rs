@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use cli::{
-    AppPasswordCmd, BanCmd, Cli, Cmd, ConfigCmd, ConnectorCmd, ImportCmd, MailboxCmd, UserCmd, DEFAULT_DATA_DIR,
+    AppPasswordCmd, AuditLogCmd, BanCmd, Cli, Cmd, ConfigCmd, ConnectorCmd, ImportCmd, MailboxCmd, UserCmd,
+    DEFAULT_DATA_DIR,
 };
 use pop3connex_core::admin::import::ImportFormat;
 use pop3connex_core::admin::users::Unlock;
-use pop3connex_core::admin::{Actor, Admin};
+use pop3connex_core::admin::{Actor, Admin, AuditQuery};
+use pop3connex_core::audit_log::parse_time;
 use pop3connex_core::config::{Config, LogConfig, EXAMPLE};
 use pop3connex_core::import::{escape_controls, ImportOptions};
 use pop3connex_core::init::CONFIG_FILE;
@@ -91,6 +93,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::User(cmd) => with_admin(load_quiet(&cli.config)?, async |admin, actor| user(admin, actor, cmd).await),
         Cmd::Import(cmd) => with_admin(load_quiet(&cli.config)?, async |admin, actor| import(admin, actor, cmd).await),
         Cmd::Ban(cmd) => with_admin(load_quiet(&cli.config)?, async |admin, actor| ban(admin, actor, cmd).await),
+        Cmd::AuditLog(cmd) => {
+            with_admin(load_quiet(&cli.config)?, async |admin, actor| audit_log(admin, actor, cmd).await)
+        }
         Cmd::Mailbox(MailboxCmd::Stat { name }) => with_admin(load_quiet(&cli.config)?, async |admin, actor| {
             print::mailbox_stat(&admin.mailbox_stat(actor, &UserName::parse(&name)?).await?);
             Ok(())
@@ -276,6 +281,67 @@ async fn import(admin: &Admin, actor: &Actor, cmd: ImportCmd) -> Result<()> {
     print::import_report(name.as_str(), &report);
     if !report.skipped.is_empty() {
         bail!("{} entries were not imported (listed above)", report.skipped.len());
+    }
+    Ok(())
+}
+
+/// A `--since`/`--until` value as Unix ms.
+fn time_arg(name: &str, value: Option<String>) -> Result<Option<i64>> {
+    value
+        .map(|v| {
+            parse_time(&v)
+                .ok_or_else(|| anyhow!("--{name} {v:?}: expected Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ"))
+        })
+        .transpose()
+}
+
+async fn audit_log(admin: &Admin, actor: &Actor, cmd: AuditLogCmd) -> Result<()> {
+    match cmd {
+        AuditLogCmd::Verify => {
+            let (report, unrecorded) = admin.audit_log_verify(actor).await?;
+            if let Some(e) = unrecorded {
+                eprintln!("note: this verification could not be recorded: {e}");
+            }
+            print::audit_verify(&report);
+            if !report.intact() {
+                std::process::exit(1);
+            }
+        }
+        AuditLogCmd::Show { since, until, actor: who, action, limit } => {
+            let query = AuditQuery {
+                since: time_arg("since", since)?,
+                until: time_arg("until", until)?,
+                actor: who,
+                action,
+                limit,
+                before_seq: None,
+            };
+            print!("{}", print::audit_table(&admin.audit_log_read(actor, &query).await?));
+        }
+        AuditLogCmd::Export { since, until } => {
+            use std::io::Write;
+            let (since, until) = (time_arg("since", since)?, time_arg("until", until)?);
+            let mut out = std::io::BufWriter::new(std::io::stdout());
+            let mut sink = |r: &pop3connex_core::admin::AuditRecord| -> std::io::Result<()> {
+                serde_json::to_writer(&mut out, r)?;
+                out.write_all(b"\n")
+            };
+            let n = admin.audit_log_export(actor, since, until, &mut sink).await?;
+            out.flush()?;
+            eprintln!("exported {n} records");
+        }
+        AuditLogCmd::PublicKey => {
+            let log = admin.audit_log();
+            println!("ed25519 {}", log.public_key_base64());
+            print!("{}", log.public_key_pem());
+        }
+        AuditLogCmd::ResetHead { yes } => {
+            if !yes {
+                bail!("reset-head accepts the audit log as it is now (recorded); confirm with --yes");
+            }
+            let r = admin.audit_log_reset_head(actor).await?;
+            println!("head file reset at seq {} (recorded as audit.head_reset)", r.seq);
+        }
     }
     Ok(())
 }

@@ -8,6 +8,8 @@ use pop3connex_core::admin::app_passwords::{AppPasswordEntry, Expiry};
 use pop3connex_core::admin::connector::{AccountStatus, AccountSummary};
 use pop3connex_core::admin::security::BanEntry;
 use pop3connex_core::admin::users::{MailboxStat, PasswdImport};
+use pop3connex_core::admin::AuditRecord;
+use pop3connex_core::audit_log::VerifyReport;
 use pop3connex_core::import::{escape_controls, ImportReport};
 use pop3connex_core::store::UserSummary;
 use pop3connex_core::types::format_unix;
@@ -117,4 +119,59 @@ pub fn import_report(user: &str, report: &ImportReport) {
         report.already_present,
         report.skipped.len()
     );
+}
+
+/// `audit-log verify`: one line when intact, else every problem (first
+/// bad record first) on stdout.
+pub fn audit_verify(report: &VerifyReport) {
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    let checkpoint = report.last_checkpoint.map_or_else(|| "none".to_owned(), |s| s.to_string());
+    match report.first_problem() {
+        None => println!("audit log intact: {} records, last checkpoint seq {checkpoint}", report.records),
+        Some(first) => {
+            println!("audit log NOT intact: first bad record {first}");
+            for p in &report.problems[1..] {
+                println!("  {p}");
+            }
+            if report.more_problems > 0 {
+                println!("  ... and {} more", report.more_problems);
+            }
+            println!("{} records, last checkpoint seq {checkpoint}", report.records);
+        }
+    }
+}
+
+/// `audit-log show`: one record per line; values quoted from records are
+/// escaped for the terminal.
+pub fn audit_table(records: &[AuditRecord]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>6}  {:<24}  {:<28}  {:<24}  {:<24}  {:<10}  change",
+        "seq", "time", "actor", "action", "target", "outcome"
+    );
+    for r in records {
+        let time = format_unix(r.time / 1000);
+        let change = match (&r.before, &r.after) {
+            (None, None) => String::new(),
+            (b, a) => format!(
+                "{} -> {}",
+                b.as_ref().map_or_else(|| "-".to_owned(), |v| v.to_string()),
+                a.as_ref().map_or_else(|| "-".to_owned(), |v| v.to_string())
+            ),
+        };
+        let actor = match &r.source {
+            Some(s) if !r.actor.contains('@') => format!("{} ({s})", r.actor),
+            _ => r.actor.clone(),
+        };
+        let line = format!(
+            "{:>6}  {:<24}  {:<28}  {:<24}  {:<24}  {:<10}  {change}",
+            r.seq, time, actor, r.action, r.target, r.outcome
+        );
+        let _ = writeln!(out, "{}", escape_controls(&line));
+    }
+    out
 }

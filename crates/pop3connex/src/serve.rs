@@ -59,7 +59,9 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
     runtime()?.block_on(async move {
-        let running = server::start(&cfg).await?;
+        let mail = std::sync::Arc::new(MailStore::open(&cfg).await?);
+        let running = server::start_with_store(&cfg, mail.clone()).await?;
+        let (stop_checkpoints, checkpoints) = start_audit_checkpoints(&cfg, &mail);
         for a in &running.pop3s {
             tracing::info!(address = %a, "listening pop3s (implicit TLS)");
         }
@@ -81,6 +83,8 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             }
         }
         tracing::info!(sessions = running.active_sessions(), "shutting down");
+        let _ = stop_checkpoints.send(true);
+        let _ = checkpoints.await;
         let left = running.shutdown().await;
         if left > 0 {
             tracing::warn!(sessions = left, "grace period over, closing remaining sessions");
@@ -88,4 +92,21 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// How often the server checks whether an audit checkpoint is due (one is
+/// written at least hourly while records are added).
+const AUDIT_CHECKPOINT_TICK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts the audit log's checkpoint task: checkpoints at least every hour
+/// while records are added, and every checkpoint (CLI commands write some
+/// too) emitted to this server's log.
+fn start_audit_checkpoints(
+    cfg: &Config,
+    mail: &std::sync::Arc<MailStore>,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    use pop3connex_core::audit_log::{run_checkpoints, AuditLog};
+    let log = std::sync::Arc::new(AuditLog::for_mail(mail, &cfg.store.path));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    (stop, tokio::spawn(run_checkpoints(log, AUDIT_CHECKPOINT_TICK, stopped)))
 }

@@ -1,7 +1,7 @@
 //! Account classes: which per-class policy (password age, ...) applies to
 //! a user, and what a class name may look like.
 
-use super::{Actor, Admin, AdminError};
+use super::{Actor, Admin, AdminError, AuditDetails};
 use crate::types::UserName;
 
 /// Checks a class name: letters, digits, `-` and `_`, not empty.
@@ -15,7 +15,9 @@ pub fn check_class_name(class: &str) -> Result<(), AdminError> {
 impl Admin {
     /// Puts a user in an account class; `None` clears it.
     pub async fn set_class(&self, actor: &Actor, name: &UserName, class: Option<&str>) -> Result<(), AdminError> {
-        self.audited(actor, "user.set_class", name.as_str(), async {
+        let before = self.user_value(name, |u| serde_json::json!({ "class": u.class })).await;
+        let details = AuditDetails { before, after: Some(serde_json::json!({ "class": class })), ..Default::default() };
+        self.audited_with(actor, "user.set_class", name.as_str(), details, async {
             if let Some(c) = class {
                 check_class_name(c)?;
             }

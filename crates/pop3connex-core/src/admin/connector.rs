@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Actor, Admin, AdminError};
+use super::{Actor, Admin, AdminError, AuditDetails};
 use crate::config::connector::AccountConfig;
 use crate::connector::engine::{RunError, RunReport};
 use crate::store::ConnectorStatus;
@@ -116,7 +116,10 @@ impl Admin {
     ) -> Result<String, AdminError> {
         let account = AccountConfig::from_toml(toml);
         let target = account.as_ref().map_or("?", |a| a.name.as_str()).to_owned();
-        self.audited(actor, "connector.add", &target, async {
+        // The account's settings hold secret references, never secrets.
+        let after = account.as_ref().ok().and_then(|a| serde_json::to_value(a).ok());
+        let details = AuditDetails { after, ..Default::default() };
+        self.audited_with(actor, "connector.add", &target, details, async {
             let mut account = account.map_err(|e| AdminError::bad_input(format!("{source}: {e}")))?;
             let conn = self.connector().await?;
             // The engine repeats these checks; here they decide who is at fault.
@@ -138,7 +141,12 @@ impl Admin {
 
     /// Removes a CLI-added account and its state.
     pub async fn remove_connector_account(&self, actor: &Actor, name: &str) -> Result<(), AdminError> {
-        self.audited(actor, "connector.remove", name, async {
+        let before = match self.origin(name) {
+            Origin::Config => None,
+            Origin::Cli => self.connector_account(name).await.ok().and_then(|a| serde_json::to_value(a).ok()),
+        };
+        let details = AuditDetails { before, ..Default::default() };
+        self.audited_with(actor, "connector.remove", name, details, async {
             let conn = self.connector().await?;
             if self.origin(name) == Origin::Config {
                 return Err(AdminError::refused(format!(

@@ -3,7 +3,7 @@
 
 use ipnet::IpNet;
 
-use super::{Actor, Admin, AdminError};
+use super::{Actor, Admin, AdminError, AuditDetails};
 use crate::store::BanRecord;
 use crate::types::unix_now;
 
@@ -57,7 +57,10 @@ impl Admin {
         reason: &str,
         seconds: Option<u64>,
     ) -> Result<IpNet, AdminError> {
-        self.audited(actor, "ban.add", network, async {
+        let before = self.ban_value(network).await;
+        let after = Some(serde_json::json!({ "reason": reason, "seconds": seconds }));
+        let details = AuditDetails { before, after, ..Default::default() };
+        self.audited_with(actor, "ban.add", network, details, async {
             let network = parse_network(network)?;
             let now = unix_now();
             let expires_at = seconds.map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX)));
@@ -70,7 +73,8 @@ impl Admin {
 
     /// Removes the ban on `network`; returns the network unbanned.
     pub async fn remove_ban(&self, actor: &Actor, network: &str) -> Result<IpNet, AdminError> {
-        self.audited(actor, "ban.remove", network, async {
+        let details = AuditDetails { before: self.ban_value(network).await, ..Default::default() };
+        self.audited_with(actor, "ban.remove", network, details, async {
             let network = parse_network(network)?;
             if !self.mail.store().remove_ban(network).await? {
                 return Err(AdminError::not_found(format!("no ban on {network}")));
@@ -78,5 +82,17 @@ impl Admin {
             Ok(network)
         })
         .await
+    }
+}
+
+impl Admin {
+    /// The ban on exactly `network` as an audit before-value (`None` when
+    /// there is none or the network does not parse).
+    async fn ban_value(&self, network: &str) -> Option<serde_json::Value> {
+        let network = parse_network(network).ok()?;
+        let bans = self.mail.store().bans().await.ok()?;
+        bans.into_iter()
+            .find(|b| b.network == network)
+            .map(|b| serde_json::json!({ "reason": b.reason, "expires_at": b.expires_at, "offences": b.offences }))
     }
 }

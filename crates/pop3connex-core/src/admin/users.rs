@@ -2,7 +2,7 @@
 //! modern authentication, delete, unlock, mailbox statistics, and the
 //! creation of users from a Dovecot passwd-file.
 
-use super::{Actor, Admin, AdminError};
+use super::{Actor, Admin, AdminError, AuditDetails};
 use crate::store::UserSummary;
 use crate::types::UserName;
 
@@ -67,7 +67,10 @@ impl Admin {
     /// Refuses (`true`) or allows again (`false`) logins and deliveries.
     pub async fn set_disabled(&self, actor: &Actor, name: &UserName, disabled: bool) -> Result<(), AdminError> {
         let op = if disabled { "user.disable" } else { "user.enable" };
-        self.audited(actor, op, name.as_str(), async {
+        let before = self.user_value(name, |u| serde_json::json!({ "disabled": u.disabled })).await;
+        let details =
+            AuditDetails { before, after: Some(serde_json::json!({ "disabled": disabled })), ..Default::default() };
+        self.audited_with(actor, op, name.as_str(), details, async {
             self.mail.store().set_disabled(name, disabled).await.map_err(|e| AdminError::account(e.into(), name))
         })
         .await
@@ -81,7 +84,11 @@ impl Admin {
         name: &UserName,
         required: bool,
     ) -> Result<(), AdminError> {
-        self.audited(actor, "user.require_modern_auth", name.as_str(), async {
+        let before =
+            self.user_value(name, |u| serde_json::json!({ "require_modern_auth": u.require_modern_auth })).await;
+        let after = Some(serde_json::json!({ "require_modern_auth": required }));
+        let details = AuditDetails { before, after, ..Default::default() };
+        self.audited_with(actor, "user.require_modern_auth", name.as_str(), details, async {
             self.mail
                 .store()
                 .set_require_modern_auth(name, required)
@@ -166,5 +173,18 @@ impl Admin {
             Ok(report)
         })
         .await
+    }
+}
+
+impl Admin {
+    /// A value taken from `name`'s stored record for an audit record's
+    /// before/after (`None` when the user does not exist or cannot be read:
+    /// the operation then reports that itself).
+    pub(crate) async fn user_value(
+        &self,
+        name: &UserName,
+        value: impl FnOnce(&crate::store::UserRecord) -> serde_json::Value,
+    ) -> Option<serde_json::Value> {
+        self.mail.store().user(name).await.ok().flatten().map(|u| value(&u))
     }
 }

@@ -333,15 +333,22 @@ impl AuditLog {
     pub async fn checkpoint(&self, seq: i64, mac: &[u8]) -> Result<AuditCheckpoint, AuditError> {
         let cp = self.keys.sign_checkpoint(seq, mac, now_ms());
         self.store.put_audit_checkpoint(cp.clone()).await?;
-        tracing::info!(
-            target: LOG_TARGET,
-            seq = cp.seq,
-            mac = %head::hex_encode(&cp.mac),
-            time = cp.time,
-            signature = %base64::engine::general_purpose::STANDARD.encode(&cp.signature),
-            "audit checkpoint"
-        );
+        emit_checkpoint(&cp);
         Ok(cp)
+    }
+
+    /// Emits the stored checkpoints newer than `after` (only the newest
+    /// when `after` is `None`) as log events; returns the newest seq.
+    pub async fn emit_checkpoints_after(&self, after: Option<i64>) -> Result<Option<i64>, AuditError> {
+        let all = self.store.audit_checkpoints().await?;
+        let newer: Vec<&AuditCheckpoint> = match after {
+            Some(seq) => all.iter().filter(|c| c.seq > seq).collect(),
+            None => all.last().into_iter().collect(),
+        };
+        for cp in &newer {
+            emit_checkpoint(cp);
+        }
+        Ok(newer.last().map(|c| c.seq).or(after))
     }
 
     /// Records matching `query`, newest first (`limit` capped at
@@ -390,6 +397,45 @@ impl AuditLog {
     }
 }
 
+/// Parses a time given on the command line as Unix ms: Unix seconds,
+/// `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn parse_time(text: &str) -> Option<i64> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<i64>() {
+        return secs.checked_mul(1000);
+    }
+    let (date, time) = match text.split_once('T') {
+        Some((d, t)) => (d, Some(t.strip_suffix('Z').unwrap_or(t))),
+        None => (text, None),
+    };
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i32>().ok());
+    let (year, month, day) = (d.next()??, d.next()??, d.next()??);
+    let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, u8::try_from(day).ok()?).ok()?;
+    let (h, m, s) = match time {
+        None => (0, 0, 0),
+        Some(t) => {
+            let mut p = t.splitn(3, ':').map(|p| p.parse::<u8>().ok());
+            (p.next()??, p.next()??, p.next().unwrap_or(Some(0))?)
+        }
+    };
+    let at = date.with_hms(h, m, s).ok()?.assume_utc();
+    Some(at.unix_timestamp() * 1000)
+}
+
+/// The `audit checkpoint` log event: everything needed to check the
+/// checkpoint offline with the public key (see docs/audit-log.md).
+fn emit_checkpoint(cp: &AuditCheckpoint) {
+    tracing::info!(
+        target: LOG_TARGET,
+        seq = cp.seq,
+        mac = %head::hex_encode(&cp.mac),
+        time = cp.time,
+        signature = %base64::engine::general_purpose::STANDARD.encode(&cp.signature),
+        "audit checkpoint"
+    );
+}
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -397,15 +443,26 @@ pub fn now_ms() -> i64 {
 
 /// Writes a checkpoint whenever one is due, checking every `interval`,
 /// until `shutdown` becomes true (the server's hourly guarantee; appends
-/// write the per-[`CHECKPOINT_EVERY`] ones themselves).
+/// write the per-[`CHECKPOINT_EVERY`] ones themselves). Checkpoints written
+/// by other processes (CLI commands, whose log is a terminal) are emitted
+/// here as well, so every checkpoint reaches the server's log sink; at
+/// start the newest one is emitted again.
 pub async fn run_checkpoints(log: Arc<AuditLog>, interval: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut logged: Option<i64> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = log.checkpoint_if_due(None).await {
-                    tracing::error!(target: LOG_TARGET, error = %e, "audit checkpoint failed");
+                match log.checkpoint_if_due(None).await {
+                    Ok(Some(cp)) => logged = Some(cp.seq),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(target: LOG_TARGET, error = %e, "audit checkpoint failed"),
+                }
+                match log.emit_checkpoints_after(logged).await {
+                    Ok(Some(seq)) => logged = Some(seq),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(target: LOG_TARGET, error = %e, "reading audit checkpoints failed"),
                 }
             }
             changed = shutdown.changed() => {
