@@ -8,7 +8,7 @@ use pop3connex_core::crypto::random_id;
 use pop3connex_core::store::sqlite::SqliteStore;
 use pop3connex_core::store::{
     BanRecord, ConnectorCommit, ConnectorStatus, LeaseResource, LockoutRecord, MessageSource, NewMessage, SeenState,
-    Store, StoreError, StoredCredentials,
+    ServiceTokenRecord, Store, StoreError, StoredCredentials,
 };
 use pop3connex_core::types::{MailboxId, UserName};
 
@@ -380,6 +380,94 @@ async fn connector_accounts_status_and_secrets(store: Arc<dyn Store>) {
     assert_eq!(store.connector_secret("isp", "k").await.unwrap(), None);
 }
 
+async fn administrators_factors_codes_and_tokens(store: Arc<dyn Store>) {
+    let roles = vec!["auditor".to_string()];
+    let id = store.create_admin("alice", "hash", &roles).await.unwrap();
+    assert!(matches!(store.create_admin("alice", "h", &roles).await, Err(StoreError::UserExists)));
+    let bob = store.create_admin("bob", "hash2", &[]).await.unwrap();
+    let a = store.admin_by_name("alice").await.unwrap().unwrap();
+    assert_eq!((a.id, a.roles.as_slice(), a.enabled, a.last_login_at), (id, &roles[..], true, None));
+    assert_eq!(store.admin_by_id(bob).await.unwrap().unwrap().name, "bob");
+    assert_eq!(store.admins().await.unwrap().iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
+    assert!(store.set_admin_enabled(id, false).await.unwrap());
+    assert!(store.set_admin_roles(id, &["superadmin".to_string()]).await.unwrap());
+    assert!(store.set_admin_password(id, "new").await.unwrap());
+    store.record_admin_login(id, 42).await.unwrap();
+    let a = store.admin_by_id(id).await.unwrap().unwrap();
+    assert_eq!(
+        (a.enabled, a.roles[0].as_str(), a.password_hash.as_str(), a.last_login_at),
+        (false, "superadmin", "new", Some(42))
+    );
+    assert!(!store.set_admin_enabled(999, true).await.unwrap());
+
+    // Factors: pending until activated in time, steps only move forward.
+    let now = pop3connex_core::types::unix_now();
+    let f = store.add_admin_factor(id, "totp", "phone", vec![1, 2, 3], Some(now + 600)).await.unwrap();
+    let late = store.add_admin_factor(id, "totp", "old", vec![4, 5, 6], Some(now + 600)).await.unwrap();
+    assert!(!store.use_factor_step(f, 10, now).await.unwrap(), "a pending factor is not usable");
+    assert!(!store.activate_admin_factor(id, late, now + 601).await.unwrap(), "expired enrolment");
+    assert!(!store.activate_admin_factor(bob, f, now).await.unwrap(), "another admin's factor");
+    assert!(store.activate_admin_factor(id, f, now).await.unwrap());
+    assert!(store.use_factor_step(f, 10, now).await.unwrap());
+    assert!(!store.use_factor_step(f, 10, now).await.unwrap(), "replayed step");
+    assert!(!store.use_factor_step(f, 9, now).await.unwrap(), "older step");
+    assert!(store.use_factor_step(f, 11, now + 30).await.unwrap());
+    assert!(store.update_admin_factor(f, vec![7, 7], now + 31).await.unwrap());
+    let factors = store.admin_factors(id).await.unwrap();
+    let ff = factors.iter().find(|x| x.id == f).unwrap();
+    assert_eq!(
+        (ff.sealed.as_slice(), ff.last_step, ff.last_used_at, ff.pending_until),
+        (&[7u8, 7][..], Some(11), Some(now + 31), None)
+    );
+    assert!(store.remove_admin_factor(id, late).await.unwrap());
+    assert!(!store.remove_admin_factor(bob, f).await.unwrap());
+
+    // Recovery codes: one-time.
+    store.set_recovery_codes(id, vec![vec![1; 32], vec![2; 32]]).await.unwrap();
+    assert_eq!(store.recovery_codes(id).await.unwrap().len(), 2);
+    assert!(store.use_recovery_code(id, vec![1; 32]).await.unwrap());
+    assert!(!store.use_recovery_code(id, vec![1; 32]).await.unwrap());
+    assert!(!store.use_recovery_code(bob, vec![2; 32]).await.unwrap(), "another admin's code");
+    store.reset_admin_factors(id).await.unwrap();
+    assert!(store.admin_factors(id).await.unwrap().is_empty() && store.recovery_codes(id).await.unwrap().is_empty());
+
+    // Tokens.
+    let token = |tid: &str, creator: i64| ServiceTokenRecord {
+        id: tid.into(),
+        name: "n".into(),
+        creator_id: creator,
+        creator_name: String::new(),
+        permissions: vec!["users.read".into()],
+        networks: vec!["10.0.0.0/8".into()],
+        secret_hash: vec![9; 32],
+        created_at: now,
+        expires_at: now + 60,
+        last_used_at: None,
+        last_used_from: None,
+        revoked: false,
+    };
+    store.add_service_token(token("t1", id)).await.unwrap();
+    assert!(matches!(store.add_service_token(token("t1", id)).await, Err(StoreError::UserExists)));
+    assert!(matches!(store.add_service_token(token("t2", 999)).await, Err(StoreError::NoSuchUser)));
+    store.add_service_token(token("t3", bob)).await.unwrap();
+    store.mark_service_token_used("t1", now + 5, "10.1.1.1").await.unwrap();
+    let t = store.service_token("t1").await.unwrap().unwrap();
+    assert_eq!(
+        (t.creator_name.as_str(), t.networks.as_slice(), t.last_used_at, t.last_used_from.as_deref()),
+        ("alice", &["10.0.0.0/8".to_string()][..], Some(now + 5), Some("10.1.1.1"))
+    );
+    assert!(store.revoke_service_token("t1").await.unwrap());
+    assert!(!store.revoke_service_token("nope").await.unwrap());
+    assert!(store.service_token("t1").await.unwrap().unwrap().revoked);
+    assert_eq!(store.service_tokens().await.unwrap().len(), 2);
+    // Removing an administrator removes its tokens, factors and codes.
+    store.add_admin_factor(bob, "webauthn", "key", vec![1], None).await.unwrap();
+    assert!(store.remove_admin(bob).await.unwrap());
+    assert!(!store.remove_admin(bob).await.unwrap());
+    assert!(store.service_token("t3").await.unwrap().is_none());
+    assert!(store.admin_factors(bob).await.unwrap().is_empty());
+}
+
 macro_rules! backends {
     ($($backend:ident),*) => {
         mod conformance {
@@ -410,6 +498,7 @@ macro_rules! backends {
                 case!(known_addresses_bounded_shared_and_purged);
                 case!(connector_state_commits_atomically);
                 case!(connector_accounts_status_and_secrets);
+                case!(administrators_factors_codes_and_tokens);
             }
             )*
         }

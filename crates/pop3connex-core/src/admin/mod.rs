@@ -16,11 +16,14 @@
 //! [`app_passwords`], [`classes`], [`security`] (bans), [`connector`]
 //! (connector accounts and runs), [`import`] (Maildir and mbox).
 
+pub mod admins;
 pub mod app_passwords;
 pub mod classes;
 pub mod connector;
 pub mod import;
+pub mod mfa;
 pub mod security;
+pub mod tokens;
 pub mod users;
 
 use std::future::Future;

@@ -13,6 +13,8 @@
 //! - [`AuditStore`]: the chained records and signed checkpoints of the
 //!   audit log (the chaining and signing keys live above, in
 //!   [`crate::audit_log`]).
+//! - [`AdminStore`]: administrators of the admin plane, their second
+//!   factors and recovery codes, and service tokens.
 //!
 //! [`Store`] is all six at once, implemented for every type that
 //! implements them, so `Arc<dyn Store>` is what the rest of the core holds.
@@ -51,7 +53,7 @@ pub use lease::{FencingToken, Lease, LeaseResource};
 /// The role traits, for code that calls store methods on a concrete
 /// backend or a generic `S: Store` (`Arc<dyn Store>` needs no import).
 pub mod prelude {
-    pub use super::{AccountStore, AuditStore, ConnectorStore, LeaseStore, MessageStore, SecurityStore, Store};
+    pub use super::{AccountStore, AdminStore, AuditStore, ConnectorStore, LeaseStore, MessageStore, SecurityStore, Store};
 }
 
 /// Opens the configured backend.
@@ -571,10 +573,160 @@ pub trait AuditStore: Send + Sync + 'static {
     async fn audit_checkpoints(&self) -> StoreResult<Vec<AuditCheckpoint>>;
     /// The checkpoint with the highest seq.
     async fn last_audit_checkpoint(&self) -> StoreResult<Option<AuditCheckpoint>>;
+/// An administrator of the admin plane (not a mail user).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminRecord {
+    pub id: i64,
+    pub name: String,
+    /// Argon2id PHC string.
+    pub password_hash: String,
+    /// Role names (built-in or `[admin.roles]`); unknown ones grant nothing.
+    pub roles: Vec<String>,
+    pub enabled: bool,
+    pub created_at: i64,
+    pub last_login_at: Option<i64>,
+}
+
+impl std::fmt::Debug for AdminRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminRecord")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("roles", &self.roles)
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A second factor of an administrator. The secret (a TOTP key, a WebAuthn
+/// credential) is sealed above the store; the backend sees ciphertext.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminFactorRecord {
+    pub id: i64,
+    pub admin_id: i64,
+    /// `totp` or `webauthn`.
+    pub kind: String,
+    pub label: String,
+    pub sealed: Vec<u8>,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    /// TOTP: the last time step accepted (a step is never accepted twice).
+    pub last_step: Option<i64>,
+    /// `Some(t)`: an enrolment not confirmed yet, discarded after `t`.
+    /// Pending factors never authenticate.
+    pub pending_until: Option<i64>,
+}
+
+impl std::fmt::Debug for AdminFactorRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminFactorRecord")
+            .field("id", &self.id)
+            .field("admin_id", &self.admin_id)
+            .field("kind", &self.kind)
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A service token of the admin API, stored by the SHA-256 of its secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceTokenRecord {
+    /// Public lookup id (the `<id>` of `p3x_<id>_<secret>`).
+    pub id: String,
+    pub name: String,
+    pub creator_id: i64,
+    /// The creator's name (filled in by reads; ignored when adding).
+    pub creator_name: String,
+    pub permissions: Vec<String>,
+    /// CIDR networks it may be used from; empty: anywhere the admin
+    /// listener accepts.
+    pub networks: Vec<String>,
+    pub secret_hash: Vec<u8>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub last_used_at: Option<i64>,
+    pub last_used_from: Option<String>,
+    pub revoked: bool,
+}
+
+impl std::fmt::Debug for ServiceTokenRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceTokenRecord")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("creator_id", &self.creator_id)
+            .field("revoked", &self.revoked)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Administrators, their factors and recovery codes, and service tokens.
+/// Methods that change one row by id answer whether it existed.
+#[async_trait]
+pub trait AdminStore: Send + Sync + 'static {
+    /// Adds an administrator; [`StoreError::UserExists`] when the name is
+    /// taken. Returns its id.
+    async fn create_admin(&self, name: &str, password_hash: &str, roles: &[String]) -> StoreResult<i64>;
+    async fn admin_by_name(&self, name: &str) -> StoreResult<Option<AdminRecord>>;
+    async fn admin_by_id(&self, id: i64) -> StoreResult<Option<AdminRecord>>;
+    /// Every administrator, by name.
+    async fn admins(&self) -> StoreResult<Vec<AdminRecord>>;
+    async fn set_admin_enabled(&self, id: i64, enabled: bool) -> StoreResult<bool>;
+    async fn set_admin_roles(&self, id: i64, roles: &[String]) -> StoreResult<bool>;
+    async fn set_admin_password(&self, id: i64, password_hash: &str) -> StoreResult<bool>;
+    async fn record_admin_login(&self, id: i64, at: i64) -> StoreResult<()>;
+    /// Removes the administrator with its factors, recovery codes and the
+    /// service tokens it created.
+    async fn remove_admin(&self, id: i64) -> StoreResult<bool>;
+
+    /// Adds a factor (pending until confirmed when `pending_until` is set);
+    /// returns its id.
+    async fn add_admin_factor(
+        &self,
+        admin_id: i64,
+        kind: &str,
+        label: &str,
+        sealed: Vec<u8>,
+        pending_until: Option<i64>,
+    ) -> StoreResult<i64>;
+    /// The administrator's factors, pending ones included, oldest first.
+    async fn admin_factors(&self, admin_id: i64) -> StoreResult<Vec<AdminFactorRecord>>;
+    /// Confirms a pending factor whose `pending_until` is not before `now`.
+    async fn activate_admin_factor(&self, admin_id: i64, factor_id: i64, now: i64) -> StoreResult<bool>;
+    async fn remove_admin_factor(&self, admin_id: i64, factor_id: i64) -> StoreResult<bool>;
+    /// Removes every factor and recovery code of the administrator.
+    async fn reset_admin_factors(&self, admin_id: i64) -> StoreResult<()>;
+    /// Records `step` (a TOTP time step, a WebAuthn challenge's issue time)
+    /// as used at `at`, atomically and only if it is later than the last
+    /// step recorded for the factor: `false` means a replay.
+    async fn use_factor_step(&self, factor_id: i64, step: i64, at: i64) -> StoreResult<bool>;
+    /// Replaces an active factor's sealed secret (a WebAuthn credential's
+    /// new signature counter) and records its use at `at`.
+    async fn update_admin_factor(&self, factor_id: i64, sealed: Vec<u8>, at: i64) -> StoreResult<bool>;
+
+    /// Replaces the administrator's recovery codes (their hashes).
+    async fn set_recovery_codes(&self, admin_id: i64, hashes: Vec<Vec<u8>>) -> StoreResult<()>;
+    /// The hashes of the unused recovery codes.
+    async fn recovery_codes(&self, admin_id: i64) -> StoreResult<Vec<Vec<u8>>>;
+    /// Consumes one recovery code; `false` when it was already used (a
+    /// concurrent use won).
+    async fn use_recovery_code(&self, admin_id: i64, hash: Vec<u8>) -> StoreResult<bool>;
+
+    /// Adds a token; [`StoreError::UserExists`] when the id is taken,
+    /// [`StoreError::NoSuchUser`] when its creator does not exist.
+    async fn add_service_token(&self, token: ServiceTokenRecord) -> StoreResult<()>;
+    async fn service_token(&self, id: &str) -> StoreResult<Option<ServiceTokenRecord>>;
+    /// Every token, newest first.
+    async fn service_tokens(&self) -> StoreResult<Vec<ServiceTokenRecord>>;
+    async fn revoke_service_token(&self, id: &str) -> StoreResult<bool>;
+    async fn mark_service_token_used(&self, id: &str, at: i64, from: &str) -> StoreResult<()>;
 }
 
 /// Everything a backend stores: all role traits at once. Implemented for
 /// every type that implements them, so `Arc<dyn Store>` works as before.
-pub trait Store: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore {}
+pub trait Store:
+    AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore + AdminStore
+{
+}
 
-impl<T: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore> Store for T {}
+impl<T: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore + AdminStore> Store for T {}

@@ -196,7 +196,7 @@ mod tests {
         }
         let store = SqliteStore::open(&db).unwrap();
         let version: i64 = store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
-        assert_eq!(version, 8);
+        assert_eq!(version, super::super::SCHEMA_VERSION, "upgraded to the current schema");
         let alice = store.user(&crate::types::UserName::parse("alice").unwrap()).await.unwrap().expect("kept");
         let lease = store.lock_maildrop(alice.mailbox.id).await.unwrap();
         assert_eq!(lease.token(), FencingToken::new(1));

@@ -30,10 +30,11 @@
 //!   holding the fencing token and expiry, which fenced commits check in
 //!   their own transaction (`lease.rs`).
 //! - One file per role, each with its role trait's `impl`: `accounts.rs`,
-//!   `message.rs`, `security.rs`, `connector.rs`, `lease.rs`, `audit.rs`; this file
+//!   `message.rs`, `security.rs`, `connector.rs`, `lease.rs`, `audit.rs`, `admin.rs`; this file
 //!   holds the schema, the writer thread and the reader pool.
 
 mod accounts;
+mod admin;
 mod audit;
 mod connector;
 mod lease;
@@ -241,6 +242,8 @@ enum WriteOp {
         out: audit::AuditSlot,
     },
     PutAuditCheckpoint(super::AuditCheckpoint),
+    /// Administrators, factors, recovery codes, service tokens.
+    Admin(admin::AdminWrite),
 }
 
 struct Job {
@@ -560,6 +563,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "CREATE TABLE leases(resource TEXT PRIMARY KEY, token INTEGER NOT NULL, holder TEXT NOT NULL,
                              expires_at INTEGER NOT NULL) WITHOUT ROWID;",
     ),
+    // Administrators of the admin plane, their factors, recovery codes and
+    // service tokens (`admin.rs` holds the statements).
+    (9, admin::TABLES),
     // The audit log (`audit.rs`); `IF NOT EXISTS` because SCHEMA creates
     // the same tables for fresh databases.
     (
@@ -877,6 +883,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
         WriteOp::ReleaseLease { resource, token } => lease::release(conn, resource, *token),
         WriteOp::AppendAudit { record, chain, out } => audit::append(conn, record, chain.as_ref(), out),
         WriteOp::PutAuditCheckpoint(c) => audit::put_checkpoint(conn, c),
+        WriteOp::Admin(w) => admin::apply(conn, w),
     }
 }
 
