@@ -105,7 +105,9 @@ pub async fn user_show(State(s): St, Extension(c): Extension<Caller>, Path(name)
     let name = user_name(&name)?;
     scope(&s, &c, &name).await?;
     let stat = s.admin.mailbox_stat(c.actor(), &name).await?;
-    ok(json!({ "name": stat.name.as_str(), "messages": stat.messages, "octets": stat.octets, "disabled": stat.disabled }))
+    ok(
+        json!({ "name": stat.name.as_str(), "messages": stat.messages, "octets": stat.octets, "disabled": stat.disabled }),
+    )
 }
 
 #[derive(Deserialize)]
@@ -431,11 +433,8 @@ pub struct NewToken {
 
 pub async fn tokens_create(State(s): St, Extension(c): Extension<Caller>, Body(b): Body<NewToken>) -> Answer {
     let permissions = PermissionSet::parse_list(&b.permissions).map_err(ApiError::bad_input)?;
-    let networks = b
-        .networks
-        .iter()
-        .map(|n| pop3connex_core::admin::security::parse_network(n))
-        .collect::<Result<Vec<_>, _>>()?;
+    let networks =
+        b.networks.iter().map(|n| pop3connex_core::admin::security::parse_network(n)).collect::<Result<Vec<_>, _>>()?;
     let expires_at = (unix_now() as u64).saturating_add(b.expires_days.saturating_mul(86_400));
     let (info, token) = s.admin.token_create(&c.principal, &b.name, &permissions, expires_at, &networks).await?;
     let mut v = serde_json::to_value(&info).map_err(|_| ApiError::internal())?;
@@ -491,7 +490,9 @@ pub fn config_json(state: &AppState) -> Result<Value, ApiError> {
         ApiError::internal()
     })?;
     let parsed: toml::Value = toml::from_str(&text).map_err(|_| ApiError::internal())?;
-    Ok(json!({ "source": state.cfg.source.display().to_string(), "config": serde_json::to_value(parsed).map_err(|_| ApiError::internal())? }))
+    Ok(
+        json!({ "source": state.cfg.source.display().to_string(), "config": serde_json::to_value(parsed).map_err(|_| ApiError::internal())? }),
+    )
 }
 
 pub async fn config_read(State(s): St, Extension(c): Extension<Caller>) -> Answer {
@@ -507,7 +508,11 @@ pub async fn reload(state: &AppState, c: &Caller) -> Result<(), ApiError> {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "reload is not wired here"));
     };
     state.audit(c.actor(), "config.reload", "server", "requested", c.address).await?;
-    tx.send(()).await.map_err(|_| ApiError::internal())?;
+    match tx.try_send(()) {
+        // Full: a reload is already pending, and it will read the same files.
+        Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return Err(ApiError::internal()),
+    }
     tracing::warn!(alert = true, actor = %c.actor(), "configuration reload requested");
     Ok(())
 }

@@ -79,8 +79,7 @@ pub async fn enforce(state: Arc<AppState>, spec: RouteSpec, mut req: Request, ne
         return ApiError::internal().into_response();
     };
     let address = client_address(peer, req.headers(), &state.settings.trusted_proxies);
-    if address != peer
-        && (!state.settings.allow_networks.iter().any(|n| n.contains(&address)) || state.banned(address))
+    if address != peer && (!state.settings.allow_networks.iter().any(|n| n.contains(&address)) || state.banned(address))
     {
         return ApiError::forbidden().into_response();
     }

@@ -51,6 +51,11 @@ pub const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// After shutdown, in-flight requests get this long to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Resolves once shutdown has been signalled (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
 /// The TCP peer of a request, put in its extensions by the listener.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
@@ -94,7 +99,7 @@ pub async fn accept_loop(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|v| *v) => break,
+            _ = stopped(&mut shutdown) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         if let Some(reason) = gate.refuse(peer.ip()) {
@@ -172,7 +177,7 @@ async fn serve_connection(
                 }
                 return;
             }
-            _ = shutdown.wait_for(|v| *v), if !closing => {
+            _ = stopped(&mut shutdown), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }

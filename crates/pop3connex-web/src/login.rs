@@ -27,7 +27,9 @@ use crate::console::auth as view;
 use crate::console::{Frame, Notice};
 use crate::error::ApiError;
 use crate::pages::{frame, html, safe_next};
-use crate::session::{clear_cookie, cookie_id, PendingTotp, Session, SessionId, Stage, WebAuthnPurpose, MAX_MFA_FAILURES};
+use crate::session::{
+    clear_cookie, cookie_id, PendingTotp, Session, SessionId, Stage, WebAuthnPurpose, MAX_MFA_FAILURES,
+};
 use crate::state::AppState;
 
 type St = State<Arc<AppState>>;
@@ -67,7 +69,11 @@ pub struct LoginForm {
     password: Zeroizing<String>,
 }
 
-pub async fn login_submit(State(s): St, Extension(Client(ip)): Extension<Client>, Form(f): Form<LoginForm>) -> Response {
+pub async fn login_submit(
+    State(s): St,
+    Extension(Client(ip)): Extension<Client>,
+    Form(f): Form<LoginForm>,
+) -> Response {
     let name: String = f.name.trim().chars().take(MAX_NAME).collect();
     let actor = Actor::Admin { name: name.clone(), address: ip };
     let verified = if f.name.len() > MAX_NAME || f.password.len() > MAX_PASSWORD {
@@ -162,6 +168,7 @@ async fn check_code(s: &AppState, admin_id: i64, method: &str, code: &str) -> Re
 async fn mfa_passed(s: &AppState, p: &PartialLogin, how: &str) -> Result<SessionId, ApiError> {
     let actor = Actor::Admin { name: p.session.admin_name.clone(), address: p.address };
     s.audit(&actor, "admin.login.mfa", &p.session.admin_name, how, p.address).await?;
+    s.admin.record_login(p.session.admin_id).await?;
     let id = s
         .sessions
         .rotate(&p.id, |x| {
@@ -234,7 +241,10 @@ fn take_state(s: &AppState, id: &SessionId, purpose: WebAuthnPurpose) -> Option<
     state
 }
 
-pub async fn webauthn_login_begin(State(s): St, Extension(p): Extension<PartialLogin>) -> Result<Json<Value>, ApiError> {
+pub async fn webauthn_login_begin(
+    State(s): St,
+    Extension(p): Extension<PartialLogin>,
+) -> Result<Json<Value>, ApiError> {
     let (options, state) = s.admin.webauthn_auth_begin(p.session.admin_id).await.map_err(auth_err)?;
     s.sessions.update(&p.id, |x| x.webauthn_state = Some((WebAuthnPurpose::Login, state)));
     Ok(Json(options))
@@ -347,8 +357,13 @@ pub async fn enrol_totp(
 ) -> Response {
     let pending_matches = p.session.pending_totp.as_ref().is_some_and(|t| t.pending_id == f.pending_id);
     if !pending_matches {
-        return enrol_view(&s, &p, caller.as_ref().map(|c| &c.0), Some(Notice::error("Reload the page and try again.")))
-            .await;
+        return enrol_view(
+            &s,
+            &p,
+            caller.as_ref().map(|c| &c.0),
+            Some(Notice::error("Reload the page and try again.")),
+        )
+        .await;
     }
     let actor = Actor::Admin { name: p.session.admin_name.clone(), address: p.address };
     match s.admin.totp_finish(&actor, p.session.admin_id, &f.pending_id, f.code.trim(), now()).await {

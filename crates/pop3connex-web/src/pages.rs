@@ -79,7 +79,8 @@ pub fn frame(_s: &AppState, c: &Caller, path: &str, notice: Option<Notice>) -> F
         ),
         None => (c.actor().to_string(), Vec::new(), None),
     };
-    let nav = Section::ALL.iter().copied().filter(|s| section_permission(*s).is_none_or(|p| c.principal.can(p))).collect();
+    let nav =
+        Section::ALL.iter().copied().filter(|s| section_permission(*s).is_none_or(|p| c.principal.can(p))).collect();
     Frame { admin: name, roles, elevated_until: until, nav, path: path.to_owned(), notice }
 }
 
@@ -168,13 +169,15 @@ async fn account_page(s: &AppState, c: &Caller, status: StatusCode, notice: Opti
     let name = c.session.as_ref().map(|(_, x)| x.admin_name.clone()).unwrap_or_default();
     // Own factors: the admin's own entry of the directory, read without
     // needing admins.read.
-    let factors = match s.admin.admin_own(c.principal.admin_id.unwrap_or(-1)).await {
+    let own = s.admin.admin_list(c.actor()).await.map(|l| l.into_iter().find(|a| Some(a.id) == c.principal.admin_id));
+    let factors = match own {
         Ok(info) => info
-            .factors
+            .map(|i| i.factors)
+            .unwrap_or_default()
             .into_iter()
             .map(|f| FactorRow {
                 id: f.id,
-                kind: format!("{:?}", f.kind),
+                kind: f.kind.as_str().into(),
                 label: f.label,
                 created: console::format_time(f.created_at),
                 last_used: console::format_time_opt(f.last_used_at),
@@ -254,7 +257,8 @@ async fn users_page(s: &AppState, c: &Caller, status: StatusCode, notice: Option
             size: console::format_bytes(u.octets),
         })
         .collect();
-    let v = UsersView { users, can_write: c.principal.can(Permission::UsersWrite), domains: c.principal.domains.clone() };
+    let v =
+        UsersView { users, can_write: c.principal.can(Permission::UsersWrite), domains: c.principal.domains.clone() };
     page(status, console::users::users(&frame(s, c, "/users", notice), &v))
 }
 
@@ -269,7 +273,7 @@ pub struct NewUserForm {
 }
 
 pub async fn users_add(State(s): St, Extension(c): Extension<Caller>, Form(f): Form<NewUserForm>) -> Response {
-    let r = async {
+    let r: Result<_, ApiError> = async {
         let name = UserName::parse(f.name.trim()).map_err(|e| ApiError::bad_input(e.to_string()))?;
         scope(&s, &c, &name).await?;
         s.admin.add_user(c.actor(), &name, f.password.as_bytes()).await?;
@@ -305,7 +309,7 @@ async fn user_page_with(
             messages: stat.messages as u64,
             size: console::format_bytes(stat.octets),
             class: record.as_ref().and_then(|u| u.class.clone()),
-            classes: s.cfg.auth.classes.keys().cloned().collect(),
+            classes: s.cfg.auth.password_policy.max_age_days_by_class.keys().cloned().collect(),
             modern_auth_only: record.as_ref().is_some_and(|u| u.require_modern_auth),
             app_passwords: app
                 .into_iter()
@@ -340,7 +344,7 @@ where
     F: FnOnce(UserName) -> Fut,
     Fut: std::future::Future<Output = Result<(), ApiError>>,
 {
-    let r = async {
+    let r: Result<_, ApiError> = async {
         let n = UserName::parse(name).map_err(|e| ApiError::bad_input(e.to_string()))?;
         scope(s, c, &n).await?;
         action(n).await
@@ -362,13 +366,15 @@ pub async fn user_disabled(
     Form(f): Form<DisabledForm>,
 ) -> Response {
     let done = if f.disabled { "User disabled." } else { "User enabled." };
-    user_action(&s, &c, &name, done, |n| async move { Ok(s.admin.set_disabled(c.actor(), &n, f.disabled).await?) })
+    let (st, ca) = (&*s, &c);
+    user_action(st, ca, &name, done, |n| async move { Ok(st.admin.set_disabled(ca.actor(), &n, f.disabled).await?) })
         .await
 }
 
 pub async fn user_unlock(State(s): St, Extension(c): Extension<Caller>, Path(name): Path<String>) -> Response {
-    user_action(&s, &c, &name, "Lockout lifted (if there was one).", |n| async move {
-        s.admin.unlock(c.actor(), &n).await?;
+    let (st, ca) = (&*s, &c);
+    user_action(st, ca, &name, "Lockout lifted (if there was one).", |n| async move {
+        st.admin.unlock(ca.actor(), &n).await?;
         Ok(())
     })
     .await
@@ -385,8 +391,9 @@ pub async fn user_modern_auth(
     Path(name): Path<String>,
     Form(f): Form<RequiredForm>,
 ) -> Response {
-    user_action(&s, &c, &name, "Login methods changed.", |n| async move {
-        Ok(s.admin.set_require_modern_auth(c.actor(), &n, f.required).await?)
+    let (st, ca) = (&*s, &c);
+    user_action(st, ca, &name, "Login methods changed.", |n| async move {
+        Ok(st.admin.set_require_modern_auth(ca.actor(), &n, f.required).await?)
     })
     .await
 }
@@ -402,8 +409,9 @@ pub async fn user_passwd(
     Path(name): Path<String>,
     Form(f): Form<PasswordForm>,
 ) -> Response {
-    user_action(&s, &c, &name, "Password changed.", |n| async move {
-        Ok(s.admin.set_password(c.actor(), &n, f.password.as_bytes()).await?)
+    let (st, ca) = (&*s, &c);
+    user_action(st, ca, &name, "Password changed.", |n| async move {
+        Ok(st.admin.set_password(ca.actor(), &n, f.password.as_bytes()).await?)
     })
     .await
 }
@@ -420,9 +428,10 @@ pub async fn user_class(
     Path(name): Path<String>,
     Form(f): Form<ClassForm>,
 ) -> Response {
-    user_action(&s, &c, &name, "Class set.", |n| async move {
+    let (st, ca) = (&*s, &c);
+    user_action(st, ca, &name, "Class set.", |n| async move {
         let class = Some(f.class.as_str()).filter(|c| !c.is_empty());
-        Ok(s.admin.set_class(c.actor(), &n, class).await?)
+        Ok(st.admin.set_class(ca.actor(), &n, class).await?)
     })
     .await
 }
@@ -440,7 +449,7 @@ pub async fn user_app_password_add(
     Path(name): Path<String>,
     Form(f): Form<AppPasswordForm>,
 ) -> Response {
-    let r = async {
+    let r: Result<_, ApiError> = async {
         let n = UserName::parse(&name).map_err(|e| ApiError::bad_input(e.to_string()))?;
         scope(&s, &c, &n).await?;
         let days = match f.days.trim() {
@@ -464,8 +473,9 @@ pub async fn user_app_password_revoke(
     Extension(c): Extension<Caller>,
     Path((name, id)): Path<(String, i64)>,
 ) -> Response {
-    user_action(&s, &c, &name, "App password revoked.", |n| async move {
-        Ok(s.admin.revoke_app_password(c.actor(), &n, id).await?)
+    let (st, ca) = (&*s, &c);
+    user_action(st, ca, &name, "App password revoked.", |n| async move {
+        Ok(st.admin.revoke_app_password(ca.actor(), &n, id).await?)
     })
     .await
 }
@@ -482,7 +492,7 @@ pub async fn user_delete(
     Path(name): Path<String>,
     Form(f): Form<DeleteForm>,
 ) -> Response {
-    let r = async {
+    let r: Result<_, ApiError> = async {
         let n = UserName::parse(&name).map_err(|e| ApiError::bad_input(e.to_string()))?;
         scope(&s, &c, &n).await?;
         let confirmed = f.confirm.trim() == n.as_str();
@@ -531,7 +541,7 @@ pub struct BanForm {
 }
 
 pub async fn bans_add(State(s): St, Extension(c): Extension<Caller>, Form(f): Form<BanForm>) -> Response {
-    let r = async {
+    let r: Result<_, ApiError> = async {
         let seconds = match f.hours.trim() {
             "" => None,
             h => Some(h.parse::<u64>().map_err(|_| ApiError::bad_input("hours: a whole number"))?.saturating_mul(3600)),
@@ -688,11 +698,14 @@ pub async fn audit(State(s): St, Extension(c): Extension<Caller>, Query(q): Quer
         })
         .collect();
     let filter = AuditFilter { actor: q.actor, action: q.action, since: q.since, until: q.until };
-    page(StatusCode::OK, console::audit::audit(&frame(&s, &c, "/audit", None), &AuditView { records, filter, more_before }))
+    page(
+        StatusCode::OK,
+        console::audit::audit(&frame(&s, &c, "/audit", None), &AuditView { records, filter, more_before }),
+    )
 }
 
 async fn config_page(s: &AppState, c: &Caller, status: StatusCode, notice: Option<Notice>) -> Response {
-    let r = async {
+    let r: Result<_, ApiError> = async {
         s.audit(c.actor(), "config.read", "config", "ok", c.address).await?;
         crate::api::config_json(s)
     }
@@ -775,14 +788,15 @@ fn fields(pairs: &[(String, String)], name: &str) -> Vec<String> {
 }
 
 pub async fn admins_add(State(s): St, Extension(c): Extension<Caller>, body: axum::body::Bytes) -> Response {
-    let r = async {
+    let r: Result<_, ApiError> = async {
         let p = pairs(&body)?;
         let password = Zeroizing::new(field(&p, "password").to_owned());
         let info = s.admin.admin_add(c.actor(), field(&p, "name").trim(), &password, &fields(&p, "role")).await?;
         Ok(info.name)
     }
     .await;
-    let (status, notice) = outcome(r, |n| format!("Administrator {n} added; they enrol a second factor at first login."));
+    let (status, notice) =
+        outcome(r, |n| format!("Administrator {n} added; they enrol a second factor at first login."));
     admins_page(&s, &c, status, notice).await
 }
 
@@ -792,7 +806,7 @@ pub async fn admin_roles(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let r = async {
+    let r: Result<_, ApiError> = async {
         let p = pairs(&body)?;
         s.admin.admin_set_roles(c.actor(), &name, &fields(&p, "role")).await?;
         tracing::warn!(alert = true, actor = %c.actor(), admin = %name, "administrator roles changed");
@@ -821,7 +835,8 @@ pub async fn admin_enabled(
 
 pub async fn admin_reset_mfa(State(s): St, Extension(c): Extension<Caller>, Path(name): Path<String>) -> Response {
     let r = s.admin.admin_reset_mfa(c.actor(), &name).await.map_err(ApiError::from);
-    let (status, notice) = outcome(r, |()| format!("Second factors of {name} removed; they enrol again at next login."));
+    let (status, notice) =
+        outcome(r, |()| format!("Second factors of {name} removed; they enrol again at next login."));
     admins_page(&s, &c, status, notice).await
 }
 
@@ -869,7 +884,7 @@ pub async fn tokens(State(s): St, Extension(c): Extension<Caller>) -> Response {
 }
 
 pub async fn tokens_create(State(s): St, Extension(c): Extension<Caller>, body: axum::body::Bytes) -> Response {
-    let r = async {
+    let r: Result<_, ApiError> = async {
         let p = pairs(&body)?;
         let permissions = PermissionSet::parse_list(&fields(&p, "permission")).map_err(ApiError::bad_input)?;
         let days: u64 = field(&p, "days").trim().parse().map_err(|_| ApiError::bad_input("days: a whole number"))?;
@@ -903,7 +918,8 @@ mod tests {
 
     #[test]
     fn next_paths_stay_on_this_origin() {
-        for bad in ["//evil.example/x", "/\\evil.example", "https://evil.example", "", "javascript:alert(1)", "/a\r\nb"] {
+        for bad in ["//evil.example/x", "/\\evil.example", "https://evil.example", "", "javascript:alert(1)", "/a\r\nb"]
+        {
             assert_eq!(safe_next(bad), "/", "{bad:?}");
         }
         assert_eq!(safe_next("/users?x=1"), "/users?x=1");

@@ -197,9 +197,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let mut router: Router<Arc<AppState>> = Router::new();
     for Route { spec, handler } in table() {
         let (st, path) = (state.clone(), spec.path);
-        let guarded = handler.layer(from_fn(move |req: Request, next: Next| {
-            crate::auth::enforce(st.clone(), spec.clone(), req, next)
-        }));
+        let guarded = handler
+            .layer(from_fn(move |req: Request, next: Next| crate::auth::enforce(st.clone(), spec.clone(), req, next)));
         router = router.route(path, guarded);
     }
     let origin: Arc<str> = Arc::from(state.settings.public_origin.as_str());
@@ -216,6 +215,61 @@ pub fn router(state: Arc<AppState>) -> Router {
 async fn timeout(req: Request, next: Next) -> axum::response::Response {
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
         Ok(r) => r,
-        Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long").into_response(),
+        Err(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long").into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::{specs, Access, Surface};
+
+    /// The OpenAPI document and the router list the same API operations,
+    /// with the same permissions: neither can drift from the other.
+    #[test]
+    fn openapi_document_lists_exactly_the_api_routes_and_their_permissions() {
+        let doc: serde_json::Value = serde_json::from_str(crate::api::OPENAPI).expect("valid JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = BTreeSet::new();
+        for (path, ops) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in ops.as_object().expect("operations") {
+                let perm = op["x-permission"].as_str().map(str::to_owned);
+                documented.insert((method.to_uppercase(), path.clone(), perm));
+            }
+        }
+        let routed: BTreeSet<_> = specs()
+            .into_iter()
+            .filter(|r| r.surface == Surface::Api)
+            .map(|r| {
+                let perm = match r.access {
+                    Access::Perm(p) => Some(p.as_str().to_owned()),
+                    _ => None,
+                };
+                (r.method.to_string(), r.path.to_owned(), perm)
+            })
+            .collect();
+        let missing: Vec<_> = routed.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&routed).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "not documented: {missing:?}; not routed: {extra:?}");
+    }
+
+    #[test]
+    fn routes_are_unique_and_the_api_is_never_open_to_half_logged_in_sessions() {
+        let all = specs();
+        let unique: BTreeSet<_> = all.iter().map(|r| (r.method.to_string(), r.path)).collect();
+        assert_eq!(unique.len(), all.len(), "a (method, path) declared twice");
+        for r in &all {
+            if r.surface == Surface::Api {
+                assert!(
+                    matches!(r.access, Access::Perm(_)) || r.path == "/api/v1/openapi.json",
+                    "{} {} must declare a permission",
+                    r.method,
+                    r.path
+                );
+            }
+        }
     }
 }

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use pop3connex_core::audit_log::AuditDetails;
 use pop3connex_core::admin::{Actor, Admin};
+use pop3connex_core::audit_log::AuditDetails;
 use pop3connex_core::config::Config;
 use pop3connex_core::limits::LruMap;
 use pop3connex_core::rbac::Roles;
@@ -188,7 +188,11 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.9, 192.0.2.7, 10.1.1.1"));
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
         assert_eq!(client_address(ip("10.0.0.1"), &h, &trusted), ip("192.0.2.7"), "spoofed left hop ignored");
-        assert_eq!(client_address(ip("203.0.113.5"), &h, &trusted), ip("203.0.113.5"), "untrusted peer: header ignored");
+        assert_eq!(
+            client_address(ip("203.0.113.5"), &h, &trusted),
+            ip("203.0.113.5"),
+            "untrusted peer: header ignored"
+        );
         assert_eq!(client_address(ip("10.0.0.1"), &HeaderMap::new(), &trusted), ip("10.0.0.1"));
         h.insert("x-forwarded-for", HeaderValue::from_static("garbage, 192.0.2.7"));
         assert_eq!(client_address(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"), "malformed: not believed");

@@ -62,6 +62,23 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         let mail = std::sync::Arc::new(MailStore::open(&cfg).await?);
         let running = server::start_with_store(&cfg, mail.clone()).await?;
         let (stop_checkpoints, checkpoints) = start_audit_checkpoints(&cfg, &mail);
+        // The admin plane (off unless [admin] is configured) shares the
+        // store; its reload button asks this loop to do what SIGHUP does.
+        let (web_stop, web_stopped) = tokio::sync::watch::channel(false);
+        let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(4);
+        let web = match cfg.admin {
+            Some(_) => {
+                let shared = std::sync::Arc::new(cfg.clone());
+                let admin = std::sync::Arc::new(pop3connex_core::admin::Admin::with_mail(shared.clone(), mail.clone()));
+                let control = pop3connex_web::Control { shutdown: web_stopped, reload: Some(reload_tx) };
+                let web = pop3connex_web::start(admin, shared, control).await?;
+                for a in &web.addresses {
+                    tracing::info!(address = %a, "listening https (admin API and console)");
+                }
+                Some(web)
+            }
+            None => None,
+        };
         for a in &running.pop3s {
             tracing::info!(address = %a, "listening pop3s (implicit TLS)");
         }
@@ -80,7 +97,12 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => running.reload().await,
+                Some(()) = reload_rx.recv() => running.reload().await,
             }
+        }
+        let _ = web_stop.send(true);
+        if let Some(web) = web {
+            let _ = web.task.await;
         }
         tracing::info!(sessions = running.active_sessions(), "shutting down");
         let _ = stop_checkpoints.send(true);

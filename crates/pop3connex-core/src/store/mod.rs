@@ -53,7 +53,9 @@ pub use lease::{FencingToken, Lease, LeaseResource};
 /// The role traits, for code that calls store methods on a concrete
 /// backend or a generic `S: Store` (`Arc<dyn Store>` needs no import).
 pub mod prelude {
-    pub use super::{AccountStore, AdminStore, AuditStore, ConnectorStore, LeaseStore, MessageStore, SecurityStore, Store};
+    pub use super::{
+        AccountStore, AdminStore, AuditStore, ConnectorStore, LeaseStore, MessageStore, SecurityStore, Store,
+    };
 }
 
 /// Opens the configured backend.
@@ -573,6 +575,8 @@ pub trait AuditStore: Send + Sync + 'static {
     async fn audit_checkpoints(&self) -> StoreResult<Vec<AuditCheckpoint>>;
     /// The checkpoint with the highest seq.
     async fn last_audit_checkpoint(&self) -> StoreResult<Option<AuditCheckpoint>>;
+}
+
 /// An administrator of the admin plane (not a mail user).
 #[derive(Clone, PartialEq, Eq)]
 pub struct AdminRecord {
@@ -729,4 +733,7 @@ pub trait Store:
 {
 }
 
-impl<T: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore + AdminStore> Store for T {}
+impl<T: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore + AdminStore> Store
+    for T
+{
+}
