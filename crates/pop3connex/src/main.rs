@@ -15,8 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use cli::{
     AdminCmd, AdminTokenCmd, AppPasswordCmd, AuditLogCmd, BanCmd, Cli, Cmd, ConfigCmd, ConnectorCmd, ImportCmd,
-    MailboxCmd, UserCmd,
-    DEFAULT_DATA_DIR,
+    MailboxCmd, UserCmd, DEFAULT_DATA_DIR,
 };
 use pop3connex_core::admin::import::ImportFormat;
 use pop3connex_core::admin::users::Unlock;
