@@ -22,7 +22,7 @@ pub struct ConfigView {
 pub fn config(frame: &Frame, view: &ConfigView) -> Markup {
     let content = html! {
         @if !view.source.is_empty() {
-            p { "Read from " code { (view.source) } ". Secrets are shown as references, never their values." }
+            p { "Read from " code.wrap { (view.source) } ". Secrets are shown as references, never their values." }
         }
         @if view.can_reload {
             form.inline method="post" action="/reload" {
