@@ -157,3 +157,19 @@ def test_every_cli_change_is_recorded_and_tampering_is_named(server_factory, tmp
     srv.cli("audit-log", "reset-head", "--yes")
     assert srv.cli("audit-log", "verify").returncode == 0
     assert any(r["action"] == "audit.head_reset" for r in export(srv))
+
+
+def test_cli_admin_changes_reach_the_alert_hook(server_factory, tmp_path):
+    """Role changes and a second-factor reset made with the CLI page the
+    operator through [connector] alert_command, before the command returns."""
+    alerts = tmp_path / "alerts.jsonl"
+    srv = server_factory({("connector", "alert_command"): ["sh", "-c", f"cat >> '{alerts}'"]}, start=False)
+    srv.cli("admin", "add", "carol", "--role", "auditor", "--password-stdin", input=(PASSWORD + "\n").encode())
+    srv.cli("admin", "set-roles", "carol", "--role", "superadmin")
+    srv.cli("admin", "reset-mfa", "carol")
+    got = [json.loads(line) for line in alerts.read_text().splitlines()]
+    by_message = {a["message"]: a for a in got}
+    assert {"administrator roles changed", "administrator second factors reset"} <= set(by_message), got
+    roles = by_message["administrator roles changed"]
+    assert roles["admin"] == "carol" and "superadmin" in roles["roles"] and roles["source"] == "admin", roles
+    assert all(PASSWORD not in line for line in alerts.read_text().splitlines())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import shutil
 import socket
@@ -225,9 +226,12 @@ def wait_admin_listener(port: int, timeout: float = 20):
 
 
 @pytest.fixture
-def console_server(server_factory):
+def console_server(server_factory, tmp_path):
     port = syslib.free_port()
+    alerts = tmp_path / "alerts.jsonl"
     srv = server_factory({
+        # the operator's alert hook: one JSON object per alert on stdin
+        ("connector", "alert_command"): ["sh", "-c", f"cat >> '{alerts}'"],
         ("admin", "listen"): [f"{LOOPBACK}:{port}"],
         ("admin", "public_origin"): f"https://localhost:{port}",
         # the test logs in several times from 127.0.0.1 on purpose
@@ -235,6 +239,7 @@ def console_server(server_factory):
     }, start=False)
     srv.start()
     wait_admin_listener(port)
+    srv.alerts_file = alerts
     return srv, f"https://localhost:{port}"
 
 
@@ -363,6 +368,20 @@ def test_console_in_a_real_browser(console_server):
     finally:
         driver.quit()
         shutil.rmtree(home, ignore_errors=True)
+
+    # the admin plane's alerts reached the operator's hook (run in the
+    # background by serve: give the last ones a moment)
+    want = {"admin login", "administrator second factor enrolled"}
+    deadline = time.monotonic() + 10
+    while True:
+        lines = srv.alerts_file.read_text().splitlines() if srv.alerts_file.exists() else []
+        alerts = [json.loads(line) for line in lines if line.strip()]
+        if want <= {a.get("message") for a in alerts} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert want <= {a.get("message") for a in alerts}, alerts
+    login = next(a for a in alerts if a["message"] == "admin login")
+    assert (login["admin"], login["peer"], login["source"]) == (admin, "127.0.0.1", "admin"), login
 
     if os.environ.get("POP3CONNEX_DOCS_IMG") == "1":
         img = REPO / "docs" / "img"

@@ -4,6 +4,7 @@
 //! protocol, storage or admin rules live here.
 #![forbid(unsafe_code)]
 
+mod alerts;
 mod cli;
 mod print;
 mod serve;
@@ -84,9 +85,10 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = load(&cli.config)?;
             // hickory logs whole DNS messages at warn on validation failures;
             // the connector reports those itself.
-            serve::init_logging(
+            serve::init_logging_with_alerts(
                 &cfg.log,
                 "warn,pop3connex::connector=info,hickory_net=error,hickory_resolver=error,hickory_proto=error",
+                alerts::AlertLayer::new(&cfg.connector.alert_command, alerts::Mode::Wait),
             );
             with_admin(cfg, async |admin, actor| connector(admin, actor, cmd).await)
         }
@@ -107,8 +109,10 @@ fn run(cli: Cli) -> Result<()> {
 /// Logging at warn (admin commands report on stdout and stderr
 /// themselves), then the configuration.
 fn load_quiet(cli_config: &Option<PathBuf>) -> Result<Config> {
-    serve::init_logging(&LogConfig::default(), "warn");
-    load(cli_config)
+    let cfg = load(cli_config)?;
+    let alerts = alerts::AlertLayer::new(&cfg.connector.alert_command, alerts::Mode::Wait);
+    serve::init_logging_with_alerts(&LogConfig::default(), "warn", alerts);
+    Ok(cfg)
 }
 
 /// Opens the admin context on `cfg` and runs one operation of the

@@ -11,6 +11,7 @@ use pop3connex_core::init::init_data_dir;
 use pop3connex_core::mailstore::MailStore;
 use pop3connex_core::server;
 
+use crate::alerts::{AlertLayer, Mode};
 use crate::cli::DEFAULT_DATA_DIR;
 use crate::{default_config, load, runtime};
 
@@ -29,16 +30,28 @@ pub fn init(dir: &Path, hostname: &str) -> Result<()> {
 }
 
 pub fn init_logging(log: &LogConfig, default_level: &str) {
-    use tracing_subscriber::EnvFilter;
+    init_logging_with_alerts(log, default_level, None)
+}
+
+/// Logging to stderr (human or JSON) and, when an alert hook is configured,
+/// the admin plane's alerts to it ([`crate::alerts`]).
+pub fn init_logging_with_alerts(log: &LogConfig, default_level: &str, alerts: Option<AlertLayer>) {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_env("POP3CONNEX_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-        LogFormat::Human => builder.try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let fmt = match log.format {
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).boxed(),
+        LogFormat::Human => fmt.boxed(),
     };
+    // Alerts are warnings: the hook's filter never enables a quieter call
+    // site, whatever the log level.
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(alerts.map(|a| a.with_filter(LevelFilter::WARN)))
+        .try_init();
 }
 
 pub fn serve(config: Option<PathBuf>) -> Result<()> {
@@ -54,7 +67,7 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
     // hickory (connector DNS) logs whole DNS messages at warn when DNSSEC
     // validation fails; the connector's own events report those cases.
     let filter = format!("{},hickory_net=error,hickory_resolver=error,hickory_proto=error", cfg.log.level.as_str());
-    init_logging(&cfg.log, &filter);
+    init_logging_with_alerts(&cfg.log, &filter, AlertLayer::new(&cfg.connector.alert_command, Mode::Background));
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
