@@ -441,3 +441,27 @@ async fn reload_needs_step_up_and_reaches_the_server() {
     assert!(logout.header("set-cookie").contains("Max-Age=0"));
     assert_eq!(s.send(Req::new("GET", "/").session(&cookie)).await.status, 303, "logged out");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disabling_an_admin_ends_its_sessions_and_tokens() {
+    let s = start("disable", "", |_| {}).await;
+    s.admin_with_totp("root", &["superadmin"]).await;
+    let (secret, _) = s.admin_with_totp("dora", &["superadmin"]).await;
+    let cookie = s.login("dora", &secret).await;
+    let t = token(&s, &[Permission::UsersRead].into_iter().collect(), 3600, &[]).await;
+    assert_eq!(s.send(Req::new("GET", "/api/v1/users").session(&cookie)).await.status, 200);
+    let cli = cli();
+    s.admin.admin_set_enabled(&cli, "dora", false).await.unwrap();
+    assert_eq!(
+        s.send(Req::new("GET", "/api/v1/users").session(&cookie)).await.status,
+        401,
+        "session of a disabled admin"
+    );
+    // Enabling again does not bring the session back: it is gone.
+    s.admin.admin_set_enabled(&cli, "dora", true).await.unwrap();
+    assert_eq!(s.send(Req::new("GET", "/api/v1/users").session(&cookie)).await.status, 401, "the session was removed");
+    // The token helper's creator is `root`; a disabled creator's token stops too.
+    assert_eq!(s.send(Req::new("GET", "/api/v1/users").bearer(&t)).await.status, 200);
+    s.admin.admin_set_enabled(&cli, "root", false).await.unwrap();
+    assert_eq!(s.send(Req::new("GET", "/api/v1/users").bearer(&t)).await.status, 401, "token of a disabled creator");
+}
