@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::Request;
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use pop3connex_core::admin::admins::{AdminAuthError, Principal};
@@ -22,9 +22,38 @@ use pop3connex_core::types::unix_now;
 
 use crate::error::ApiError;
 use crate::listener::PeerAddr;
-use crate::routes::{Access, RouteSpec, Surface};
 use crate::session::{cookie_id, Session, SessionId, Stage};
 use crate::state::{client_address, AppState};
+
+/// What a route requires of its caller (declared in `routes`, enforced here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone who reached the listener: login, static files, the API document.
+    Public,
+    /// A session whose password was right and whose second factor is awaited.
+    Mfa,
+    /// A session that may enrol a factor: without one yet, or logged in.
+    Enrol,
+    /// Any logged-in administrator (console sessions only).
+    Authenticated,
+    /// A session or a service token holding this permission.
+    Perm(Permission),
+}
+
+/// Console pages (HTML, sessions only) or the API (JSON, tokens too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    Page,
+    Api,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+    pub surface: Surface,
+}
 
 /// The client address of a request (after `trusted_proxies`).
 #[derive(Debug, Clone, Copy)]
@@ -211,7 +240,7 @@ fn step_up_missing(spec: &RouteSpec, caller: &Caller, p: Permission, path: &str,
             } else {
                 path.rsplit_once('/').map_or("/", |(p, _)| if p.is_empty() { "/" } else { p })
             };
-            Redirect::to(&format!("/step-up?next={}", crate::pages::encode_query(back))).into_response()
+            Redirect::to(&format!("/step-up?next={}", crate::console::query_value(back))).into_response()
         }
     })
 }

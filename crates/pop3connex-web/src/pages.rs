@@ -45,11 +45,6 @@ pub fn safe_next(next: &str) -> &str {
     }
 }
 
-/// Percent-encodes a query value.
-pub fn encode_query(s: &str) -> String {
-    console::query_value(s)
-}
-
 /// What a section needs to be listed in the navigation.
 fn section_permission(s: Section) -> Option<Permission> {
     match s {

@@ -31,35 +31,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// enough for a connector run of one account.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What a route requires of its caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Anyone who reached the listener: login, static files, the API document.
-    Public,
-    /// A session whose password was right and whose second factor is awaited.
-    Mfa,
-    /// A session that may enrol a factor: without one yet, or logged in.
-    Enrol,
-    /// Any logged-in administrator (console sessions only).
-    Authenticated,
-    /// A session or a service token holding this permission.
-    Perm(Permission),
-}
-
-/// Console pages (HTML, sessions only) or the API (JSON, tokens too).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Surface {
-    Page,
-    Api,
-}
-
-#[derive(Debug, Clone)]
-pub struct RouteSpec {
-    pub method: Method,
-    pub path: &'static str,
-    pub access: Access,
-    pub surface: Surface,
-}
+pub use crate::auth::{Access, RouteSpec, Surface};
 
 pub struct Route {
     pub spec: RouteSpec,
