@@ -57,11 +57,17 @@ pub fn has_bearer(headers: &HeaderMap) -> bool {
 /// The CSRF decision for a state-changing request without a bearer token.
 pub fn csrf_ok(headers: &HeaderMap, public_origin: &str) -> bool {
     let site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
+    let origin = headers.get(header::ORIGIN).map(|o| o.as_bytes());
+    // An Origin that is present must be ours, whatever Fetch Metadata says
+    // (a proxy or client that rewrites one header but not the other).
+    if origin.is_some_and(|o| o != public_origin.as_bytes()) {
+        return false;
+    }
     match site {
         Some(b"same-origin") => true,
         // `none`: a user-initiated request; absent: a browser without Fetch
         // Metadata. Either way the Origin must be ours.
-        None | Some(b"none") => headers.get(header::ORIGIN).is_some_and(|o| o.as_bytes() == public_origin.as_bytes()),
+        None | Some(b"none") => origin.is_some(),
         Some(_) => false,
     }
 }
@@ -97,6 +103,10 @@ mod tests {
         assert!(csrf_ok(&headers(&[("sec-fetch-site", "none"), ("origin", "https://admin.example:8443")]), o));
         assert!(!csrf_ok(&headers(&[("origin", "https://evil.example")]), o));
         assert!(!csrf_ok(&headers(&[("origin", "null")]), o));
+        assert!(
+            !csrf_ok(&headers(&[("sec-fetch-site", "same-origin"), ("origin", "https://evil.example")]), o),
+            "a wrong Origin is refused even when Fetch Metadata says same-origin"
+        );
         assert!(!csrf_ok(&HeaderMap::new(), o), "neither header: refused");
         assert!(state_changing(&Method::POST) && state_changing(&Method::DELETE) && !state_changing(&Method::GET));
     }

@@ -437,7 +437,7 @@ pub struct NextQuery {
 
 fn step_up_view(s: &AppState, c: &Caller, next: &str, notice: Option<Notice>) -> Html<String> {
     let (totp, passkey) = c.session.as_ref().map_or((false, false), |(_, x)| (x.has_totp, x.has_passkey));
-    let v = view::StepUpView { next: safe_next(next).to_owned(), totp, passkey, minutes: s.settings.step_up_secs / 60 };
+    let v = view::StepUpView { next: safe_next(next).to_owned(), totp, passkey, secs: s.settings.step_up_secs };
     html(view::step_up(&frame(s, c, "/step-up", notice), &v))
 }
 

@@ -430,6 +430,13 @@ async fn reload_needs_step_up_and_reaches_the_server() {
         ]))
         .await;
     let cookie = a.session_cookie().unwrap();
+    for path in ["/reload", "/api/v1/reload"] {
+        for m in ["GET", "HEAD"] {
+            let a = s.send(Req::new(m, path).session(&cookie)).await;
+            assert_eq!(a.status, 405, "{m} {path} is not a way to reload");
+        }
+    }
+    assert!(s.reloads.try_recv().is_err(), "no reload from a safe method");
     let a = s.send(Req::new("POST", "/api/v1/reload").session(&cookie)).await;
     assert_eq!(a.status, 202, "{}", a.text());
     assert!(s.reloads.try_recv().is_ok(), "the server got the reload request");

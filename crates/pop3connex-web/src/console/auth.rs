@@ -167,15 +167,25 @@ pub struct StepUpView {
     pub next: String,
     pub totp: bool,
     pub passkey: bool,
-    /// How long the elevation lasts, in minutes (shown).
-    pub minutes: u64,
+    /// How long the elevation lasts, in seconds (shown in words).
+    pub secs: u64,
+}
+
+/// "10 minutes", "1 minute", "45 seconds", "1 minute 30 seconds".
+pub fn duration_words(secs: u64) -> String {
+    let unit = |n: u64, one: &str| if n == 1 { format!("1 {one}") } else { format!("{n} {one}s") };
+    match (secs / 60, secs % 60) {
+        (0, s) => unit(s, "second"),
+        (m, 0) => unit(m, "minute"),
+        (m, s) => format!("{} {}", unit(m, "minute"), unit(s, "second")),
+    }
 }
 
 /// `GET /step-up?next=...`.
 pub fn step_up(frame: &Frame, view: &StepUpView) -> Markup {
     let content = html! {
         p { "This action changes the server. Confirm with your second factor; your session stays elevated for "
-            (view.minutes) " minutes from this address." }
+            (duration_words(view.secs)) " from this address." }
         @if view.passkey {
             section.factor {
                 h2 { "Passkey or security key" }

@@ -57,7 +57,7 @@ fn all_pages(f: &Frame, text: &str) -> Vec<(&'static str, String)> {
         ),
         (
             "step-up",
-            step_up(f, &StepUpView { next: "/users".into(), totp: true, passkey: true, minutes: 10 }).into_string(),
+            step_up(f, &StepUpView { next: "/users".into(), totp: true, passkey: true, secs: 600 }).into_string(),
         ),
         ("recovery-codes", recovery_codes(f, &RecoveryCodesView { codes: vec![s()], next: "/".into() }).into_string()),
         (
@@ -389,4 +389,13 @@ fn static_files_are_embedded() {
     assert!(CONSOLE_CSS.contains("@media (max-width: 720px)"));
     assert!(WEBAUTHN_JS.contains("navigator.credentials.create"));
     assert!(WEBAUTHN_JS.contains("credentials: \"same-origin\""));
+}
+
+#[test]
+fn step_up_window_is_said_in_words() {
+    assert_eq!(duration_words(600), "10 minutes");
+    assert_eq!(duration_words(60), "1 minute");
+    assert_eq!(duration_words(45), "45 seconds");
+    assert_eq!(duration_words(1), "1 second");
+    assert_eq!(duration_words(90), "1 minute 30 seconds");
 }
