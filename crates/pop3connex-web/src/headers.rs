@@ -58,16 +58,20 @@ pub fn has_bearer(headers: &HeaderMap) -> bool {
 pub fn csrf_ok(headers: &HeaderMap, public_origin: &str) -> bool {
     let site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
     let origin = headers.get(header::ORIGIN).map(|o| o.as_bytes());
-    // An Origin that is present must be ours, whatever Fetch Metadata says
-    // (a proxy or client that rewrites one header but not the other).
-    if origin.is_some_and(|o| o != public_origin.as_bytes()) {
+    // An Origin that names a site must be ours, whatever Fetch Metadata says
+    // (a proxy or client that rewrites one header but not the other). The
+    // opaque `null` is what a browser sends for its own same-origin form POST
+    // under our `Referrer-Policy: no-referrer` (Fetch, "append a request
+    // `Origin` header"), so it counts only together with `same-origin`.
+    let named_origin = origin.filter(|o| *o != b"null");
+    if named_origin.is_some_and(|o| o != public_origin.as_bytes()) {
         return false;
     }
     match site {
         Some(b"same-origin") => true,
         // `none`: a user-initiated request; absent: a browser without Fetch
         // Metadata. Either way the Origin must be ours.
-        None | Some(b"none") => origin.is_some(),
+        None | Some(b"none") => named_origin.is_some(),
         Some(_) => false,
     }
 }
@@ -108,6 +112,12 @@ mod tests {
             "a wrong Origin is refused even when Fetch Metadata says same-origin"
         );
         assert!(!csrf_ok(&HeaderMap::new(), o), "neither header: refused");
+        assert!(
+            csrf_ok(&headers(&[("sec-fetch-site", "same-origin"), ("origin", "null")]), o),
+            "a browser's own form POST under Referrer-Policy: no-referrer carries Origin: null"
+        );
+        assert!(!csrf_ok(&headers(&[("sec-fetch-site", "none"), ("origin", "null")]), o));
+        assert!(!csrf_ok(&headers(&[("sec-fetch-site", "cross-site"), ("origin", "null")]), o));
         assert!(state_changing(&Method::POST) && state_changing(&Method::DELETE) && !state_changing(&Method::GET));
     }
 }
