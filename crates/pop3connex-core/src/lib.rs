@@ -68,5 +68,6 @@ pub mod secret;
 pub mod security;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod types;

@@ -10,6 +10,7 @@ use pop3connex_core::config::{Config, LogConfig, LogFormat};
 use pop3connex_core::init::init_data_dir;
 use pop3connex_core::mailstore::MailStore;
 use pop3connex_core::server;
+use pop3connex_core::telemetry::Hub;
 
 use crate::alerts::{AlertLayer, Mode};
 use crate::cli::DEFAULT_DATA_DIR;
@@ -48,7 +49,10 @@ pub fn init_logging_with_alerts(log: &LogConfig, default_level: &str, alerts: Op
     };
     // Alerts are warnings: the hook's filter never enables a quieter call
     // site, whatever the log level.
+    // The telemetry hub sees POP3conneX's events whatever the log level
+    // (sinks, metrics and alerts do not depend on what stderr shows).
     let _ = tracing_subscriber::registry()
+        .with(Hub::layer().with_filter(Hub::filter()))
         .with(fmt.with_filter(filter))
         .with(alerts.map(|a| a.with_filter(LevelFilter::WARN)))
         .try_init();

@@ -1,0 +1,224 @@
+//! The event catalogue: every event name POP3conneX emits, with a stable
+//! numeric id (never reused, never renumbered), a severity, the Elastic
+//! Common Schema classification and the documented fields.
+//!
+//! `docs/events.md` is generated from this table
+//! (`pop3connex events catalogue --markdown`) and a test checks that every
+//! `event = "..."` in the source is listed here, so the code, the table and
+//! the document cannot drift apart.
+
+use serde::Serialize;
+
+/// RFC 5424 severities (the numeric value is the syslog severity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Emergency = 0,
+    Alert = 1,
+    Critical = 2,
+    Error = 3,
+    Warning = 4,
+    Notice = 5,
+    Info = 6,
+    Debug = 7,
+}
+
+impl Severity {
+    pub fn from_level(level: tracing::Level) -> Severity {
+        match level {
+            tracing::Level::ERROR => Severity::Error,
+            tracing::Level::WARN => Severity::Warning,
+            tracing::Level::INFO => Severity::Info,
+            _ => Severity::Debug,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Emergency => "emergency",
+            Severity::Alert => "alert",
+            Severity::Critical => "critical",
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Notice => "notice",
+            Severity::Info => "info",
+            Severity::Debug => "debug",
+        }
+    }
+
+    /// The RFC 5424 numeric severity.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// One catalogue entry.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EventDef {
+    /// Stable id (SIEM rules may key on it).
+    pub id: u16,
+    pub name: &'static str,
+    pub severity: Severity,
+    /// ECS `event.category` values.
+    pub category: &'static [&'static str],
+    /// ECS `event.type` values.
+    pub kind: &'static [&'static str],
+    /// ECS `event.outcome`: `success`, `failure` or `unknown`.
+    pub outcome: &'static str,
+    /// Alerts by default (routed to the alert channels).
+    pub alert: bool,
+    /// The fields, each with what it holds.
+    pub fields: &'static [(&'static str, &'static str)],
+    pub summary: &'static str,
+}
+
+const PEER: (&str, &str) = ("peer", "client address (ECS source.ip)");
+const USER: (&str, &str) = ("user", "mail account name (ECS user.name)");
+const MECH: (&str, &str) = ("mechanism", "USER/PASS, APOP, PLAIN, SCRAM-SHA-256, XOAUTH2, ...");
+const ACCOUNT: (&str, &str) = ("account", "connector account name");
+const UIDL: (&str, &str) = ("uidl", "the upstream message's unique id");
+
+macro_rules! def {
+    ($id:expr, $name:expr, $sev:ident, [$($cat:expr),*], [$($kind:expr),*], $outcome:expr, $alert:expr,
+     [$($field:expr),*], $summary:expr) => {
+        EventDef {
+            id: $id,
+            name: $name,
+            severity: Severity::$sev,
+            category: &[$($cat),*],
+            kind: &[$($kind),*],
+            outcome: $outcome,
+            alert: $alert,
+            fields: &[$($field),*],
+            summary: $summary,
+        }
+    };
+}
+
+/// Every event. Ids: 1xx authentication, 2xx network and protocol, 3xx
+/// store, 4xx connector, 5xx administration, 6xx telemetry itself, 7xx
+/// anomalies.
+pub static CATALOGUE: &[EventDef] = &[
+    def!(100, "auth_success", Info, ["authentication"], ["start"], "success", false,
+        [PEER, USER, MECH, ("tls", "whether the connection was TLS")], "A mail client logged in."),
+    def!(101, "auth_failure", Warning, ["authentication"], ["start"], "failure", false,
+        [PEER, USER, MECH, ("reason", "bad_credentials, unknown_user, policy, ...")], "A login failed."),
+    def!(102, "plaintext_auth_refused", Warning, ["authentication"], ["denied"], "failure", false,
+        [PEER], "Credentials were offered before TLS and refused."),
+    def!(103, "account_locked", Warning, ["authentication", "iam"], ["change"], "success", false,
+        [USER, ("seconds", "lock duration")], "An account was locked after repeated failures."),
+    def!(104, "locked_out", Warning, ["authentication"], ["denied"], "failure", false,
+        [PEER, USER], "A login was refused because the account is locked."),
+    def!(200, "connection_refused", Warning, ["network"], ["denied"], "failure", false,
+        [PEER, ("listener", "pop3, pop3s, lmtp or admin"), ("reason", "banned, limit, allow_networks, ...")],
+        "A connection was refused before any command."),
+    def!(201, "protocol_abuse", Warning, ["network", "intrusion_detection"], ["denied"], "failure", false,
+        [PEER, ("protocol", "pop3 or lmtp"), ("reason", "line_too_long, too_many_errors, ...")],
+        "A peer broke the protocol repeatedly and was disconnected."),
+    def!(202, "starttls_injection", Warning, ["network", "intrusion_detection"], ["denied"], "failure", false,
+        [PEER, ("discarded", "bytes of pipelined plaintext thrown away")],
+        "Plaintext pipelined after STLS was discarded."),
+    def!(203, "dnsbl_listed", Warning, ["network", "threat"], ["denied"], "failure", false,
+        [PEER, ("zone", "the DNS blocklist")], "A connection was refused: the address is on a blocklist."),
+    def!(204, "ban", Warning, ["network", "intrusion_detection"], ["denied", "creation"], "success", false,
+        [PEER, ("reason", "why"), ("seconds", "ban duration")], "An address (or network) was banned."),
+    def!(205, "tls_reloaded", Info, ["configuration"], ["change"], "success", false,
+        [("detail", "what was reloaded")], "The TLS certificate was reloaded."),
+    def!(206, "tls_reload_failed", Error, ["configuration"], ["change"], "failure", true,
+        [("detail", "the error")], "A TLS reload failed; the old certificate stays in use."),
+    def!(207, "suppressed", Warning, ["network"], ["info"], "unknown", false,
+        [PEER, ("suppressed_event", "the event held back"), ("count", "how many"),
+         ("scope", "address or connection")], "Repeated events from one peer were counted, not logged."),
+    def!(300, "maildrop_in_use", Info, ["session"], ["denied"], "failure", false,
+        [PEER, USER], "A login found the maildrop locked by another session."),
+    def!(301, "integrity_failure", Critical, ["database", "intrusion_detection"], ["error"], "failure", true,
+        [USER, ("message", "the message id")], "A stored record failed authentication: tampering or corruption."),
+    def!(302, "store_read_only", Error, ["database"], ["change"], "failure", true,
+        [("reason", "why the store stopped accepting writes")],
+        "The store is read-only (disk full?): mail is served, deliveries wait."),
+    def!(303, "store_writable_again", Info, ["database"], ["change"], "success", false,
+        [], "The store accepts writes again."),
+    def!(400, "connector_fetched", Info, ["email"], ["info"], "success", false,
+        [ACCOUNT, UIDL, ("size", "bytes"), ("outcome", "delivered, stored, ...")], "The connector fetched a message."),
+    def!(401, "connector_duplicate", Info, ["email"], ["info"], "success", false,
+        [ACCOUNT, UIDL, ("recipient", "the recipient")], "A message already delivered was skipped."),
+    def!(402, "connector_quarantined", Warning, ["email"], ["info"], "failure", true,
+        [ACCOUNT, UIDL, ("reason", "why")], "A message went to quarantine."),
+    def!(403, "connector_loop", Warning, ["email"], ["denied"], "failure", true,
+        [ACCOUNT, UIDL, ("hops", "Received headers counted")], "A mail loop was detected."),
+    def!(404, "connector_oversize", Warning, ["email"], ["denied"], "failure", false,
+        [ACCOUNT, UIDL, ("size", "bytes"), ("limit", "bytes"), ("action", "what was done")],
+        "A message was above the size limit."),
+    def!(405, "connector_upstream_error", Warning, ["email", "network"], ["error"], "failure", false,
+        [ACCOUNT, ("kind", "connect, tls, auth, protocol, timeout, oauth"), ("detail", "sanitised reply")],
+        "The upstream POP3 server failed (alerts for auth, tls, protocol and oauth)."),
+    def!(406, "connector_deferred", Warning, ["email"], ["info"], "failure", false,
+        [ACCOUNT, UIDL, ("recipient", "the recipient"), ("detail", "sanitised reply")],
+        "Downstream delivery was deferred (retried later)."),
+    def!(407, "connector_refused", Warning, ["email"], ["denied"], "failure", true,
+        [ACCOUNT, UIDL, ("recipient", "the recipient"), ("detail", "sanitised reply")],
+        "Downstream delivery was refused permanently (quarantined)."),
+    def!(408, "connector_deleted", Info, ["email"], ["deletion"], "success", false,
+        [ACCOUNT, ("count", "messages")], "Upstream copies were deleted after durable delivery."),
+    def!(500, "admin_alert", Warning, ["iam", "configuration"], ["info"], "unknown", true,
+        [], "An administrative event marked as an alert that has no catalogue name yet."),
+];
+
+/// The entry for `name`.
+pub fn lookup(name: &str) -> Option<&'static EventDef> {
+    CATALOGUE.iter().find(|d| d.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn ids_and_names_are_unique() {
+        let ids: BTreeSet<_> = CATALOGUE.iter().map(|d| d.id).collect();
+        let names: BTreeSet<_> = CATALOGUE.iter().map(|d| d.name).collect();
+        assert_eq!(ids.len(), CATALOGUE.len());
+        assert_eq!(names.len(), CATALOGUE.len());
+        for d in CATALOGUE {
+            assert!(["success", "failure", "unknown"].contains(&d.outcome), "{}", d.name);
+            assert!(!d.category.is_empty() && !d.kind.is_empty() && !d.summary.is_empty(), "{}", d.name);
+        }
+    }
+
+    fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// Every event name written (as `event = "..."`) anywhere in the workspace's sources is
+    /// in the catalogue.
+    #[test]
+    fn every_emitted_event_is_catalogued() {
+        let crates = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut files = Vec::new();
+        sources(crates, &mut files);
+        let mut missing = BTreeSet::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for (i, _) in text.match_indices("event = \"") {
+                let rest = &text[i + 9..];
+                let name = &rest[..rest.find('"').unwrap_or(0)];
+                if !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+                    && lookup(name).is_none()
+                {
+                    missing.insert(format!("{name} ({})", f.display()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "events missing from the catalogue: {missing:?}");
+    }
+}
