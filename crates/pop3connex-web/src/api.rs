@@ -384,7 +384,7 @@ pub async fn admins_roles(
     Body(b): Body<SetRoles>,
 ) -> Answer {
     s.admin.admin_set_roles(c.actor(), &name, &b.roles).await?;
-    tracing::warn!(alert = true, actor = %c.actor(), admin = %name, "administrator roles changed");
+    tracing::warn!(alert = true, event = "admin_roles_changed", actor = %c.actor(), admin = %name, "administrator roles changed");
     done()
 }
 
@@ -481,6 +481,71 @@ pub async fn audit_read(State(s): St, Extension(c): Extension<Caller>, Query(p):
     ok(serde_json::to_value(&records).map_err(|_| ApiError::internal())?)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventParams {
+    since: Option<i64>,
+    until: Option<i64>,
+    user: Option<String>,
+    ip: Option<String>,
+    /// Catalogue names, comma-separated.
+    #[serde(rename = "type")]
+    types: Option<String>,
+    limit: Option<usize>,
+    before_seq: Option<i64>,
+}
+
+/// `GET /api/v1/events`: the local event store, newest first. A
+/// domain-scoped caller sees only events about users of its domains (an
+/// event without a user, such as a ban, is not in any domain).
+pub async fn events_search(State(s): St, Extension(c): Extension<Caller>, Query(p): Query<EventParams>) -> Answer {
+    let names: Vec<String> =
+        p.types.as_deref().unwrap_or_default().split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect();
+    if names.len() > 64 {
+        return Err(ApiError::bad_input("too many event types"));
+    }
+    if let Some(t) = names.iter().find(|t| pop3connex_core::telemetry::catalogue::lookup(t).is_none()) {
+        return Err(ApiError::bad_input(format!("no such event type: {}", t.escape_debug())));
+    }
+    if p.user.as_ref().is_some_and(|u| u.is_empty() || u.len() > 320 || u.chars().any(char::is_control)) {
+        return Err(ApiError::bad_input("not a user name"));
+    }
+    let ip = match p.ip {
+        Some(a) => {
+            Some(a.parse::<std::net::IpAddr>().map_err(|_| ApiError::bad_input("ip: not an IP address"))?.to_string())
+        }
+        None => None,
+    };
+    let filter = pop3connex_core::store::EventFilter {
+        since: p.since,
+        until: p.until,
+        user: p.user,
+        ip,
+        names,
+        before_seq: p.before_seq,
+        limit: p.limit.unwrap_or(AUDIT_DEFAULT_LIMIT).clamp(1, AUDIT_MAX_LIMIT),
+    };
+    let found = s.admin.events_search(c.actor(), filter).await?;
+    let list: Vec<Value> = found
+        .into_iter()
+        .filter(|e| c.principal.may_touch_user(e.user.as_deref().unwrap_or_default()))
+        .map(|e| {
+            json!({
+                "seq": e.seq,
+                "time": e.time,
+                "code": e.code,
+                "name": e.name,
+                "severity": e.severity,
+                "user": e.user,
+                "ip": e.ip,
+                "message": e.message,
+                "fields": serde_json::from_str::<Value>(&e.fields).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    ok(json!(list))
+}
+
 /// The configuration file as loaded, as JSON. Secrets in it are always
 /// references (`env:NAME`, `file:/path`): literal secrets are refused when
 /// the configuration is parsed, so nothing here is a secret value.
@@ -513,7 +578,7 @@ pub async fn reload(state: &AppState, c: &Caller) -> Result<(), ApiError> {
         Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
         Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return Err(ApiError::internal()),
     }
-    tracing::warn!(alert = true, actor = %c.actor(), "configuration reload requested");
+    tracing::warn!(alert = true, event = "config_reload_requested", actor = %c.actor(), "configuration reload requested");
     Ok(())
 }
 

@@ -123,7 +123,7 @@ pub async fn login_submit(
         return error_page(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "too many sessions; try later"));
     };
     if no_factor {
-        tracing::warn!(alert = true, admin = %info.name, peer = %ip, "admin without a second factor logged in to enrol one");
+        tracing::warn!(alert = true, event = "admin_enrolment_login", admin = %info.name, peer = %ip, "admin without a second factor logged in to enrol one");
     }
     with_cookie(&id, see_other(if no_factor { "/enrol" } else { "/login/mfa" }))
 }
@@ -176,7 +176,7 @@ async fn mfa_passed(s: &AppState, p: &PartialLogin, how: &str) -> Result<Session
             x.webauthn_state = None;
         })
         .ok_or_else(ApiError::unauthorized)?;
-    tracing::warn!(alert = true, admin = %p.session.admin_name, peer = %p.address, "admin login");
+    tracing::warn!(alert = true, event = "admin_login", admin = %p.session.admin_name, peer = %p.address, "admin login");
     Ok(id)
 }
 

@@ -804,7 +804,7 @@ pub async fn admin_roles(
     let r: Result<_, ApiError> = async {
         let p = pairs(&body)?;
         s.admin.admin_set_roles(c.actor(), &name, &fields(&p, "role")).await?;
-        tracing::warn!(alert = true, actor = %c.actor(), admin = %name, "administrator roles changed");
+        tracing::warn!(alert = true, event = "admin_roles_changed", actor = %c.actor(), admin = %name, "administrator roles changed");
         Ok(())
     }
     .await;

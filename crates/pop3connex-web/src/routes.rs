@@ -144,6 +144,7 @@ pub fn table() -> Vec<Route> {
         route(M::POST, "/api/v1/tokens", Perm(P::TokensWrite), api::tokens_create),
         route(M::DELETE, "/api/v1/tokens/{id}", Perm(P::TokensWrite), api::tokens_revoke),
         route(M::GET, "/api/v1/audit", Perm(P::AuditRead), api::audit_read),
+        route(M::GET, "/api/v1/events", Perm(P::EventsRead), api::events_search),
         route(M::GET, "/api/v1/config", Perm(P::ConfigRead), api::config_read),
         route(M::POST, "/api/v1/reload", Perm(P::ConfigReload), api::config_reload),
     ]

@@ -102,7 +102,7 @@ impl AppState {
             (a, n)
         };
         if by_address == BURST_ALERT_FAILURES {
-            tracing::warn!(alert = true, peer = %ip, failures = by_address, "failed admin login burst");
+            tracing::warn!(alert = true, event = "admin_login_burst", peer = %ip, failures = by_address, "failed admin login burst");
         }
         if by_address >= self.settings.login_failures_before_ban {
             self.guard.ban_address(ip, "admin login failures");

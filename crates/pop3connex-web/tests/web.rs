@@ -472,3 +472,64 @@ async fn disabling_an_admin_ends_its_sessions_and_tokens() {
     s.admin.admin_set_enabled(&cli, "root", false).await.unwrap();
     assert_eq!(s.send(Req::new("GET", "/api/v1/users").bearer(&t)).await.status, 401, "token of a disabled creator");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_api_searches_the_store_within_the_callers_domains() {
+    use pop3connex_core::store::prelude::*;
+    use pop3connex_core::store::StoredEvent;
+    let roles =
+        "[admin.roles.org-events]\npermissions = [\"events.read\", \"tokens.write\"]\ndomains = [\"example.org\"]\n";
+    let s = start("events", roles, |_| {}).await;
+    s.admin_with_totp("root", &["superadmin"]).await;
+    s.admin_with_totp("orgadmin", &["org-events"]).await;
+    let store = pop3connex_core::store::sqlite::SqliteStore::open(&s.dir.join("pop3connex.db")).unwrap();
+    let ev = |time: i64, name: &str, user: Option<&str>, ip: &str| StoredEvent {
+        seq: 0,
+        time,
+        code: 101,
+        name: name.into(),
+        severity: 4,
+        user: user.map(Into::into),
+        ip: Some(ip.into()),
+        message: "<script>alert(1)</script>".into(),
+        fields: r#"{"reason":"bad password"}"#.into(),
+    };
+    store
+        .append_events(vec![
+            ev(1_000, "auth_failure", Some("alice@example.org"), "192.0.2.7"),
+            ev(2_000, "auth_failure", Some("bob@example.com"), "192.0.2.7"),
+            ev(3_000, "ban", None, "192.0.2.7"),
+        ])
+        .await
+        .unwrap();
+
+    let all: PermissionSet = Permission::ALL.iter().copied().collect();
+    let root = token(&s, &all, 600, &[]).await;
+    let got = s.send(Req::new("GET", "/api/v1/events?ip=192.0.2.7&limit=10").bearer(&root)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let names: Vec<String> =
+        got.json().as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().into()).collect();
+    assert_eq!(names, ["ban", "auth_failure", "auth_failure"]);
+    assert_eq!(got.json()[1]["fields"]["reason"], "bad password");
+    assert_eq!(got.header("content-type"), "application/json", "data, never HTML");
+    let got = s.send(Req::new("GET", "/api/v1/events?type=auth_failure&user=bob@example.com").bearer(&root)).await;
+    assert_eq!(got.json().as_array().unwrap().len(), 1);
+    for bad in ["type=nope", "ip=not-an-ip", "user=%00", "since=abc", "extra=1"] {
+        let got = s.send(Req::new("GET", &format!("/api/v1/events?{bad}")).bearer(&root)).await;
+        assert_eq!(got.status, 400, "{bad}: {}", got.text());
+    }
+
+    // A domain-scoped administrator sees its domain's users only.
+    let org = s.admin.admin_list(&cli()).await.unwrap().into_iter().find(|a| a.name == "orgadmin").unwrap();
+    let principal = s.admin.principal_for_admin(org.id, "127.0.0.1".parse().unwrap()).await.unwrap();
+    let perms: PermissionSet = [Permission::EventsRead].into_iter().collect();
+    let (_, t) = s.admin.token_create(&principal, "org", &perms, common::unix_now() + 600, &[]).await.unwrap();
+    let got = s.send(Req::new("GET", "/api/v1/events").bearer(&t)).await;
+    let users: Vec<String> =
+        got.json().as_array().unwrap().iter().map(|e| e["user"].as_str().unwrap_or("-").to_owned()).collect();
+    assert_eq!(users, ["alice@example.org"]);
+    // Every search is in the audit log.
+    let query = pop3connex_core::admin::AuditQuery { limit: 100, ..Default::default() };
+    let audit = s.admin.audit_log_read(&cli(), &query).await.unwrap();
+    assert!(audit.iter().any(|r| r.action == "events.read" && r.target.contains("ip=192.0.2.7")));
+}

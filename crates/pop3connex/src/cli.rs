@@ -54,6 +54,44 @@ pub enum Cmd {
     /// Verify, show and export the tamper-evident audit log.
     #[command(subcommand)]
     AuditLog(AuditLogCmd),
+    /// The event catalogue and the local event store.
+    #[command(subcommand)]
+    Events(EventsCmd),
+}
+
+#[derive(Subcommand)]
+pub enum EventsCmd {
+    /// Print every event with its id, severity, ECS classification and fields.
+    Catalogue {
+        /// As the Markdown of docs/events.md.
+        #[arg(long, conflicts_with = "json")]
+        markdown: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Search the stored events, newest first (itself recorded as events.read).
+    Search {
+        /// A mail account or administrator name.
+        #[arg(long)]
+        user: Option<String>,
+        /// A client address.
+        #[arg(long)]
+        ip: Option<String>,
+        /// An event name from the catalogue (repeatable, or comma-separated).
+        #[arg(long = "type", value_delimiter = ',')]
+        types: Vec<String>,
+        /// From this time: Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time (same forms).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

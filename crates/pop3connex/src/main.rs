@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use cli::{
-    AdminCmd, AdminTokenCmd, AppPasswordCmd, AuditLogCmd, BanCmd, Cli, Cmd, ConfigCmd, ConnectorCmd, ImportCmd,
-    MailboxCmd, UserCmd, DEFAULT_DATA_DIR,
+    AdminCmd, AdminTokenCmd, AppPasswordCmd, AuditLogCmd, BanCmd, Cli, Cmd, ConfigCmd, ConnectorCmd, EventsCmd,
+    ImportCmd, MailboxCmd, UserCmd, DEFAULT_DATA_DIR,
 };
 use pop3connex_core::admin::import::ImportFormat;
 use pop3connex_core::admin::users::Unlock;
@@ -99,6 +99,18 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::AuditLog(cmd) => {
             with_admin(load_quiet(&cli.config)?, async |admin, actor| audit_log(admin, actor, cmd).await)
         }
+        Cmd::Events(EventsCmd::Catalogue { markdown, json }) => {
+            use pop3connex_core::telemetry::catalogue;
+            if markdown {
+                print!("{}", catalogue::markdown());
+            } else if json {
+                println!("{}", serde_json::to_string_pretty(catalogue::CATALOGUE)?);
+            } else {
+                print!("{}", print::event_catalogue(catalogue::CATALOGUE));
+            }
+            Ok(())
+        }
+        Cmd::Events(cmd) => with_admin(load_quiet(&cli.config)?, async |admin, actor| events(admin, actor, cmd).await),
         Cmd::Mailbox(MailboxCmd::Stat { name }) => with_admin(load_quiet(&cli.config)?, async |admin, actor| {
             print::mailbox_stat(&admin.mailbox_stat(actor, &UserName::parse(&name)?).await?);
             Ok(())
@@ -420,6 +432,47 @@ async fn audit_log(admin: &Admin, actor: &Actor, cmd: AuditLogCmd) -> Result<()>
             let r = admin.audit_log_reset_head(actor).await?;
             println!("head file reset at seq {} (recorded as audit.head_reset)", r.seq);
         }
+    }
+    Ok(())
+}
+
+async fn events(admin: &Admin, actor: &Actor, cmd: EventsCmd) -> Result<()> {
+    let EventsCmd::Search { user, ip, types, since, until, limit, json } = cmd else { return Ok(()) };
+    if let Some(u) = &user {
+        // Mail accounts and administrators: either name form.
+        if u.is_empty() || u.len() > 320 || u.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            bail!("--user: not a user name");
+        }
+    }
+    let ip = ip
+        .map(|a| a.parse::<std::net::IpAddr>().map(|a| a.to_string()))
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("--ip: not an IP address"))?;
+    for t in &types {
+        if pop3connex_core::telemetry::catalogue::lookup(t).is_none() {
+            bail!("--type {t}: no such event (see `pop3connex events catalogue`)");
+        }
+    }
+    let filter = pop3connex_core::store::EventFilter {
+        since: time_arg("since", since)?,
+        until: time_arg("until", until)?,
+        user,
+        ip,
+        names: types,
+        before_seq: None,
+        limit: limit.clamp(1, 10_000),
+    };
+    let found = admin.events_search(actor, filter).await?;
+    if json {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::io::stdout());
+        for e in &found {
+            serde_json::to_writer(&mut out, &print::event_json(e))?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+    } else {
+        print!("{}", print::events_table(&found));
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use pop3connex_core::admin::AuditRecord;
 use pop3connex_core::audit_log::VerifyReport;
 use pop3connex_core::import::{escape_controls, ImportReport};
 use pop3connex_core::rbac::Role;
-use pop3connex_core::store::UserSummary;
+use pop3connex_core::store::{StoredEvent, UserSummary};
 use pop3connex_core::types::format_unix;
 
 /// `user list` as a table whose columns fit the longest value, header
@@ -264,6 +264,67 @@ pub fn audit_table(records: &[AuditRecord]) -> String {
             r.seq, time, actor, r.action, r.target, r.outcome
         );
         let _ = writeln!(out, "{}", escape_controls(&line));
+    }
+    out
+}
+
+/// `events catalogue`: one line per event.
+pub fn event_catalogue(defs: &[pop3connex_core::telemetry::EventDef]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{:>4}  {:<32}  {:<9}  {:<5}  summary", "id", "name", "severity", "alert");
+    for d in defs {
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<32}  {:<9}  {:<5}  {}",
+            d.id,
+            d.name,
+            d.severity.as_str(),
+            if d.alert { "yes" } else { "" },
+            d.summary
+        );
+    }
+    out
+}
+
+/// One stored event as a JSON object: ECS-style names, the event's own
+/// fields under `fields`.
+pub fn event_json(e: &StoredEvent) -> serde_json::Value {
+    let fields: serde_json::Value = serde_json::from_str(&e.fields).unwrap_or(serde_json::Value::Null);
+    serde_json::json!({
+        "seq": e.seq,
+        "@timestamp": format_unix(e.time / 1000),
+        "time_ms": e.time,
+        "event.code": e.code,
+        "event.action": e.name,
+        "event.severity": e.severity,
+        "user.name": e.user,
+        "source.ip": e.ip,
+        "message": e.message,
+        "fields": fields,
+    })
+}
+
+/// `events search` as a table, newest first; text from the network is
+/// escaped for the terminal.
+pub fn events_table(events: &[StoredEvent]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<24}  {:<26}  {:<24}  {:<39}  details", "time", "event", "user", "address");
+    for e in events {
+        let line = format!(
+            "{:<24}  {:<26}  {:<24}  {:<39}  {} {}",
+            format_unix(e.time / 1000),
+            e.name,
+            e.user.as_deref().unwrap_or("-"),
+            e.ip.as_deref().unwrap_or("-"),
+            e.message,
+            e.fields
+        );
+        let _ = writeln!(out, "{}", escape_controls(&line));
+    }
+    if events.is_empty() {
+        out.push_str("(no events)\n");
     }
     out
 }

@@ -10,6 +10,7 @@ use pop3connex_core::config::{Config, LogConfig, LogFormat};
 use pop3connex_core::init::init_data_dir;
 use pop3connex_core::mailstore::MailStore;
 use pop3connex_core::server;
+use pop3connex_core::telemetry::store::EventStoreSink;
 use pop3connex_core::telemetry::Hub;
 
 use crate::alerts::{AlertLayer, Mode};
@@ -77,6 +78,12 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
     }
     runtime()?.block_on(async move {
         let mail = std::sync::Arc::new(MailStore::open(&cfg).await?);
+        // Events kept for investigations (`events search`, /api/v1/events).
+        let event_store = cfg.log.store.enabled.then(|| {
+            let sink = EventStoreSink::start(mail.store().clone(), &cfg.log.store);
+            Hub::global().register(sink.queue.clone());
+            sink
+        });
         let running = server::start_with_store(&cfg, mail.clone()).await?;
         let (stop_checkpoints, checkpoints) = start_audit_checkpoints(&cfg, &mail);
         // The admin plane (off unless [admin] is configured) shares the
@@ -127,6 +134,10 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         let left = running.shutdown().await;
         if left > 0 {
             tracing::warn!(sessions = left, "grace period over, closing remaining sessions");
+        }
+        Hub::global().clear();
+        if let Some(sink) = event_store {
+            sink.finish(std::time::Duration::from_secs(2)).await;
         }
         tracing::info!("stopped");
         Ok(())

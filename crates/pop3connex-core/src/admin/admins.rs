@@ -283,7 +283,7 @@ impl Admin {
             let rec = self.admin_record(name).await?;
             self.mail.store().set_admin_enabled(rec.id, enabled).await?;
             if !enabled {
-                tracing::warn!(alert = true, admin = %rec.name, actor = %actor, "administrator disabled");
+                tracing::warn!(alert = true, event = "admin_disabled", admin = %rec.name, actor = %actor, "administrator disabled");
             }
             Ok(())
         })
@@ -298,7 +298,7 @@ impl Admin {
             if !self.mail.store().remove_admin(rec.id).await? {
                 return Err(AdminError::not_found(format!("no such administrator: {}", rec.name)));
             }
-            tracing::warn!(alert = true, admin = %rec.name, actor = %actor, "administrator removed");
+            tracing::warn!(alert = true, event = "admin_removed", admin = %rec.name, actor = %actor, "administrator removed");
             Ok(())
         })
         .await
@@ -310,7 +310,7 @@ impl Admin {
             let rec = self.admin_record(name).await?;
             let roles = self.check_roles(roles)?;
             self.mail.store().set_admin_roles(rec.id, &roles).await?;
-            tracing::warn!(alert = true, admin = %rec.name, actor = %actor, roles = ?roles, "administrator roles changed");
+            tracing::warn!(alert = true, event = "admin_roles_changed", admin = %rec.name, actor = %actor, roles = ?roles, "administrator roles changed");
             Ok(())
         })
         .await

@@ -319,7 +319,7 @@ impl Admin {
             // After the factor is active: codes made for a failed enrolment
             // would be stored but never shown.
             let codes = self.first_recovery_codes(admin_id).await?;
-            tracing::warn!(alert = true, admin = %rec.name, actor = %actor, kind = "totp", label = %f.label,
+            tracing::warn!(alert = true, event = "admin_factor_enrolled", admin = %rec.name, actor = %actor, kind = "totp", label = %f.label,
                 "administrator second factor enrolled");
             Ok(codes)
         })
@@ -422,7 +422,7 @@ impl Admin {
                 .add_admin_factor(admin_id, FactorKind::WebAuthn.as_str(), &st.label, sealed, None)
                 .await?;
             let codes = self.first_recovery_codes(admin_id).await?;
-            tracing::warn!(alert = true, admin = %rec.name, actor = %actor, kind = "webauthn", label = %st.label,
+            tracing::warn!(alert = true, event = "admin_factor_enrolled", admin = %rec.name, actor = %actor, kind = "webauthn", label = %st.label,
                 "administrator second factor enrolled");
             Ok(codes)
         })
@@ -489,7 +489,13 @@ impl Admin {
             // assertion replayed with its state is caught here too.
             let stored = passkey_counter(&passkey);
             if (result.counter() != 0 || stored != 0) && result.counter() <= stored {
-                tracing::warn!(alert = true, admin_id, factor = f.id, "WebAuthn signature counter did not grow");
+                tracing::warn!(
+                    alert = true,
+                    event = "admin_factor_counter_regressed",
+                    admin_id,
+                    factor = f.id,
+                    "WebAuthn signature counter did not grow"
+                );
                 return Err(AdminAuthError::Invalid);
             }
             passkey.update_credential(&result);
@@ -520,7 +526,7 @@ impl Admin {
             return Err(AdminAuthError::Invalid);
         }
         let left = stored.len() - 1;
-        tracing::warn!(alert = true, admin = %rec.name, codes_left = left, "administrator used a recovery code");
+        tracing::warn!(alert = true, event = "admin_recovery_code_used", admin = %rec.name, codes_left = left, "administrator used a recovery code");
         // No source address here: the web layer records the login step
         // with it (`admin.login.mfa`).
         let actor = Actor::Admin { name: rec.name.clone(), address: std::net::Ipv4Addr::UNSPECIFIED.into() };
@@ -537,7 +543,7 @@ impl Admin {
             if !self.mail.store().remove_admin_factor(admin_id, factor_id).await? {
                 return Err(AdminError::not_found(format!("no factor #{factor_id} of {}", rec.name)));
             }
-            tracing::warn!(alert = true, admin = %rec.name, actor = %actor, factor = factor_id,
+            tracing::warn!(alert = true, event = "admin_factor_removed", admin = %rec.name, actor = %actor, factor = factor_id,
                 "administrator second factor removed");
             Ok(())
         })
@@ -549,7 +555,7 @@ impl Admin {
         let rec = self.admin_record_by_id(admin_id).await?;
         self.audited(actor, "admin.recovery.regenerate", &rec.name, async {
             let codes = self.new_recovery_codes(admin_id).await?;
-            tracing::warn!(alert = true, admin = %rec.name, actor = %actor, "administrator recovery codes replaced");
+            tracing::warn!(alert = true, event = "admin_recovery_codes_replaced", admin = %rec.name, actor = %actor, "administrator recovery codes replaced");
             Ok(codes)
         })
         .await
@@ -561,7 +567,7 @@ impl Admin {
         self.audited(actor, "admin.mfa.reset", &super::admins::target_name(name), async {
             let rec = self.admin_record(name).await?;
             self.mail.store().reset_admin_factors(rec.id).await?;
-            tracing::warn!(alert = true, admin = %rec.name, actor = %actor, "administrator second factors reset");
+            tracing::warn!(alert = true, event = "admin_mfa_reset", admin = %rec.name, actor = %actor, "administrator second factors reset");
             Ok(())
         })
         .await

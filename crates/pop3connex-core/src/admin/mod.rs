@@ -299,6 +299,28 @@ impl Admin {
         .await
     }
 
+    /// Searches the local event store (newest first), recorded in the audit
+    /// log as `events.read`.
+    pub async fn events_search(
+        &self,
+        actor: &Actor,
+        filter: crate::store::EventFilter,
+    ) -> Result<Vec<crate::store::StoredEvent>, AdminError> {
+        let mut target = describe_query(filter.since, filter.until);
+        for (k, v) in [("user", &filter.user), ("ip", &filter.ip)] {
+            if let Some(v) = v {
+                target.push_str(&format!(" {k}={v}"));
+            }
+        }
+        if !filter.names.is_empty() {
+            target.push_str(&format!(" type={}", filter.names.join(",")));
+        }
+        self.audited(actor, "events.read", &target, async {
+            self.mail.store().search_events(filter).await.map_err(|e| AdminError::Storage(Box::new(e)))
+        })
+        .await
+    }
+
     /// Hands every record with `since <= time < until` (Unix ms) to `sink`,
     /// oldest first; recorded as `audit.read` (target `export ...`). Returns
     /// how many records were exported.

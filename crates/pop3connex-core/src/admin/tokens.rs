@@ -169,7 +169,7 @@ impl Admin {
             };
             self.mail.store().add_service_token(record.clone()).await?;
             let token = Zeroizing::new(format!("{PREFIX}{id}_{}", &*secret));
-            tracing::warn!(alert = true, token = %id, name = %name, creator = %rec.name, actor = %creator.actor,
+            tracing::warn!(alert = true, event = "service_token_created", token = %id, name = %name, creator = %rec.name, actor = %creator.actor,
                 permissions = ?record.permissions, "service token created");
             Ok((info(record), token))
         })
@@ -191,7 +191,7 @@ impl Admin {
             if !self.mail.store().revoke_service_token(id).await? {
                 return Err(AdminError::not_found(format!("no such token: {target}")));
             }
-            tracing::warn!(alert = true, token = %target, actor = %actor, "service token revoked");
+            tracing::warn!(alert = true, event = "service_token_revoked", token = %target, actor = %actor, "service token revoked");
             Ok(())
         })
         .await

@@ -17,6 +17,7 @@ use crate::secret::SecretRef;
 
 pub mod admin;
 pub mod connector;
+pub mod events;
 pub mod oauth;
 
 use admin::AdminConfig;
@@ -355,11 +356,13 @@ impl LogLevel {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: LogLevel,
+    /// `[log.store]`: the local event store.
+    pub store: events::EventStoreConfig,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: LogLevel::Info }
+        Self { format: LogFormat::Human, level: LogLevel::Info, store: events::EventStoreConfig::default() }
     }
 }
 
@@ -493,6 +496,7 @@ impl Config {
         let err = |message: String| ConfigError::Semantic { path: self.source.clone(), message };
         self.oauth.check().map_err(err)?;
         self.connector.check().map_err(err)?;
+        self.log.store.check().map_err(err)?;
         if let Some(a) = &self.admin {
             a.check().map_err(err)?;
         }

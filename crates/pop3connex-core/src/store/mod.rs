@@ -54,7 +54,8 @@ pub use lease::{FencingToken, Lease, LeaseResource};
 /// backend or a generic `S: Store` (`Arc<dyn Store>` needs no import).
 pub mod prelude {
     pub use super::{
-        AccountStore, AdminStore, AuditStore, ConnectorStore, LeaseStore, MessageStore, SecurityStore, Store,
+        AccountStore, AdminStore, AuditStore, ConnectorStore, EventStore, LeaseStore, MessageStore, SecurityStore,
+        Store,
     };
 }
 
@@ -726,14 +727,77 @@ pub trait AdminStore: Send + Sync + 'static {
     async fn mark_service_token_used(&self, id: &str, at: i64, from: &str) -> StoreResult<()>;
 }
 
+/// One security or operational event kept for investigations (see
+/// [`crate::telemetry::store`]). Events carry no secrets and no message
+/// content: names, addresses, counts, reasons.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredEvent {
+    /// Increasing (gaps are pruned or dropped events).
+    pub seq: i64,
+    /// Unix time in milliseconds.
+    pub time: i64,
+    /// The catalogue id (0 for an uncatalogued event).
+    pub code: u16,
+    /// The catalogue name.
+    pub name: String,
+    /// RFC 5424 severity (0 emergency .. 7 debug).
+    pub severity: u8,
+    /// The account or administrator the event is about, if any.
+    pub user: Option<String>,
+    /// The client address, if any.
+    pub ip: Option<String>,
+    pub message: String,
+    /// The other fields as one JSON object.
+    pub fields: String,
+}
+
+/// Which events a search returns: newest first, at most `limit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Unix ms, inclusive.
+    pub since: Option<i64>,
+    /// Unix ms, exclusive.
+    pub until: Option<i64>,
+    pub user: Option<String>,
+    /// An exact address (`192.0.2.7`, `2001:db8::1`).
+    pub ip: Option<String>,
+    /// Catalogue names (any of them); empty: every event.
+    pub names: Vec<String>,
+    /// Only events with a smaller seq (paging backwards).
+    pub before_seq: Option<i64>,
+    pub limit: usize,
+}
+
+/// The local event store: appended in batches, searched, pruned by age and
+/// size. Not a tamper-evident record (that is the audit log): a bounded,
+/// indexed history for investigations.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` in one transaction (their `seq` is assigned).
+    async fn append_events(&self, events: Vec<StoredEvent>) -> StoreResult<()>;
+    /// Newest first, at most [`EventFilter::limit`] (capped by the backend).
+    async fn search_events(&self, filter: EventFilter) -> StoreResult<Vec<StoredEvent>>;
+    /// Deletes events older than `before` (unix ms) and, beyond that, the
+    /// oldest ones until at most `keep_at_most` remain; how many went.
+    async fn prune_events(&self, before: i64, keep_at_most: u64) -> StoreResult<u64>;
+}
+
 /// Everything a backend stores: all role traits at once. Implemented for
 /// every type that implements them, so `Arc<dyn Store>` works as before.
 pub trait Store:
-    AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore + AdminStore
+    AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore + AdminStore + EventStore
 {
 }
 
-impl<T: AccountStore + MessageStore + SecurityStore + ConnectorStore + LeaseStore + AuditStore + AdminStore> Store
-    for T
+impl<
+        T: AccountStore
+            + MessageStore
+            + SecurityStore
+            + ConnectorStore
+            + LeaseStore
+            + AuditStore
+            + AdminStore
+            + EventStore,
+    > Store for T
 {
 }

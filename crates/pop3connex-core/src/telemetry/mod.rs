@@ -15,6 +15,7 @@
 
 pub mod catalogue;
 pub mod hub;
+pub mod store;
 
 pub use catalogue::{EventDef, Severity, CATALOGUE};
 pub use hub::{Consumer, EventRecord, Hub, Queue};

@@ -37,6 +37,7 @@ mod accounts;
 mod admin;
 mod audit;
 mod connector;
+mod events;
 mod lease;
 mod message;
 mod security;
@@ -80,7 +81,7 @@ const LOW_SPACE_BYTES: u64 = 64 << 20;
 /// leave a WAL of its size behind for good.
 const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
-const SCHEMA_VERSION: i64 = 10;
+const SCHEMA_VERSION: i64 = 11;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY,
@@ -242,6 +243,15 @@ enum WriteOp {
         out: audit::AuditSlot,
     },
     PutAuditCheckpoint(super::AuditCheckpoint),
+    /// A batch of telemetry events (`events.rs`).
+    AppendEvents(Vec<super::StoredEvent>),
+    /// Retention of the event store: before (unix ms), keep at most, and
+    /// where the number of deleted rows goes.
+    PruneEvents {
+        before: i64,
+        keep_at_most: u64,
+        out: Arc<std::sync::atomic::AtomicU64>,
+    },
     /// Administrators, factors, recovery codes, service tokens.
     Admin(admin::AdminWrite),
 }
@@ -577,6 +587,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
          CREATE TABLE IF NOT EXISTS audit_checkpoints(seq INTEGER PRIMARY KEY, mac BLOB NOT NULL,
                                                       time INTEGER NOT NULL, signature BLOB NOT NULL);",
     ),
+    // The local event store (`events.rs`).
+    (11, events::TABLES),
 ];
 
 fn migrate(conn: &Connection, from: i64) -> StoreResult<()> {
@@ -883,6 +895,8 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<()> {
         WriteOp::ReleaseLease { resource, token } => lease::release(conn, resource, *token),
         WriteOp::AppendAudit { record, chain, out } => audit::append(conn, record, chain.as_ref(), out),
         WriteOp::PutAuditCheckpoint(c) => audit::put_checkpoint(conn, c),
+        WriteOp::AppendEvents(batch) => events::append(conn, batch),
+        WriteOp::PruneEvents { before, keep_at_most, out } => events::prune(conn, *before, *keep_at_most, out),
         WriteOp::Admin(w) => admin::apply(conn, w),
     }
 }
