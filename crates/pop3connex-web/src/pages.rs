@@ -560,12 +560,83 @@ pub async fn bans_remove(State(s): St, Extension(c): Extension<Caller>, Form(f):
     bans_page(&s, &c, status, notice).await
 }
 
-pub async fn events(State(s): St, Extension(c): Extension<Caller>) -> Response {
-    // Security events go to the server log (tracing); this server keeps no
-    // store of them to list here.
-    let v = console::security::EventsView {
-        events: Vec::new(),
-        scope: "Security events are written to the server log; none are kept here.".into(),
+#[derive(Deserialize)]
+pub struct EventsPageQuery {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    ip: String,
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
+    before_seq: Option<i64>,
+}
+
+/// Events shown per page.
+const EVENTS_PAGE: usize = 100;
+
+/// `GET /events`: the local event store. A domain-scoped administrator
+/// sees only events about users of its domains.
+pub async fn events(State(s): St, Extension(c): Extension<Caller>, Query(q): Query<EventsPageQuery>) -> Response {
+    use console::security::{EventRow, EventsFilter, EventsView};
+    let user = q.user.trim();
+    let ip = q.ip.trim();
+    let kind = q.kind.trim();
+    let bad = |msg: &str| page_error(ApiError::bad_input(msg.to_owned()));
+    if user.len() > 320 || user.chars().any(char::is_control) {
+        return bad("not a user name");
+    }
+    let ip = match ip {
+        "" => None,
+        a => match a.parse::<std::net::IpAddr>() {
+            Ok(a) => Some(a.to_string()),
+            Err(_) => return bad("not an IP address"),
+        },
+    };
+    if !kind.is_empty() && pop3connex_core::telemetry::catalogue::lookup(kind).is_none() {
+        return bad("no such event type");
+    }
+    let filter = pop3connex_core::store::EventFilter {
+        since: date_ms(&q.since),
+        until: date_ms(&q.until).map(|t| t + 86_400_000),
+        user: Some(user.to_owned()).filter(|u| !u.is_empty()),
+        ip,
+        names: if kind.is_empty() { Vec::new() } else { vec![kind.to_owned()] },
+        before_seq: q.before_seq,
+        limit: EVENTS_PAGE,
+    };
+    let found = match s.admin.events_search(c.actor(), filter).await {
+        Ok(r) => r,
+        Err(e) => return page_error(e.into()),
+    };
+    let more_before = if found.len() == EVENTS_PAGE { found.last().map(|e| e.seq) } else { None };
+    let events = found
+        .into_iter()
+        .filter(|e| c.principal.may_touch_user(e.user.as_deref().unwrap_or_default()))
+        .map(|e| EventRow {
+            time: console::format_time(e.time / 1000),
+            kind: e.name,
+            address: e.ip.unwrap_or_default(),
+            user: e.user.unwrap_or_default(),
+            detail: format!("{} {}", e.message, e.fields),
+        })
+        .collect();
+    let v = EventsView {
+        events,
+        scope: "Kept in the store for [log.store] retention_days; the same search as `pop3connex events search`."
+            .into(),
+        filter: EventsFilter {
+            user: q.user.clone(),
+            ip: q.ip.clone(),
+            kind: q.kind.clone(),
+            since: q.since.clone(),
+            until: q.until.clone(),
+        },
+        kinds: pop3connex_core::telemetry::CATALOGUE.iter().map(|d| d.name.to_owned()).collect(),
+        more_before,
     };
     page(StatusCode::OK, console::security::events(&frame(&s, &c, "/events", None), &v))
 }

@@ -6,7 +6,7 @@
 
 use maud::{html, Markup};
 
-use super::{button_form, layout, table, Column, Frame};
+use super::{button_form, layout, query_value, table, Column, Frame};
 
 /// One active ban.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -86,15 +86,32 @@ pub struct EventRow {
     pub detail: String,
 }
 
+/// The filters as the admin typed them (shown back in the form).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventsFilter {
+    pub user: String,
+    pub ip: String,
+    /// A catalogue name.
+    pub kind: String,
+    /// `YYYY-MM-DD` (UTC).
+    pub since: String,
+    pub until: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventsView {
     /// Newest first.
     pub events: Vec<EventRow>,
-    /// What the list covers ("the last 500 events since the server started").
+    /// What the list covers, or why it is empty.
     pub scope: String,
+    pub filter: EventsFilter,
+    /// The catalogue names offered in the type list.
+    pub kinds: Vec<String>,
+    /// The lowest seq shown when more events follow (the "Older" link).
+    pub more_before: Option<i64>,
 }
 
-/// `GET /events`.
+/// `GET /events`: the local event store, filtered like `events search`.
 pub fn events(frame: &Frame, view: &EventsView) -> Markup {
     let rows = view
         .events
@@ -105,14 +122,51 @@ pub fn events(frame: &Frame, view: &EventsView) -> Markup {
                 html! { span class={ "kind kind-" (e.kind) } { (e.kind) } },
                 html! { code { (e.address) } },
                 html! { (e.user) },
-                html! { (e.detail) },
+                html! { code.wrap { (e.detail) } },
             ]
         })
         .collect();
+    let f = &view.filter;
     let content = html! {
+        form.row.filters method="get" action="/events" role="search" {
+            div.field {
+                label for="events-user" { "User" }
+                input #events-user type="text" name="user" value=(f.user) maxlength="320" placeholder="alice@example.org";
+            }
+            div.field {
+                label for="events-ip" { "Address" }
+                input #events-ip type="text" name="ip" value=(f.ip) maxlength="45" placeholder="192.0.2.7";
+            }
+            div.field {
+                label for="events-type" { "Event" }
+                select #events-type name="type" {
+                    option value="" selected[f.kind.is_empty()] { "any" }
+                    @for k in &view.kinds {
+                        option value=(k) selected[*k == f.kind] { (k) }
+                    }
+                }
+            }
+            div.field {
+                label for="events-since" { "Since" }
+                input #events-since type="date" name="since" value=(f.since);
+            }
+            div.field {
+                label for="events-until" { "Until" }
+                input #events-until type="date" name="until" value=(f.until);
+            }
+            button #events-filter type="submit" { "Filter" }
+            a.button.secondary href="/events" { "Clear" }
+        }
         @if !view.scope.is_empty() { p.hint { (view.scope) } }
         (table("events-table", "Security events", &[Column("Time"), Column("Event"), Column("Address"),
-            Column("User"), Column("Detail")], rows, "No events."))
+            Column("User"), Column("Detail")], rows, "No events match."))
+        @if let Some(seq) = view.more_before {
+            p {
+                a #events-older href={ "/events?user=" (query_value(&f.user)) "&ip=" (query_value(&f.ip))
+                    "&type=" (query_value(&f.kind)) "&since=" (query_value(&f.since)) "&until=" (query_value(&f.until))
+                    "&before_seq=" (seq) } { "Older events →" }
+            }
+        }
     };
     layout(frame, "events", "Security events", content)
 }

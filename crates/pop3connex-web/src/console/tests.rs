@@ -121,6 +121,9 @@ fn all_pages(f: &Frame, text: &str) -> Vec<(&'static str, String)> {
                 &EventsView {
                     events: vec![EventRow { time: s(), kind: s(), address: s(), user: s(), detail: s() }],
                     scope: s(),
+                    filter: EventsFilter { user: s(), ip: s(), kind: s(), since: s(), until: s() },
+                    kinds: vec![s()],
+                    more_before: Some(7),
                 },
             )
             .into_string(),
@@ -303,7 +306,10 @@ fn state_changes_are_posted() {
         for (i, _) in html.match_indices("<form") {
             let tag = &html[i..i + html[i..].find('>').unwrap_or(0)];
             if tag.contains("method=\"get\"") {
-                assert!(tag.contains("action=\"/audit\""), "{page}: only the audit filter is a GET form: {tag}");
+                assert!(
+                    tag.contains("action=\"/audit\"") || tag.contains("action=\"/events\""),
+                    "{page}: only the audit and event filters are GET forms: {tag}"
+                );
             } else {
                 assert!(tag.contains("method=\"post\""), "{page}: form without POST: {tag}");
             }
