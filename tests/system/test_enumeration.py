@@ -3,11 +3,14 @@ unknown one must get the same reply and be statistically indistinguishable
 in time.
 
 Method: on one TLS connection, 40 failed logins for a known and 40 for
-unknown names, interleaved (known, unknown, known, ...) so machine noise
-hits both samples alike; response time is measured from sending PASS to
+unknown names, interleaved in pairs so machine noise hits both samples
+alike; response time is measured from sending PASS to
 reading the reply. The two samples are compared with a two-sided
 Mann-Whitney U test (normal approximation, tie-corrected): |z| must stay
 below 3.29 (p > 0.001), and the medians must be within 25% of each other.
+The order within each pair is random; a significant sample is re-drawn
+once and the test fails when both are significant (a real oracle shows in
+every sample; a noise burst on a shared machine rarely twice).
 Both paths run the same Argon2id verification (unknown names against a
 dummy hash) and the same database look-ups, which is what this checks.
 The same holds for an account imported from Dovecot with a SHA512-CRYPT
@@ -17,6 +20,7 @@ SHA512-CRYPT (5000 rounds), real or dummy."""
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 
@@ -68,19 +72,41 @@ def test_failed_pass_is_indistinguishable_for_imported_sha512_and_unknown_users(
     compare_failed_pass(server, imported)
 
 
-def compare_failed_pass(server, known: str):
+def sample_failed_pass(server, known: str, round_: int) -> tuple[dict, dict]:
+    """40 failed PASS for `known` and 40 for unknown names on one
+    connection, in pairs whose order is random (so a periodic disturbance
+    or the aftermath of the previous attempt cannot favour one side)."""
+    rng = random.Random(round_)
     replies = {"known": set(), "unknown": set()}
     times = {"known": [], "unknown": []}
     with syslib.Pop3.connect(syslib.LOOPBACK, server.ports.pop3s, server.tls_context()) as p:
-        for i in range(80):
-            kind = "known" if i % 2 == 0 else "unknown"
-            name = known if kind == "known" else f"nobody{i}"
-            replies[kind].add(p.cmd(f"USER {name}"))
-            start = time.perf_counter()
-            replies[kind].add(p.cmd(f"PASS wrong-password-{i}", expect_ok=False))
-            times[kind].append(time.perf_counter() - start)
-    assert replies["known"] == replies["unknown"], replies
-    z = mann_whitney_z(times["known"], times["unknown"])
-    mk, mu = statistics.median(times["known"]), statistics.median(times["unknown"])
-    assert abs(z) < 3.29, f"timing distinguishes known users: z={z:.2f}, medians {mk*1e3:.2f} / {mu*1e3:.2f} ms"
-    assert abs(mk - mu) / max(mk, mu) < 0.25, f"medians {mk*1e3:.2f} / {mu*1e3:.2f} ms"
+        for pair in range(40):
+            order = ["known", "unknown"]
+            rng.shuffle(order)
+            for kind in order:
+                name = known if kind == "known" else f"nobody{round_}x{pair}"
+                replies[kind].add(p.cmd(f"USER {name}"))
+                start = time.perf_counter()
+                replies[kind].add(p.cmd(f"PASS wrong-password-{pair}", expect_ok=False))
+                times[kind].append(time.perf_counter() - start)
+    return replies, times
+
+
+def compare_failed_pass(server, known: str):
+    """A real oracle is a systematic difference: it shows in every sample.
+    A sample significant at p < 0.001 is therefore re-drawn once, and the
+    test fails only when the fresh sample is significant too (a shared
+    machine's noise burst rarely hits twice; a code path that differs
+    always does)."""
+    for round_ in range(2):
+        replies, times = sample_failed_pass(server, known, round_)
+        assert replies["known"] == replies["unknown"], replies
+        z = mann_whitney_z(times["known"], times["unknown"])
+        mk, mu = statistics.median(times["known"]), statistics.median(times["unknown"])
+        ok = abs(z) < 3.29 and abs(mk - mu) / max(mk, mu) < 0.25
+        syslib.summary(f"enumeration timing ({known}): sample {round_ + 1}: z={z:.2f}, "
+                       f"medians {mk*1e3:.2f} / {mu*1e3:.2f} ms")
+        if ok:
+            return
+    raise AssertionError(f"timing distinguishes known users in two samples: last z={z:.2f}, "
+                         f"medians {mk*1e3:.2f} / {mu*1e3:.2f} ms")
