@@ -75,3 +75,36 @@ def test_the_printed_catalogue_is_docs_events_md(server):
     catalogue = json.loads(server.cli("events", "catalogue", "--json").stdout)
     ids = [d["id"] for d in catalogue]
     assert len(ids) == len(set(ids)) and {"auth_failure", "ban", "admin_login"} <= {d["name"] for d in catalogue}
+
+
+def test_a_failed_login_spike_on_one_account_raises_one_alert(server_factory, tmp_path, make_user):
+    alerts = tmp_path / "alerts.jsonl"
+    srv = server_factory({
+        ("abuse", "ban_after_auth_failures"): 1000,
+        ("abuse", "lockout_after_failures"): 1000,
+        ("auth", "failure_delay_ms"): 0,
+        ("pop3", "max_auth_failures"): 100,
+        ("anomaly.account", "absolute"): 6,
+        ("connector", "alert_command"): ["sh", "-c", f"cat >> '{alerts}'"],
+    })
+    name, _ = make_user("spray", srv=srv)
+    with srv.pop3s() as p:
+        for i in range(12):
+            p.cmd(f"USER {name}")
+            p.cmd(f"PASS guess-{i}", expect_ok=False)
+
+    def spikes():
+        return search(srv, "--type", "auth_failure_spike")
+    got = syslib.wait_until(spikes, 10, interval=0.3, what="the spike event in the store")
+    assert len(got) == 1, got
+    f = got[0]["fields"]
+    assert (f["scope"], f["key"], f["count"], f["threshold"]) == ("account", name, 6, 6), f
+    assert f["last_peer"] == "127.0.0.1" and got[0]["event.code"] == 700
+
+    # The same event went to the alert hook, once.
+    def hooked():
+        lines = alerts.read_text().splitlines() if alerts.exists() else []
+        return [json.loads(x) for x in lines if "auth_failure_spike" in x]
+    hook = syslib.wait_until(hooked, 10, interval=0.3, what="the alert hook")
+    time.sleep(1)
+    assert len(hooked()) == 1 and hook[0]["source"] == "anomaly" and hook[0]["key"] == name

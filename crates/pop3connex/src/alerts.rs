@@ -3,7 +3,8 @@
 //! The core and the web server mark alert-worthy log events with the field
 //! `alert = true` (admin logins, failed admin login bursts, second factors
 //! enrolled, removed or reset, recovery codes used, role and token changes,
-//! configuration reloads). This layer hands each such event, as one JSON
+//! configuration reloads) and the anomaly rules mark theirs (failed-login
+//! spikes). This layer hands each such event, as one JSON
 //! object on stdin, to `[connector] alert_command`, the same hook the
 //! connector's alerts use, so one program pages the operator for both. The
 //! connector runs the hook for its own events itself, so its events are
@@ -105,7 +106,8 @@ impl<S: Subscriber> Layer<S> for AlertLayer {
             return;
         }
         let mut map = fields.map;
-        map.insert("source".into(), "admin".into());
+        let source = if meta.target().starts_with("pop3connex::anomaly") { "anomaly" } else { "admin" };
+        map.insert("source".into(), source.into());
         map.insert("level".into(), meta.level().as_str().into());
         map.insert("time".into(), pop3connex_core::types::unix_now().into());
         let mut json = Value::Object(map).to_string().into_bytes();

@@ -84,6 +84,10 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             Hub::global().register(sink.queue.clone());
             sink
         });
+        // Built-in anomaly rules (failed-login spikes) raise alert events.
+        if cfg.anomaly.enabled {
+            Hub::global().register(pop3connex_core::telemetry::anomaly::start(cfg.anomaly.clone()));
+        }
         let running = server::start_with_store(&cfg, mail.clone()).await?;
         let (stop_checkpoints, checkpoints) = start_audit_checkpoints(&cfg, &mail);
         // The admin plane (off unless [admin] is configured) shares the

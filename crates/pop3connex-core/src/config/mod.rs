@@ -16,6 +16,7 @@ use serde::{de::Error as _, Deserialize, Deserializer};
 use crate::secret::SecretRef;
 
 pub mod admin;
+pub mod anomaly;
 pub mod connector;
 pub mod events;
 pub mod oauth;
@@ -47,6 +48,9 @@ pub struct Config {
     pub oauth: OAuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[anomaly]`: built-in detection rules on the event stream.
+    #[serde(default)]
+    pub anomaly: anomaly::AnomalyConfig,
     #[serde(default)]
     pub connector: ConnectorConfig,
     /// `[admin]`: the HTTPS admin plane; `None` (absent): off.
@@ -497,6 +501,7 @@ impl Config {
         self.oauth.check().map_err(err)?;
         self.connector.check().map_err(err)?;
         self.log.store.check().map_err(err)?;
+        self.anomaly.check().map_err(err)?;
         if let Some(a) = &self.admin {
             a.check().map_err(err)?;
         }

@@ -569,6 +569,25 @@ pub static CATALOGUE: &[EventDef] = &[
         [("token", "the token's id"), ACTOR],
         "A service token was revoked."
     ),
+    def!(
+        700,
+        "auth_failure_spike",
+        Warning,
+        ["authentication", "intrusion_detection"],
+        ["indicator"],
+        "unknown",
+        true,
+        [
+            ("scope", "server, account or network"),
+            ("key", "the account or network (empty for the server)"),
+            ("count", "failed logins in the minute"),
+            ("baseline", "the key's usual failures per minute"),
+            ("threshold", "the count that fired the alert"),
+            ("window_secs", "60"),
+            ("last_peer", "the last client address seen")
+        ],
+        "Failed logins spiked above the absolute threshold or a multiple of their baseline ([anomaly])."
+    ),
 ];
 
 /// The entry for `name`.

@@ -13,6 +13,7 @@
 //! Consumers never block the code that emitted the event: slow ones sit
 //! behind a [`hub::Queue`] (bounded, drops counted).
 
+pub mod anomaly;
 pub mod catalogue;
 pub mod hub;
 pub mod store;

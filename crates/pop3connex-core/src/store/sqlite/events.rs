@@ -134,7 +134,6 @@ impl EventStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::prelude::*;
 
     fn ev(time: i64, name: &str, user: Option<&str>, ip: Option<&str>) -> StoredEvent {
         StoredEvent {
