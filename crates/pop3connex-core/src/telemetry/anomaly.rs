@@ -318,9 +318,11 @@ mod tests {
 
     #[test]
     fn exempt_networks_never_count_and_tables_stay_bounded() {
-        let mut cfg = AnomalyConfig::default();
-        cfg.exempt_networks = vec![crate::config::Network("192.0.2.0/24".parse().unwrap())];
-        cfg.max_tracked = 100;
+        let cfg = AnomalyConfig {
+            exempt_networks: vec![crate::config::Network("192.0.2.0/24".parse().unwrap())],
+            max_tracked: 100,
+            ..Default::default()
+        };
         let mut d = Detector::new(cfg);
         assert!(burst(&mut d, 1, 300, |_| "alice".into(), |_| "192.0.2.9".into()).is_empty());
         // A distributed attack with a new name and network every time.
