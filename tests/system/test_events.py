@@ -108,3 +108,23 @@ def test_a_failed_login_spike_on_one_account_raises_one_alert(server_factory, tm
     hook = syslib.wait_until(hooked, 10, interval=0.3, what="the alert hook")
     time.sleep(1)
     assert len(hooked()) == 1 and hook[0]["source"] == "anomaly" and hook[0]["key"] == name
+
+
+def test_a_session_that_retrieves_and_deletes_reports_its_volume(server, make_user):
+    name, pw = make_user("vol")
+    msg = syslib.make_message("volume", body_lines=60)
+    for _ in range(3):
+        assert server.deliver(syslib.addr(name), msg)[syslib.addr(name)] == 250
+    got = server.fetch_all(name, pw)
+    assert len(got) == 3
+    with server.pop3s() as p:
+        p.cmd(f"USER {name}")
+        p.cmd(f"PASS {pw}")
+        p.cmd("DELE 1")
+        p.cmd("DELE 2")
+        p.quit()
+    volume = syslib.wait_until(lambda: (lambda e: e if len(e) >= 2 else None)(
+        search(server, "--user", name, "--type", "mail_retrieved")), 10, interval=0.3, what="two volume events")
+    deleting, fetching = volume[0]["fields"], volume[1]["fields"]
+    assert (deleting["messages"], deleting["deleted"]) == (0, 2), deleting
+    assert fetching["messages"] == 3 and fetching["octets"] >= 3 * len(msg) and fetching["deleted"] == 0, fetching

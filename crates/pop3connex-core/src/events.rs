@@ -112,6 +112,15 @@ pub enum SecurityEvent<'a> {
     },
     /// The store writes again after [`SecurityEvent::StoreReadOnly`].
     StoreWritableAgain,
+    /// A POP3 session that retrieved or deleted mail ended: its volume
+    /// (RETR messages and octets, deletions committed at QUIT).
+    MailRetrieved {
+        peer: IpAddr,
+        user: &'a str,
+        messages: u64,
+        octets: u64,
+        deleted: u64,
+    },
     /// `count` events of kind `event` from `peer` were rate-limited and not
     /// logged; `scope` is `connection` or `address`.
     Suppressed {
@@ -144,6 +153,7 @@ impl SecurityEvent<'_> {
             Suppressed { .. } => "suppressed",
             StoreReadOnly { .. } => "store_read_only",
             StoreWritableAgain => "store_writable_again",
+            MailRetrieved { .. } => "mail_retrieved",
         }
     }
 
@@ -330,6 +340,9 @@ fn log(event: SecurityEvent<'_>) {
         ),
         Banned { peer, reason, seconds } => tracing::warn!(
             target: TARGET, event = "ban", %peer, reason, seconds, "address banned"
+        ),
+        MailRetrieved { peer, user, messages, octets, deleted } => tracing::info!(
+            target: TARGET, event = "mail_retrieved", %peer, user, messages, octets, deleted, "session volume"
         ),
         AccountLocked { user, seconds } => tracing::warn!(
             target: TARGET, event = "account_locked", user, seconds, "account locked after repeated failures"

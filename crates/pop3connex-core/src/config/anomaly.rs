@@ -20,6 +20,8 @@ pub struct AnomalyConfig {
     pub account: SpikeRule,
     /// Failed-login spikes from one network (IPv4 /24, IPv6 /64).
     pub network: SpikeRule,
+    /// Octets one account retrieves per hour (the exfiltration signal).
+    pub download: DownloadRule,
     /// Minutes between two alerts for the same rule and key.
     pub cooldown_minutes: u32,
     /// Distinct accounts and networks tracked at once (least recently
@@ -54,6 +56,32 @@ impl Default for SpikeRule {
     }
 }
 
+/// The download-volume rule: an alert when an account's retrieved octets
+/// in the current hour reach `absolute_octets`, or `factor` times its own
+/// hourly baseline (over `baseline_hours`, once it has `learning_hours` of
+/// history) and at least `min_octets`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadRule {
+    pub absolute_octets: u64,
+    pub factor: f64,
+    pub min_octets: u64,
+    pub baseline_hours: u32,
+    pub learning_hours: u32,
+}
+
+impl Default for DownloadRule {
+    fn default() -> Self {
+        DownloadRule {
+            absolute_octets: 2 << 30,
+            factor: 10.0,
+            min_octets: 100 << 20,
+            baseline_hours: 168,
+            learning_hours: 24,
+        }
+    }
+}
+
 impl Default for AnomalyConfig {
     fn default() -> Self {
         Self {
@@ -62,6 +90,7 @@ impl Default for AnomalyConfig {
             server: SpikeRule::new(200, 30),
             account: SpikeRule::new(20, 8),
             network: SpikeRule::new(40, 15),
+            download: DownloadRule::default(),
             cooldown_minutes: 15,
             max_tracked: 20_000,
         }
@@ -81,6 +110,13 @@ impl AnomalyConfig {
             if !(1..=10_080).contains(&r.baseline_minutes) || r.learning_minutes > r.baseline_minutes {
                 return bad("baseline_minutes must be 1 to 10080 and learning_minutes at most that");
             }
+        }
+        let d = &self.download;
+        if d.absolute_octets == 0 || !(d.factor.is_finite() && d.factor >= 1.0) {
+            return Err("[anomaly.download] absolute_octets must be at least 1 and factor at least 1".into());
+        }
+        if !(1..=8760).contains(&d.baseline_hours) || d.learning_hours > d.baseline_hours {
+            return Err("[anomaly.download] baseline_hours must be 1 to 8760 and learning_hours at most that".into());
         }
         if !(1..=10_080).contains(&self.cooldown_minutes) {
             return Err("[anomaly] cooldown_minutes must be 1 to 10080".into());

@@ -290,7 +290,8 @@ impl Session<'_> {
         tracing::Span::current().record("user", user.name.as_str());
         emit(SecurityEvent::AuthSuccess { peer, user: user.name.as_str(), mechanism, tls: self.tls });
         let deleted = vec![false; messages.len()];
-        let m = Maildrop { user, key, messages, deleted, lease: lock };
+        let volume = super::session::Volume::new(peer);
+        let m = Maildrop { user, key, messages, deleted, lease: lock, volume };
         let (n, octets) = m.totals();
         conn.reply(StatusLine::ok(format!("Logged in, maildrop has {n} messages ({octets} octets)")));
         Ok((State::Transaction(Box::new(m)), Flow::Continue))

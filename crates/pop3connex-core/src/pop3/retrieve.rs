@@ -72,6 +72,9 @@ impl Session<'_> {
             };
         }
         stuffer.finish(conn.raw());
+        if top.is_none() {
+            m.volume.retrieved(meta.size);
+        }
         Ok(Flow::Continue)
     }
 

@@ -56,6 +56,48 @@ pub(super) struct Maildrop {
     /// The maildrop lease, held (and renewed) until the session ends;
     /// dropping it releases the maildrop. Its token fences the UPDATE.
     pub lease: Lease,
+    /// What this session took and removed, reported once when it ends
+    /// (the `mail_retrieved` event: per-session volume for investigations
+    /// and the download-volume anomaly rule).
+    pub volume: Volume,
+}
+
+/// RETR and committed DELE counts of one session.
+#[derive(Debug)]
+pub(super) struct Volume {
+    pub peer: std::net::IpAddr,
+    pub messages: std::sync::atomic::AtomicU64,
+    pub octets: std::sync::atomic::AtomicU64,
+    /// Set by QUIT once the deletions are committed.
+    pub deleted: std::sync::atomic::AtomicU64,
+}
+
+impl Volume {
+    pub fn new(peer: std::net::IpAddr) -> Volume {
+        Volume { peer, messages: Default::default(), octets: Default::default(), deleted: Default::default() }
+    }
+
+    pub fn retrieved(&self, octets: u64) {
+        self.messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.octets.fetch_add(octets, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Maildrop {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let v = &self.volume;
+        let (messages, octets, deleted) = (v.messages.load(Relaxed), v.octets.load(Relaxed), v.deleted.load(Relaxed));
+        if messages > 0 || deleted > 0 {
+            crate::events::emit(SecurityEvent::MailRetrieved {
+                peer: v.peer,
+                user: self.user.name.as_str(),
+                messages,
+                octets,
+                deleted,
+            });
+        }
+    }
 }
 
 impl Maildrop {

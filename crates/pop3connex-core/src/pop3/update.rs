@@ -50,6 +50,9 @@ impl Session<'_> {
         // its expiry) is refused like a storage failure and deletes nothing.
         let result = store.delete_messages(m.user.mailbox.id, ids, m.lease.token()).await;
         let (left, _) = m.totals();
+        if result.is_ok() {
+            m.volume.deleted.store(count as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         // The update is committed (or failed): release the maildrop before
         // answering, so a client that reconnects at once never meets its
         // own lock ([IN-USE]).

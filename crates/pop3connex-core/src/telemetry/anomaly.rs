@@ -22,7 +22,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::hub::{EventRecord, Queue};
-use crate::config::anomaly::{AnomalyConfig, SpikeRule};
+use crate::config::anomaly::{AnomalyConfig, DownloadRule, SpikeRule};
 use crate::limits::LruMap;
 
 /// Which rule a spike broke.
@@ -31,6 +31,8 @@ pub enum Scope {
     Server,
     Account,
     Network,
+    /// One account's retrieved octets per hour (the exfiltration signal).
+    Download,
 }
 
 impl Scope {
@@ -39,6 +41,7 @@ impl Scope {
             Scope::Server => "server",
             Scope::Account => "account",
             Scope::Network => "network",
+            Scope::Download => "download",
         }
     }
 }
@@ -49,59 +52,95 @@ pub struct Spike {
     pub scope: Scope,
     /// The account or network; empty for the server.
     pub key: String,
-    /// Failures in the current minute when the alert fired.
-    pub count: u32,
+    /// Failures in the current minute (octets in the current hour for
+    /// [`Scope::Download`]) when the alert fired.
+    pub count: u64,
     /// The key's baseline (failures per minute) before this minute.
     pub baseline: f64,
     /// The count that fired it (the smaller of absolute and factor × baseline).
-    pub threshold: u32,
+    pub threshold: u64,
     /// The last address seen for the key.
     pub last_peer: Option<IpAddr>,
 }
 
+/// A rule's thresholds in one unit (failures per minute, octets per hour).
+#[derive(Debug, Clone, Copy)]
+struct Params {
+    absolute: u64,
+    factor: f64,
+    min: u64,
+    baseline_periods: u32,
+    learning_periods: u32,
+}
+
+impl From<&SpikeRule> for Params {
+    fn from(r: &SpikeRule) -> Params {
+        Params {
+            absolute: u64::from(r.absolute),
+            factor: r.factor,
+            min: u64::from(r.min_count),
+            baseline_periods: r.baseline_minutes,
+            learning_periods: r.learning_minutes,
+        }
+    }
+}
+
+impl From<&DownloadRule> for Params {
+    fn from(r: &DownloadRule) -> Params {
+        Params {
+            absolute: r.absolute_octets,
+            factor: r.factor,
+            min: r.min_octets,
+            baseline_periods: r.baseline_hours,
+            learning_periods: r.learning_hours,
+        }
+    }
+}
+
+/// One key's amount in the current period and its baseline.
 #[derive(Debug, Clone, Default)]
 struct Counter {
-    minute: u64,
-    count: u32,
+    period: u64,
+    count: u64,
     baseline: f64,
-    minutes_seen: u32,
+    periods_seen: u32,
     quiet_until: u64,
 }
 
 impl Counter {
-    /// Moves to `minute`, folding the finished minutes into the baseline
-    /// (minutes without failures count as zeros).
-    fn roll(&mut self, minute: u64, rule: &SpikeRule) {
-        if self.minutes_seen == 0 && self.count == 0 {
-            self.minute = minute;
+    /// Moves to `period`, folding the finished periods into the baseline
+    /// (periods without activity count as zeros).
+    fn roll(&mut self, period: u64, p: &Params) {
+        if self.periods_seen == 0 && self.count == 0 {
+            self.period = period;
             return;
         }
-        if minute <= self.minute {
+        if period <= self.period {
             return;
         }
-        let alpha = 2.0 / (f64::from(rule.baseline_minutes) + 1.0);
+        let alpha = 2.0 / (f64::from(p.baseline_periods) + 1.0);
         // While the history is short the plain mean (an average that starts
         // at zero would call the first busy hour a spike).
-        let step = alpha.max(1.0 / (f64::from(self.minutes_seen) + 1.0));
-        self.baseline += step * (f64::from(self.count) - self.baseline);
-        let idle = (minute - self.minute - 1).min(u64::from(rule.baseline_minutes) * 4);
+        let step = alpha.max(1.0 / (f64::from(self.periods_seen) + 1.0));
+        self.baseline += step * (self.count as f64 - self.baseline);
+        let idle = (period - self.period - 1).min(u64::from(p.baseline_periods) * 4);
         self.baseline *= (1.0 - alpha).powi(idle as i32);
-        self.minutes_seen = self.minutes_seen.saturating_add((minute - self.minute).min(u64::from(u32::MAX)) as u32);
-        self.minute = minute;
+        self.periods_seen = self.periods_seen.saturating_add((period - self.period).min(u64::from(u32::MAX)) as u32);
+        self.period = period;
         self.count = 0;
     }
 
-    /// Counts one failure at `minute`; the threshold it crossed, if any.
-    fn hit(&mut self, minute: u64, rule: &SpikeRule, cooldown: u64) -> Option<u32> {
-        self.roll(minute, rule);
-        self.count = self.count.saturating_add(1);
-        let mut threshold = rule.absolute;
-        if self.minutes_seen >= rule.learning_minutes {
-            let relative = (rule.factor * self.baseline.max(1.0)).ceil() as u32;
-            threshold = threshold.min(relative.max(rule.min_count));
+    /// Adds `amount` at `period`; the threshold it crossed, if any.
+    fn add(&mut self, period: u64, amount: u64, p: &Params, cooldown: u64) -> Option<u64> {
+        self.roll(period, p);
+        self.count = self.count.saturating_add(amount);
+        let mut threshold = p.absolute;
+        if self.periods_seen >= p.learning_periods {
+            let relative = (p.factor * self.baseline.max(1.0)).ceil() as u64;
+            threshold = threshold.min(relative.max(p.min));
         }
-        if self.count >= threshold && minute >= self.quiet_until {
-            self.quiet_until = minute + cooldown;
+        if self.count >= threshold && period >= self.quiet_until {
+            self.quiet_until = period + cooldown;
             return Some(threshold);
         }
         None
@@ -114,6 +153,7 @@ pub struct Detector {
     server: Counter,
     accounts: LruMap<String, (Counter, Option<IpAddr>)>,
     networks: LruMap<IpNet, Counter>,
+    downloads: LruMap<String, Counter>,
 }
 
 /// The network a failure is counted under: IPv4 /24, IPv6 /64.
@@ -128,12 +168,18 @@ pub fn network_of(ip: IpAddr) -> IpNet {
 impl Detector {
     pub fn new(cfg: AnomalyConfig) -> Detector {
         let cap = cfg.max_tracked;
-        Detector { cfg, server: Counter::default(), accounts: LruMap::new(cap), networks: LruMap::new(cap) }
+        Detector {
+            cfg,
+            server: Counter::default(),
+            accounts: LruMap::new(cap),
+            networks: LruMap::new(cap),
+            downloads: LruMap::new(cap),
+        }
     }
 
     /// Looks at one event at `now` (Unix seconds); the spikes it completes.
     pub fn observe(&mut self, e: &EventRecord, now: u64) -> Vec<Spike> {
-        if e.name != "auth_failure" {
+        if e.name != "auth_failure" && e.name != "mail_retrieved" {
             return Vec::new();
         }
         let peer = e.str("peer").and_then(|p| p.parse::<IpAddr>().ok());
@@ -141,7 +187,36 @@ impl Detector {
             return Vec::new();
         }
         let user = e.str("user").filter(|u| !u.is_empty() && *u != "<invalid>");
-        self.failure(user, peer, now)
+        match (e.name.as_str(), user) {
+            ("mail_retrieved", Some(user)) => self.download(user, e.u64("octets").unwrap_or(0), peer, now),
+            ("mail_retrieved", None) => Vec::new(),
+            _ => self.failure(user, peer, now),
+        }
+    }
+
+    /// Octets an account retrieved, against its hourly baseline.
+    fn download(&mut self, user: &str, octets: u64, peer: Option<IpAddr>, now: u64) -> Vec<Spike> {
+        let p = Params::from(&self.cfg.download);
+        let hour = now / 3600;
+        // The cooldown is in minutes; at least the rest of the hour.
+        let cooldown = u64::from(self.cfg.cooldown_minutes).div_ceil(60).max(1);
+        let key = user.to_owned();
+        if self.downloads.get_mut(&key).is_none() {
+            self.downloads.insert(key.clone(), Counter::default());
+        }
+        let Some(c) = self.downloads.get_mut(&key) else { return Vec::new() };
+        let base = c.baseline;
+        match c.add(hour, octets, &p, cooldown) {
+            Some(t) => vec![Spike {
+                scope: Scope::Download,
+                key,
+                count: c.count,
+                baseline: base,
+                threshold: t,
+                last_peer: peer,
+            }],
+            None => Vec::new(),
+        }
     }
 
     fn failure(&mut self, user: Option<&str>, peer: Option<IpAddr>, now: u64) -> Vec<Spike> {
@@ -149,7 +224,9 @@ impl Detector {
         let cooldown = u64::from(self.cfg.cooldown_minutes);
         let mut out = Vec::new();
         let base = self.server.baseline;
-        if let Some(t) = self.server.hit(minute, &self.cfg.server, cooldown) {
+        let (server, account, network) =
+            (Params::from(&self.cfg.server), Params::from(&self.cfg.account), Params::from(&self.cfg.network));
+        if let Some(t) = self.server.add(minute, 1, &server, cooldown) {
             out.push(Spike {
                 scope: Scope::Server,
                 key: String::new(),
@@ -167,7 +244,7 @@ impl Detector {
             if let Some((c, last)) = self.accounts.get_mut(&key) {
                 *last = peer.or(*last);
                 let base = c.baseline;
-                if let Some(t) = c.hit(minute, &self.cfg.account, cooldown) {
+                if let Some(t) = c.add(minute, 1, &account, cooldown) {
                     out.push(Spike {
                         scope: Scope::Account,
                         key,
@@ -186,7 +263,7 @@ impl Detector {
             }
             if let Some(c) = self.networks.get_mut(&net) {
                 let base = c.baseline;
-                if let Some(t) = c.hit(minute, &self.cfg.network, cooldown) {
+                if let Some(t) = c.add(minute, 1, &network, cooldown) {
                     out.push(Spike {
                         scope: Scope::Network,
                         key: net.to_string(),
@@ -202,8 +279,24 @@ impl Detector {
     }
 }
 
-/// Emits a spike as the `auth_failure_spike` alert event.
+/// Emits a spike as its alert event: `download_volume_spike` for
+/// [`Scope::Download`], `auth_failure_spike` for the others.
 fn emit(s: &Spike) {
+    if s.scope == Scope::Download {
+        tracing::warn!(
+            target: "pop3connex::anomaly",
+            event = "download_volume_spike",
+            alert = true,
+            user = %s.key,
+            octets = s.count,
+            baseline = format!("{:.0}", s.baseline),
+            threshold = s.threshold,
+            window_secs = 3600u64,
+            last_peer = %s.last_peer.map(|p| p.to_string()).unwrap_or_default(),
+            "download volume spike"
+        );
+        return;
+    }
     tracing::warn!(
         target: "pop3connex::anomaly",
         event = "auth_failure_spike",
@@ -314,6 +407,37 @@ mod tests {
         // Without history the same 70 would not have alerted (absolute 200).
         let mut fresh = Detector::new(AnomalyConfig::default());
         assert!(burst(&mut fresh, 30, 70, users, peers).iter().all(|s| s.scope != Scope::Server));
+    }
+
+    fn retrieved(user: &str, octets: u64) -> EventRecord {
+        let mut e = failure(user, "198.51.100.20");
+        e.name = "mail_retrieved".into();
+        e.fields.insert("octets".into(), Value::from(octets));
+        e
+    }
+
+    #[test]
+    fn a_download_far_above_the_accounts_own_hourly_baseline_alerts() {
+        let mut d = Detector::new(AnomalyConfig::default());
+        const MB: u64 = 1 << 20;
+        // Two days of an ordinary client: 20 MB an hour, in three sessions.
+        for h in 0..48u64 {
+            for s in 0..3 {
+                assert!(d.observe(&retrieved("carol", 20 * MB / 3), h * 3600 + s * 1200).is_empty(), "hour {h}");
+            }
+        }
+        // Then 300 MB within an hour: 10 × the baseline is ~200 MB.
+        let got: Vec<_> = (0..30).flat_map(|i| d.observe(&retrieved("carol", 10 * MB), 48 * 3600 + i * 60)).collect();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let s = &got[0];
+        assert_eq!((s.scope, s.key.as_str()), (Scope::Download, "carol"));
+        assert!((s.baseline / MB as f64 - 20.0).abs() < 2.0, "{}", s.baseline);
+        assert!(s.count >= s.threshold && s.threshold < 250 * MB, "{s:?}");
+        // A new account downloading its whole old mailbox on day one is not
+        // learned yet: only the absolute cap (2 GiB an hour) applies.
+        assert!((0..30).all(|i| d.observe(&retrieved("dave", 10 * MB), 48 * 3600 + i * 60).is_empty()));
+        let got: Vec<_> = (0..3).flat_map(|i| d.observe(&retrieved("dave", 1 << 30), 48 * 3600 + 1900 + i)).collect();
+        assert_eq!(got.iter().map(|s| s.threshold).collect::<Vec<_>>(), [2 << 30]);
     }
 
     #[test]

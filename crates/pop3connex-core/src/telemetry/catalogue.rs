@@ -289,6 +289,23 @@ pub static CATALOGUE: &[EventDef] = &[
         "The store accepts writes again."
     ),
     def!(
+        304,
+        "mail_retrieved",
+        Info,
+        ["email", "session"],
+        ["end"],
+        "success",
+        false,
+        [
+            PEER,
+            USER,
+            ("messages", "messages retrieved with RETR"),
+            ("octets", "their size"),
+            ("deleted", "deletions committed at QUIT")
+        ],
+        "A POP3 session that retrieved or deleted mail ended: its volume."
+    ),
+    def!(
         400,
         "connector_fetched",
         Info,
@@ -587,6 +604,24 @@ pub static CATALOGUE: &[EventDef] = &[
             ("last_peer", "the last client address seen")
         ],
         "Failed logins spiked above the absolute threshold or a multiple of their baseline ([anomaly])."
+    ),
+    def!(
+        701,
+        "download_volume_spike",
+        Warning,
+        ["email", "intrusion_detection"],
+        ["indicator"],
+        "unknown",
+        true,
+        [
+            USER,
+            ("octets", "retrieved in the hour so far"),
+            ("baseline", "the account's usual octets per hour"),
+            ("threshold", "the amount that fired the alert"),
+            ("window_secs", "3600"),
+            ("last_peer", "the client address of the last session")
+        ],
+        "An account retrieved far more than its own hourly baseline or the absolute cap ([anomaly.download])."
     ),
 ];
 
