@@ -76,6 +76,8 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
     runtime()?.block_on(async move {
+        // [[log.sink]]: syslog/JSON event sinks, registered with the hub.
+        let sinks = pop3connex_core::telemetry::sink::Sinks::start(&cfg)?;
         let mail = std::sync::Arc::new(MailStore::open(&cfg).await?);
         let running = server::start_with_store(&cfg, mail.clone()).await?;
         let (stop_checkpoints, checkpoints) = start_audit_checkpoints(&cfg, &mail);
@@ -129,6 +131,7 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             tracing::warn!(sessions = left, "grace period over, closing remaining sessions");
         }
         tracing::info!("stopped");
+        sinks.shutdown(std::time::Duration::from_secs(5)).await;
         Ok(())
     })
 }

@@ -17,6 +17,7 @@ use crate::secret::SecretRef;
 
 pub mod admin;
 pub mod connector;
+pub mod logsink;
 pub mod oauth;
 
 use admin::AdminConfig;
@@ -355,11 +356,13 @@ impl LogLevel {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: LogLevel,
+    /// `[[log.sink]]`: syslog and JSON event sinks ([`logsink`]).
+    pub sink: Vec<logsink::SinkConfig>,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: LogLevel::Info }
+        Self { format: LogFormat::Human, level: LogLevel::Info, sink: Vec::new() }
     }
 }
 
@@ -482,6 +485,7 @@ impl Config {
         }
         cfg.oauth.resolve_paths(&base);
         cfg.connector.resolve_paths(&base);
+        logsink::resolve_paths(&mut cfg.log.sink, &base);
         if let Some(a) = &mut cfg.admin {
             a.finish(&base, &cfg.server.hostname);
         }
@@ -493,6 +497,7 @@ impl Config {
         let err = |message: String| ConfigError::Semantic { path: self.source.clone(), message };
         self.oauth.check().map_err(err)?;
         self.connector.check().map_err(err)?;
+        logsink::check(&self.log.sink).map_err(err)?;
         if let Some(a) = &self.admin {
             a.check().map_err(err)?;
         }

@@ -14,7 +14,10 @@
 //! behind a [`hub::Queue`] (bounded, drops counted).
 
 pub mod catalogue;
+pub mod ecs;
 pub mod hub;
+pub mod sink;
+pub mod syslog;
 
 pub use catalogue::{EventDef, Severity, CATALOGUE};
 pub use hub::{Consumer, EventRecord, Hub, Queue};
