@@ -502,8 +502,9 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
     };
     match outcome {
         Ok(ids) => {
-            let id = ids.first().map(String::as_str).unwrap_or("");
-            tracing::info!(target: "pop3connex::lmtp", event = "lmtp_delivered", peer, recipients = n, bytes, id, "delivered");
+            let uidl = ids.first().map(String::as_str).unwrap_or("");
+            tracing::info!(target: "pop3connex::lmtp", event = "lmtp_delivered", peer, recipients = n, bytes, uidl,
+                "delivered");
             let first = ids.first().cloned().unwrap_or_default();
             for _ in 0..n {
                 io.reply(&format!("250 2.0.0 <{first}> Saved"));

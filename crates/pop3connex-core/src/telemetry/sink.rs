@@ -497,46 +497,67 @@ pub enum DropReport {
     Recovered { dropped: u64 },
 }
 
-/// The drop alert's state: one report when drops start, a reminder at
-/// most every [`DROP_REPORT_EVERY`] while they go on, one when the sink
-/// delivers again without dropping.
+/// Clean ticks (seconds without a new drop) before a sink that delivered
+/// again counts as recovered: a sink that drops in bursts stays in one
+/// episode instead of flapping.
+const RECOVER_TICKS: u32 = 3;
+
+/// The drop alert's state: a report when drops start, a reminder while
+/// they go on, never more than one `sink_dropping` per
+/// [`DROP_REPORT_EVERY`] (drops not reported yet are carried into the
+/// next report); `sink_recovered` once the sink has delivered since the
+/// episode began and [`RECOVER_TICKS`] ticks passed without a drop, only
+/// for an episode that was reported.
 #[derive(Debug, Default)]
 pub struct DropMonitor {
     dropping: bool,
+    /// This episode was reported.
+    announced: bool,
     /// Drop count at the last tick, at the last report, at the episode's start.
     seen: u64,
     reported: u64,
     episode_start: u64,
-    delivered_seen: u64,
+    delivered_at_start: u64,
+    clean_ticks: u32,
     last_report: Option<Instant>,
 }
 
 impl DropMonitor {
     pub fn tick(&mut self, now: Instant, dropped: u64, delivered: u64) -> Option<DropReport> {
         let new_drops = dropped > self.seen;
-        let new_deliveries = delivered > self.delivered_seen;
         self.seen = dropped;
-        self.delivered_seen = delivered;
         if new_drops {
-            let due = self.last_report.is_none_or(|t| now.duration_since(t) >= DROP_REPORT_EVERY);
+            self.clean_ticks = 0;
             if !self.dropping {
                 self.dropping = true;
+                self.announced = false;
                 self.episode_start = self.reported;
-            } else if !due {
+                self.delivered_at_start = delivered;
+            }
+            if self.last_report.is_some_and(|t| now.duration_since(t) < DROP_REPORT_EVERY) {
                 return None;
             }
             let n = dropped - self.reported;
             self.reported = dropped;
             self.last_report = Some(now);
+            self.announced = true;
             return Some(DropReport::Dropping { dropped: n });
         }
-        if self.dropping && new_deliveries {
-            self.dropping = false;
-            let n = dropped - self.episode_start;
-            self.reported = dropped;
-            return Some(DropReport::Recovered { dropped: n });
+        if !self.dropping {
+            return None;
         }
-        None
+        self.clean_ticks += 1;
+        if self.clean_ticks < RECOVER_TICKS || delivered <= self.delivered_at_start {
+            return None;
+        }
+        self.dropping = false;
+        if !self.announced {
+            // Carried into the next report.
+            return None;
+        }
+        let n = dropped - self.episode_start;
+        self.reported = dropped;
+        Some(DropReport::Recovered { dropped: n })
     }
 }
 

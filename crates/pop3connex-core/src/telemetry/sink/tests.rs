@@ -66,8 +66,7 @@ async fn read_frames<R: tokio::io::AsyncRead + Unpin>(r: &mut R, n: usize) -> Ve
         let k = tokio::time::timeout(Duration::from_secs(10), r.read(&mut chunk)).await.unwrap().unwrap();
         assert!(k > 0, "connection closed after {} messages", out.len());
         buf.extend_from_slice(&chunk[..k]);
-        loop {
-            let Some(sp) = buf.iter().position(|b| *b == b' ') else { break };
+        while let Some(sp) = buf.iter().position(|b| *b == b' ') {
             let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().unwrap();
             if buf.len() < sp + 1 + len {
                 break;
@@ -223,13 +222,26 @@ fn drop_reports_start_once_remind_at_most_every_minute_and_recover() {
     }
     let Some(DropReport::Dropping { dropped }) = m.tick(s(61), 70_000, 10) else { panic!() };
     assert_eq!(dropped, 70_000 - 5);
-    // Still dropping while deliveries happen: no recovery yet.
-    assert_eq!(m.tick(s(62), 70_001, 11), None);
-    // Deliveries without new drops: recovered, with the episode's total.
-    assert_eq!(m.tick(s(63), 70_001, 20), Some(DropReport::Recovered { dropped: 70_001 }));
-    assert_eq!(m.tick(s(64), 70_001, 30), None);
-    // A new episode reports at once, counting only its own drops.
-    assert_eq!(m.tick(s(65), 70_003, 30), Some(DropReport::Dropping { dropped: 2 }));
+    // Down, nothing delivered: no drops for a while is not a recovery.
+    for i in 62..70 {
+        assert_eq!(m.tick(s(i), 70_000, 10), None, "second {i}");
+    }
+    // Delivered again, but a drop in the same tick: not yet.
+    assert_eq!(m.tick(s(70), 70_001, 11), None);
+    // Clean ticks after deliveries since the episode began: recovered, with
+    // the episode's total (the deliveries may all have happened before).
+    assert_eq!(m.tick(s(71), 70_001, 11), None);
+    assert_eq!(m.tick(s(72), 70_001, 11), None);
+    assert_eq!(m.tick(s(73), 70_001, 11), Some(DropReport::Recovered { dropped: 70_001 }));
+    assert_eq!(m.tick(s(74), 70_001, 30), None);
+    // A new episode within the minute is not reported at once...
+    assert_eq!(m.tick(s(75), 70_003, 30), None);
+    // ...and if it ends before the minute is up, no recovery either; its
+    // drops are carried into the next report.
+    for i in 76..90 {
+        assert_eq!(m.tick(s(i), 70_003, 40), None, "second {i}");
+    }
+    assert_eq!(m.tick(s(130), 70_004, 40), Some(DropReport::Dropping { dropped: 3 }));
 }
 
 #[tokio::test]
@@ -246,4 +258,49 @@ async fn the_filter_keeps_only_events_at_or_above_min_severity() {
     assert_eq!(rx.recv().await.unwrap().name, "auth_failure");
     assert_eq!(rx.recv().await.unwrap().name, "integrity_failure");
     assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn json_sink_appends_ecs_lines_and_reopens_a_rotated_file() {
+    let dir = std::env::temp_dir().join(format!("p3x-json-sink-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("events.json");
+    let _ = std::fs::remove_file(&path);
+    let j = JsonSinkConfig { name: "j".into(), path: path.clone(), queue: 8, min_severity: Severity::Info };
+    let (queue, rx) = Queue::new(8);
+    let delivered = Arc::new(AtomicU64::new(0));
+    let out = Out { name: "j".into(), rx, delivered: delivered.clone(), dropped: queue.drop_counter() };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run_json(j, "mx.example.net".into(), out, stopped));
+    queue.accept(&event("auth_failure", "alice"));
+    let wait = |n: u64| {
+        let d = delivered.clone();
+        async move {
+            for _ in 0..200 {
+                if d.load(Ordering::Relaxed) >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("not delivered");
+        }
+    };
+    wait(1).await;
+    // logrotate (create mode): the file is renamed away; the next event
+    // goes to a new file at the configured path.
+    let rotated = dir.join("events.json.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    queue.accept(&event("ban", "-"));
+    wait(2).await;
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+    let old: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&rotated).unwrap().trim()).unwrap();
+    assert_eq!(old["event"]["code"], "101");
+    assert_eq!(old["user"]["name"], "alice");
+    assert_eq!(old["source"]["ip"], "192.0.2.7");
+    let new = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(new.lines().count(), 1);
+    let new: serde_json::Value = serde_json::from_str(new.trim()).unwrap();
+    assert_eq!(new["event"]["action"], "ban");
+    let _ = std::fs::remove_dir_all(&dir);
 }
