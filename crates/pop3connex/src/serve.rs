@@ -77,6 +77,8 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
     runtime()?.block_on(async move {
+        // [[log.sink]]: syslog/JSON event sinks, registered with the hub.
+        let sinks = pop3connex_core::telemetry::sink::Sinks::start(&cfg)?;
         let mail = std::sync::Arc::new(MailStore::open(&cfg).await?);
         // Events kept for investigations (`events search`, /api/v1/events).
         let event_store = cfg.log.store.enabled.then(|| {
@@ -144,6 +146,7 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             sink.finish(std::time::Duration::from_secs(2)).await;
         }
         tracing::info!("stopped");
+        sinks.shutdown(std::time::Duration::from_secs(5)).await;
         Ok(())
     })
 }

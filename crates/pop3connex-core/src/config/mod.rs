@@ -19,6 +19,7 @@ pub mod admin;
 pub mod anomaly;
 pub mod connector;
 pub mod events;
+pub mod logsink;
 pub mod oauth;
 
 use admin::AdminConfig;
@@ -362,11 +363,18 @@ pub struct LogConfig {
     pub level: LogLevel,
     /// `[log.store]`: the local event store.
     pub store: events::EventStoreConfig,
+    /// `[[log.sink]]`: syslog and JSON event sinks ([`logsink`]).
+    pub sink: Vec<logsink::SinkConfig>,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: LogLevel::Info, store: events::EventStoreConfig::default() }
+        Self {
+            format: LogFormat::Human,
+            level: LogLevel::Info,
+            store: events::EventStoreConfig::default(),
+            sink: Vec::new(),
+        }
     }
 }
 
@@ -489,6 +497,7 @@ impl Config {
         }
         cfg.oauth.resolve_paths(&base);
         cfg.connector.resolve_paths(&base);
+        logsink::resolve_paths(&mut cfg.log.sink, &base);
         if let Some(a) = &mut cfg.admin {
             a.finish(&base, &cfg.server.hostname);
         }
@@ -502,6 +511,7 @@ impl Config {
         self.connector.check().map_err(err)?;
         self.log.store.check().map_err(err)?;
         self.anomaly.check().map_err(err)?;
+        logsink::check(&self.log.sink).map_err(err)?;
         if let Some(a) = &self.admin {
             a.check().map_err(err)?;
         }

@@ -495,13 +495,16 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
             (r.user, prefix)
         })
         .collect();
+    let bytes = body.len();
     let outcome = match ctx.auth.mail().deliver_copies(body, copies).await {
         Ok(ids) => Ok(ids.iter().map(uidl).collect::<Vec<String>>()),
         Err(e) => Err(e.to_string()),
     };
     match outcome {
         Ok(ids) => {
-            tracing::info!(recipients = n, id = ids.first().map(String::as_str).unwrap_or(""), "delivered");
+            let uidl = ids.first().map(String::as_str).unwrap_or("");
+            tracing::info!(target: "pop3connex::lmtp", event = "lmtp_delivered", peer, recipients = n, bytes, uidl,
+                "delivered");
             let first = ids.first().cloned().unwrap_or_default();
             for _ in 0..n {
                 io.reply(&format!("250 2.0.0 <{first}> Saved"));

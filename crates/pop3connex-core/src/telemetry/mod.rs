@@ -15,8 +15,11 @@
 
 pub mod anomaly;
 pub mod catalogue;
+pub mod ecs;
 pub mod hub;
+pub mod sink;
 pub mod store;
+pub mod syslog;
 
 pub use catalogue::{EventDef, Severity, CATALOGUE};
 pub use hub::{Consumer, EventRecord, Hub, Queue};
