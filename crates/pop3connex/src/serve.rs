@@ -96,6 +96,8 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             }
             None => None,
         };
+        let (metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
+        let metrics = pop3connex_core::telemetry::metrics_http::start_configured(&cfg, &mail, metrics_stopped).await?;
         for a in &running.pop3s {
             tracing::info!(address = %a, "listening pop3s (implicit TLS)");
         }
@@ -120,6 +122,10 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         let _ = web_stop.send(true);
         if let Some(web) = web {
             let _ = web.task.await;
+        }
+        let _ = metrics_stop.send(true);
+        if let Some(m) = metrics {
+            let _ = m.task.await;
         }
         tracing::info!(sessions = running.active_sessions(), "shutting down");
         let _ = stop_checkpoints.send(true);

@@ -17,6 +17,7 @@ use crate::secret::SecretRef;
 
 pub mod admin;
 pub mod connector;
+pub mod metrics;
 pub mod oauth;
 
 use admin::AdminConfig;
@@ -51,6 +52,9 @@ pub struct Config {
     /// `[admin]`: the HTTPS admin plane; `None` (absent): off.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// `[metrics]`: the Prometheus endpoint; `None` (absent): off.
+    #[serde(default)]
+    pub metrics: Option<metrics::MetricsConfig>,
     /// The file this was read from (for messages), not a config key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -485,6 +489,9 @@ impl Config {
         if let Some(a) = &mut cfg.admin {
             a.finish(&base, &cfg.server.hostname);
         }
+        if let Some(m) = &mut cfg.metrics {
+            m.finish(&base);
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -495,6 +502,9 @@ impl Config {
         self.connector.check().map_err(err)?;
         if let Some(a) = &self.admin {
             a.check().map_err(err)?;
+        }
+        if let Some(m) = &self.metrics {
+            m.check().map_err(err)?;
         }
         for zone in &self.abuse.dnsbl {
             let ok = !zone.is_empty()

@@ -72,6 +72,9 @@ impl Session<'_> {
             };
         }
         stuffer.finish(conn.raw());
+        if top.is_none() {
+            crate::telemetry::metrics::Metrics::global().retr(meta.size);
+        }
         Ok(Flow::Continue)
     }
 

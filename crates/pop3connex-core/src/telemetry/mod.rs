@@ -15,6 +15,8 @@
 
 pub mod catalogue;
 pub mod hub;
+pub mod metrics;
+pub mod metrics_http;
 
 pub use catalogue::{EventDef, Severity, CATALOGUE};
 pub use hub::{Consumer, EventRecord, Hub, Queue};
