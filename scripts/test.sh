@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(curl mpop fetchmail swaks testssl.sh openssl ca-certificates python3 postfix dovecot-core dovecot-lmtpd
-                 dovecot-pop3d nmap fail2ban nsd ldnsutils libssl-dev pkg-config chromium chromium-driver libnss3-tools)
+                 dovecot-pop3d nmap fail2ban nsd ldnsutils libssl-dev pkg-config chromium chromium-driver libnss3-tools
+                 prometheus)
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
