@@ -148,6 +148,8 @@ def test_metrics_move_with_real_sessions_and_prometheus_scrapes_them(metrics_ser
     assert code == 200 and headers["Content-Type"].startswith("application/openmetrics-text"), headers
     assert om.rstrip().endswith("# EOF")
 
+    dashboard = (REPO / "contrib" / "grafana" / "pop3connex.json").read_text()
+
     # promtool: the live scrape and the shipped rules.
     cp = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
     assert cp.returncode == 0, cp.stdout.decode() + cp.stderr.decode()
@@ -208,6 +210,13 @@ def test_metrics_move_with_real_sessions_and_prometheus_scrapes_them(metrics_ser
         assert failures and float(failures[0]["value"][1]) >= 1, failures
         up = query('up{job="pop3connex"}')
         assert up and up[0]["value"][1] == "1", up
+        # Every dashboard query is valid PromQL and finds the server.
+        exprs = [t["expr"] for p in json.loads(dashboard)["panels"] for t in p.get("targets", [])]
+        assert len(exprs) > 20
+        for expr in exprs:
+            q = expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", ".*")
+            query(q)
+        assert query('pop3connex_build_info{job=~".*",instance=~".*"}')
         with urllib.request.urlopen(f"{api}/rules", timeout=5) as r:
             groups = json.load(r)["data"]["groups"]
         names = {rule["name"] for g in groups for rule in g["rules"]}

@@ -259,6 +259,16 @@ impl Metrics {
             registry: Registry::default(),
         };
         m.store_writable.set(1);
+        // Series with a known, fixed label set start at zero, so that
+        // `increase()` in alert rules sees their first event.
+        for listener in ["pop3", "pop3s", "lmtp"] {
+            for outcome in ["accepted", "refused"] {
+                bump(&m.connections, &[("listener", listener), ("outcome", outcome)], 0);
+            }
+        }
+        for outcome in ["delivered", "temp_failure", "too_large", "refused"] {
+            bump(&m.lmtp_deliveries, &[("outcome", outcome)], 0);
+        }
         Metrics { registry: root, ..m }
     }
 
@@ -594,6 +604,60 @@ mod tests {
         let om = m.encode_openmetrics();
         assert!(om.ends_with("# EOF\n"), "{om}");
         assert!(om.contains("# TYPE pop3connex_logins counter"), "{om}");
+    }
+
+    /// Every metric the shipped alert rules and Grafana dashboard use is
+    /// one this registry exposes (once each family has a series).
+    #[test]
+    fn contrib_rules_and_dashboard_use_only_exposed_metrics() {
+        let m = Metrics::new();
+        let j = |s: &str| Value::String(s.into());
+        for name in [
+            "auth_success",
+            "auth_failure",
+            "locked_out",
+            "plaintext_auth_refused",
+            "account_locked",
+            "ban",
+            "dnsbl_listed",
+            "protocol_abuse",
+            "starttls_injection",
+            "integrity_failure",
+            "suppressed",
+            "connector_fetched",
+            "connector_upstream_error",
+        ] {
+            m.accept(&event(name, &[("suppressed_event", j("ban")), ("count", Value::from(1))]));
+        }
+        m.connection_refused("pop3", "banned");
+        let _s = m.session("pop3");
+        m.tls_handshake("pop3s", "TLSv1_3", "x");
+        m.tls_failure("pop3s", "error");
+        m.lmtp_delivery("delivered", 1, 1);
+        m.retr(1);
+        m.register_sink_drops("syslog", Arc::new(AtomicU64::new(0)));
+        let text = m.encode_prometheus();
+        let exposed: std::collections::BTreeSet<&str> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut used = std::collections::BTreeSet::new();
+        for f in ["contrib/prometheus/alerts.yml", "contrib/grafana/pop3connex.json"] {
+            let t = std::fs::read_to_string(root.join(f)).unwrap();
+            for prefix in ["pop3connex_", "process_"] {
+                for (i, _) in t.match_indices(prefix) {
+                    if i > 0 && (t.as_bytes()[i - 1].is_ascii_alphanumeric() || t.as_bytes()[i - 1] == b'_') {
+                        continue;
+                    }
+                    let from = i + prefix.len();
+                    let end =
+                        t[from..].find(|c: char| !(c.is_ascii_lowercase() || c == '_')).map_or(t.len(), |e| from + e);
+                    used.insert(t[i..end].to_owned());
+                }
+            }
+        }
+        assert!(used.len() > 20, "{used:?}");
+        let missing: Vec<_> = used.iter().filter(|u| !exposed.contains(u.as_str())).collect();
+        assert!(missing.is_empty(), "used in contrib/ but not exposed: {missing:?}");
     }
 
     #[test]
