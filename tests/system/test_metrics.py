@@ -70,6 +70,9 @@ def metrics_server(server_factory):
     port = syslib.free_port()
     srv.set_option("metrics", "listen", [f"127.0.0.1:{port}"])
     srv.set_option("metrics", "bearer_token", "file:metrics.token")
+    # A mailbox that exists before start: the store totals count it.
+    srv.user = (syslib.unique_name("metrics"), syslib.new_password())
+    srv.add_user(*srv.user)
     srv.start()
     syslib.wait_until(lambda: syslib.listener_owned_by(srv.pid(), port), 15, what="metrics listener")
     srv.metrics_port = port
@@ -105,8 +108,7 @@ def test_metrics_move_with_real_sessions_and_prometheus_scrapes_them(metrics_ser
     before = parse(before_text)
 
     # A real failed and a real successful POP3S login, one delivery, one RETR.
-    name, pw = syslib.unique_name("metrics"), syslib.new_password()
-    srv.add_user(name, pw)
+    name, pw = srv.user
     with srv.pop3s() as p:
         p.cmd(f"USER {name}")
         p.cmd("PASS not-the-password", expect_ok=False)
@@ -137,6 +139,9 @@ def test_metrics_move_with_real_sessions_and_prometheus_scrapes_them(metrics_ser
     assert total(after, "pop3connex_retr_messages_total") >= 1
     assert total(after, "pop3connex_retr_bytes_total") >= len(msg)
     assert total(after, "pop3connex_store_writable") == 1
+    assert any(n == "pop3connex_bans_active" for n, _, _ in after), text
+    # Store totals, counted when the endpoint starts (before the delivery).
+    assert total(after, "pop3connex_store_mailboxes") >= 1, text
     assert total(after, "process_resident_memory_bytes") > 0
     assert total(after, "process_open_fds") > 0
     # Bounded labels: no user names, no addresses, no token.

@@ -63,6 +63,8 @@ pub struct Metrics {
     store_messages: Gauge,
     store_bytes: Gauge,
     store_mailboxes: Gauge,
+    bans_active: Gauge,
+    lockouts_active: Gauge,
     sink_drops: Arc<SinkDrops>,
 }
 
@@ -255,6 +257,10 @@ impl Metrics {
             store_mailboxes: reg!("store_mailboxes", "Mailboxes in the store (refreshed every minute)", {
                 Gauge::default()
             }),
+            bans_active: reg!("bans_active", "Bans in force (refreshed every minute)", Gauge::default()),
+            lockouts_active: reg!("lockouts_active", "Account lockouts in force (refreshed every minute)", {
+                Gauge::default()
+            }),
             sink_drops,
             registry: Registry::default(),
         };
@@ -347,6 +353,12 @@ impl Metrics {
     pub fn retr(&self, bytes: u64) {
         self.retr_messages.inc();
         self.retr_bytes.inc_by(bytes);
+    }
+
+    /// Bans and lockouts in force (from a periodic count).
+    pub fn set_security_totals(&self, bans: u64, lockouts: u64) {
+        self.bans_active.set(i64::try_from(bans).unwrap_or(i64::MAX));
+        self.lockouts_active.set(i64::try_from(lockouts).unwrap_or(i64::MAX));
     }
 
     /// The store totals (from a periodic count).
@@ -691,6 +703,7 @@ mod tests {
         m.lmtp_delivery("temp_failure", 3, 999);
         m.retr(42);
         m.set_store_totals(2, 5, 5000);
+        m.set_security_totals(3, 1);
         let drops = Arc::new(AtomicU64::new(0));
         m.register_sink_drops("syslog tls", drops.clone());
         drops.fetch_add(9, Ordering::Relaxed);
@@ -711,6 +724,8 @@ mod tests {
         assert_eq!(get("pop3connex_retr_messages_total "), "1");
         assert_eq!(get("pop3connex_retr_bytes_total "), "42");
         assert_eq!(get("pop3connex_store_messages_size_bytes "), "5000");
+        assert_eq!(get("pop3connex_bans_active "), "3");
+        assert_eq!(get("pop3connex_lockouts_active "), "1");
         assert_eq!(get("pop3connex_event_sink_dropped_total{sink=\"syslog_tls\"}"), "9");
         assert_eq!(get("pop3connex_build_info{version=\""), "1");
         assert!(get("process_resident_memory_bytes ").parse::<f64>().unwrap() > 0.0);

@@ -212,7 +212,8 @@ fn authorised(header: Option<&HeaderValue>, expected: &[u8; 32]) -> bool {
     bool::from(presented.ct_eq(expected))
 }
 
-/// Recounts mailboxes, messages and octets every [`STORE_REFRESH`].
+/// Recounts mailboxes, messages, octets, bans and lockouts in force every
+/// [`STORE_REFRESH`].
 async fn refresh_store_totals(mail: Arc<MailStore>, metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(STORE_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -227,6 +228,18 @@ async fn refresh_store_totals(mail: Arc<MailStore>, metrics: Arc<Metrics>) {
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "metrics: cannot count the store"),
             Err(_) => tracing::warn!("metrics: counting the store timed out"),
+        }
+        let store = mail.store();
+        let security = async { Ok::<_, crate::store::StoreError>((store.bans().await?, store.lockouts().await?)) };
+        match tokio::time::timeout(STORE_REFRESH, security).await {
+            Ok(Ok((bans, lockouts))) => {
+                let now = crate::types::unix_now();
+                let bans = bans.iter().filter(|b| b.expires_at.is_none_or(|e| e > now)).count();
+                let lockouts = lockouts.iter().filter(|l| l.until > now).count();
+                metrics.set_security_totals(bans as u64, lockouts as u64);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics: cannot count bans and lockouts"),
+            Err(_) => tracing::warn!("metrics: counting bans and lockouts timed out"),
         }
     }
 }
