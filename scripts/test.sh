@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(curl mpop fetchmail swaks testssl.sh openssl ca-certificates python3 postfix dovecot-core dovecot-lmtpd
                  dovecot-pop3d nmap fail2ban nsd ldnsutils libssl-dev pkg-config chromium chromium-driver libnss3-tools
-                 rsyslog rsyslog-gnutls)
+                 rsyslog rsyslog-gnutls prometheus)
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -173,6 +173,7 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
                     _ = stopped(&mut sd) => break,
                 };
                 let Ok(permit) = limiter.try_acquire(peer.ip()) else {
+                    crate::telemetry::metrics::Metrics::global().connection_refused("lmtp", "too_many_connections");
                     emit(SecurityEvent::ConnectionRefused {
                         peer: peer.ip(),
                         listener: "lmtp",
@@ -183,8 +184,9 @@ pub async fn start_with_store(cfg: &Config, mail: Arc<MailStore>) -> Result<Runn
                 };
                 let _ = sock.set_nodelay(true);
                 let (ctx, sd) = (ctx.clone(), sd.clone());
+                crate::telemetry::metrics::Metrics::global().connection_accepted("lmtp");
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let (_permit, _session) = (permit, crate::telemetry::metrics::Metrics::global().session("lmtp"));
                     lmtp::serve(ctx, sock, peer.to_string(), sd).await;
                 });
             }
@@ -281,6 +283,7 @@ async fn accept_pop3(
         };
         // Bans and blocklists first: a refused address costs no TLS work.
         if let Some(reason) = ctx.security.check_connection(peer.ip()) {
+            crate::telemetry::metrics::Metrics::global().connection_refused(name, reason);
             tracing::debug!(%peer, reason, "connection refused");
             drop(sock);
             continue;
@@ -289,6 +292,7 @@ async fn accept_pop3(
         let permit = match limiter.try_acquire(peer.ip()) {
             Ok(p) => p,
             Err(why) => {
+                crate::telemetry::metrics::Metrics::global().connection_refused(name, why.reason());
                 emit(SecurityEvent::ConnectionRefused { peer: peer.ip(), listener: name, reason: why.reason() });
                 if kind == ListenerKind::StartTls {
                     refuse(sock, b"-ERR [SYS/TEMP] Too many connections, try again later\r\n");
@@ -304,6 +308,7 @@ async fn accept_pop3(
             // the accept loop; bounded by the DNSBL timeout.
             if let Some(d) = dnsbl.filter(|_| !ctx.security.is_allowlisted(peer.ip())) {
                 if let Some(zone) = d.listed(peer.ip()).await {
+                    crate::telemetry::metrics::Metrics::global().connection_refused(name, "dnsbl");
                     emit(SecurityEvent::DnsblListed { peer: peer.ip(), zone: &zone });
                     if kind == ListenerKind::StartTls {
                         let mut sock = sock;
@@ -313,6 +318,8 @@ async fn accept_pop3(
                     return;
                 }
             }
+            crate::telemetry::metrics::Metrics::global().connection_accepted(name);
+            let _session = crate::telemetry::metrics::Metrics::global().session(name);
             pop3::serve(ctx, sock, peer, kind, sd).await;
         });
     }

@@ -109,6 +109,16 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             }
             None => None,
         };
+        let (metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
+        let metrics = pop3connex_core::telemetry::metrics_http::start_configured(&cfg, &mail, metrics_stopped).await?;
+        // Dropped events of every sink, as pop3connex_event_sink_dropped_total{sink}.
+        let registry = pop3connex_core::telemetry::metrics::Metrics::global();
+        for (name, counter) in sinks.drop_counters() {
+            registry.register_sink_drops(&name, counter);
+        }
+        if let Some(store) = &event_store {
+            registry.register_sink_drops("event_store", store.queue.drop_counter());
+        }
         for a in &running.pop3s {
             tracing::info!(address = %a, "listening pop3s (implicit TLS)");
         }
@@ -133,6 +143,10 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         let _ = web_stop.send(true);
         if let Some(web) = web {
             let _ = web.task.await;
+        }
+        let _ = metrics_stop.send(true);
+        if let Some(m) = metrics {
+            let _ = m.task.await;
         }
         tracing::info!(sessions = running.active_sessions(), "shutting down");
         let _ = stop_checkpoints.send(true);

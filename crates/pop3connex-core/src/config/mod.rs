@@ -20,6 +20,7 @@ pub mod anomaly;
 pub mod connector;
 pub mod events;
 pub mod logsink;
+pub mod metrics;
 pub mod oauth;
 
 use admin::AdminConfig;
@@ -57,6 +58,9 @@ pub struct Config {
     /// `[admin]`: the HTTPS admin plane; `None` (absent): off.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// `[metrics]`: the Prometheus endpoint; `None` (absent): off.
+    #[serde(default)]
+    pub metrics: Option<metrics::MetricsConfig>,
     /// The file this was read from (for messages), not a config key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -501,6 +505,9 @@ impl Config {
         if let Some(a) = &mut cfg.admin {
             a.finish(&base, &cfg.server.hostname);
         }
+        if let Some(m) = &mut cfg.metrics {
+            m.finish(&base);
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -514,6 +521,9 @@ impl Config {
         logsink::check(&self.log.sink).map_err(err)?;
         if let Some(a) = &self.admin {
             a.check().map_err(err)?;
+        }
+        if let Some(m) = &self.metrics {
+            m.check().map_err(err)?;
         }
         for zone in &self.abuse.dnsbl {
             let ok = !zone.is_empty()

@@ -462,6 +462,7 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if over_budget && !receiver.oversize {
         tracing::warn!(recipients = t.recipients.len(), "in-flight DATA budget exhausted; answered 452");
+        crate::telemetry::metrics::Metrics::global().lmtp_delivery("temp_failure", t.recipients.len(), 0);
         for _ in 0..t.recipients.len() {
             io.reply("452 4.3.1 Insufficient system storage");
         }
@@ -469,6 +470,7 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let n = t.recipients.len();
     if receiver.oversize {
+        crate::telemetry::metrics::Metrics::global().lmtp_delivery("too_large", n, 0);
         for _ in 0..n {
             io.reply("552 5.3.4 Message size exceeds fixed maximum message size");
         }
@@ -476,6 +478,7 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if receiver.bare_line_ending {
         emit(SecurityEvent::ProtocolAbuse { peer, protocol: "lmtp", reason: "bare CR or LF in DATA" });
+        crate::telemetry::metrics::Metrics::global().lmtp_delivery("refused", n, 0);
         for _ in 0..n {
             io.reply("550 5.6.0 Message contains bare CR or LF; refused (SMTP smuggling protection)");
         }
@@ -505,6 +508,7 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
             let uidl = ids.first().map(String::as_str).unwrap_or("");
             tracing::info!(target: "pop3connex::lmtp", event = "lmtp_delivered", peer, recipients = n, bytes, uidl,
                 "delivered");
+            crate::telemetry::metrics::Metrics::global().lmtp_delivery("delivered", n, bytes as u64);
             let first = ids.first().cloned().unwrap_or_default();
             for _ in 0..n {
                 io.reply(&format!("250 2.0.0 <{first}> Saved"));
@@ -512,6 +516,7 @@ async fn receive_and_deliver<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(e) => {
             tracing::error!(error = %e, "delivery failed");
+            crate::telemetry::metrics::Metrics::global().lmtp_delivery("temp_failure", n, 0);
             for _ in 0..n {
                 io.reply("451 4.3.0 Temporary storage failure, try again later");
             }

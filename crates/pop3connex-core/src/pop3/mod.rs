@@ -104,18 +104,25 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let limit = TLS_HANDSHAKE_TIMEOUT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    let metrics = crate::telemetry::metrics::Metrics::global();
+    let listener = if after_stls { "pop3" } else { "pop3s" };
     let tls = match tokio::time::timeout(limit, ctx.tls.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
+            metrics.tls_failure(listener, "error");
             tracing::debug!(error = %e, "TLS handshake failed");
             return Ok(());
         }
         Err(_) => {
+            metrics.tls_failure(listener, "timeout");
             tracing::debug!("TLS handshake timed out");
             return Ok(());
         }
     };
     let (_, conn_state) = tls.get_ref();
+    let cipher = conn_state.negotiated_cipher_suite().and_then(|c| c.suite().as_str()).unwrap_or("unknown");
+    let tls_version = conn_state.protocol_version().and_then(|v| v.as_str()).unwrap_or("unknown");
+    metrics.tls_handshake(listener, tls_version, cipher);
     let version = conn_state.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
     // RFC 9266: tls-exporter channel binding is defined for TLS 1.3.
     let exporter = (conn_state.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3))

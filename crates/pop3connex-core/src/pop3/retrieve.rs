@@ -74,6 +74,7 @@ impl Session<'_> {
         stuffer.finish(conn.raw());
         if top.is_none() {
             m.volume.retrieved(meta.size);
+            crate::telemetry::metrics::Metrics::global().retr(meta.size);
         }
         Ok(Flow::Continue)
     }

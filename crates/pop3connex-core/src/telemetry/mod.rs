@@ -17,6 +17,8 @@ pub mod anomaly;
 pub mod catalogue;
 pub mod ecs;
 pub mod hub;
+pub mod metrics;
+pub mod metrics_http;
 pub mod sink;
 pub mod store;
 pub mod syslog;

@@ -126,6 +126,11 @@ impl Sinks {
         Ok(sinks)
     }
 
+    /// Each sink's drop counter (for `pop3connex_event_sink_dropped_total`).
+    pub fn drop_counters(&self) -> Vec<(String, Arc<AtomicU64>)> {
+        self.counters.iter().map(|(n, d, _)| (n.clone(), d.clone())).collect()
+    }
+
     /// `(name, dropped, delivered)` per sink, for metrics.
     pub fn counters(&self) -> Vec<(String, u64, u64)> {
         self.counters
