@@ -162,6 +162,28 @@ pub async fn enforce(state: Arc<AppState>, spec: RouteSpec, mut req: Request, ne
             return deny(&spec, ApiError::unauthorized(), "/login");
         }
     };
+    // Bound to the password it was opened with, and (once past the
+    // password) to the admin still having a second factor: a password change
+    // or an MFA reset, from the CLI or another session, ends it at once.
+    match state.admin.admin_session_binding(session.admin_id).await {
+        Ok((stamp, has_factor)) => {
+            let factor_gone = !has_factor && !matches!(session.stage, Stage::EnrolOnly);
+            if stamp != session.password_stamp || factor_gone {
+                state.sessions.remove(&id);
+                tracing::info!(peer = %address, admin = %session.admin_name,
+                    "admin session ended: password changed or second factors reset since it began");
+                return deny(&spec, ApiError::unauthorized(), "/login");
+            }
+        }
+        Err(AdminAuthError::Storage(cause)) => {
+            tracing::error!(error = %cause, "admin lookup failed");
+            return ApiError::internal().into_response();
+        }
+        Err(_) => {
+            state.sessions.remove_admin(session.admin_id);
+            return deny(&spec, ApiError::unauthorized(), "/login");
+        }
+    }
     match (spec.access, &session.stage) {
         (Access::Mfa, Stage::AwaitingMfa { .. }) | (Access::Enrol, Stage::EnrolOnly) => {
             req.extensions_mut().insert(PartialLogin { id, session, address });

@@ -103,6 +103,13 @@ pub async fn login_submit(
     if let Err(e) = s.audit(&actor, "admin.login", &info.name, outcome, ip).await {
         return error_page(e);
     }
+    let password_stamp = match s.admin.admin_session_binding(info.id).await {
+        Ok((stamp, _)) => stamp,
+        Err(e) => {
+            tracing::error!(error = ?e, "admin login: session binding failed");
+            return error_page(ApiError::internal());
+        }
+    };
     let t = now();
     let session = Session {
         admin_id: info.id,
@@ -117,6 +124,7 @@ pub async fn login_submit(
         has_totp: info.factors.iter().any(|f| matches!(f.kind, FactorKind::Totp)),
         has_passkey: info.factors.iter().any(|f| matches!(f.kind, FactorKind::WebAuthn)),
         recovery_codes: None,
+        password_stamp,
     };
     // A new session, so a new id, at every login: a planted cookie is never upgraded.
     let Some(id) = s.sessions.create(session, t) else {

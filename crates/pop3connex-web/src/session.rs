@@ -69,6 +69,10 @@ pub struct Session {
     pub has_passkey: bool,
     /// Recovery codes of a first enrolment, shown once on the next page.
     pub recovery_codes: Option<Vec<Zeroizing<String>>>,
+    /// The admin's password binding at login
+    /// ([`pop3connex_core::admin::Admin::admin_session_binding`]): a
+    /// password change anywhere ends this session.
+    pub password_stamp: [u8; 32],
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -267,6 +271,7 @@ mod tests {
             has_totp: false,
             has_passkey: false,
             recovery_codes: None,
+            password_stamp: [0; 32],
         }
     }
 

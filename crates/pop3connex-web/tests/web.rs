@@ -533,3 +533,21 @@ async fn events_api_searches_the_store_within_the_callers_domains() {
     let audit = s.admin.audit_log_read(&cli(), &query).await.unwrap();
     assert!(audit.iter().any(|r| r.action == "events.read" && r.target.contains("ip=192.0.2.7")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_password_change_or_mfa_reset_ends_the_admins_sessions() {
+    let s = start("rebind", "", |_| {}).await;
+    let cli = cli();
+    let (secret, _) = s.admin_with_totp("mona", &["superadmin"]).await;
+    let (other, _) = s.admin_with_totp("otto", &["superadmin"]).await;
+    let mona = s.login("mona", &secret).await;
+    let otto = s.login("otto", &other).await;
+    assert_eq!(s.send(Req::new("GET", "/api/v1/users").session(&mona)).await.status, 200);
+    // A password change (here as the CLI does it, from another process's view) ends it.
+    s.admin.admin_set_password(&cli, "mona", "a brand new long passphrase 42").await.unwrap();
+    assert_eq!(s.send(Req::new("GET", "/api/v1/users").session(&mona)).await.status, 401, "after the password change");
+    assert_eq!(s.send(Req::new("GET", "/api/v1/users").session(&otto)).await.status, 200, "others keep theirs");
+    // An MFA reset ends the sessions that had passed a second factor.
+    s.admin.admin_reset_mfa(&cli, "otto").await.unwrap();
+    assert_eq!(s.send(Req::new("GET", "/api/v1/users").session(&otto)).await.status, 401, "after the MFA reset");
+}

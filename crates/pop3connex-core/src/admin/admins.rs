@@ -410,6 +410,25 @@ impl Admin {
         Ok(Principal { actor: actor.clone(), admin_id: Some(rec.id), token_id: None, permissions, domains })
     }
 
+    /// What a console session is bound to: a digest of the administrator's
+    /// password hash (a password change, by any process, ends the sessions
+    /// opened with the old one) and whether it still has a confirmed second
+    /// factor (an MFA reset ends the sessions that had passed one). Refused
+    /// like [`Admin::principal_for_admin`] for a disabled or removed admin.
+    pub async fn admin_session_binding(&self, admin_id: i64) -> Result<([u8; 32], bool), AdminAuthError> {
+        use sha2::{Digest, Sha256};
+        let rec = self.mail.store().admin_by_id(admin_id).await?.ok_or(AdminAuthError::Invalid)?;
+        if !rec.enabled {
+            return Err(AdminAuthError::Refused);
+        }
+        let stamp: [u8; 32] = Sha256::new_with_prefix(b"pop3connex admin session v1\0")
+            .chain_update(rec.password_hash.as_bytes())
+            .finalize()
+            .into();
+        let has_factor = self.mail.store().admin_factors(admin_id).await?.iter().any(|f| f.pending_until.is_none());
+        Ok((stamp, has_factor))
+    }
+
     /// Whether the administrator has at least one confirmed second factor.
     pub async fn admin_has_factor(&self, admin_id: i64) -> Result<bool, AdminError> {
         Ok(self.mail.store().admin_factors(admin_id).await?.iter().any(|f| f.pending_until.is_none()))
