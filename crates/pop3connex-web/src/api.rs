@@ -444,7 +444,7 @@ pub async fn tokens_create(State(s): St, Extension(c): Extension<Caller>, Body(b
 }
 
 pub async fn tokens_revoke(State(s): St, Extension(c): Extension<Caller>, Path(id): Path<String>) -> Answer {
-    s.admin.token_revoke(c.actor(), &id).await?;
+    s.admin.token_revoke_by(&c.principal, &id).await?;
     done()
 }
 
@@ -476,8 +476,27 @@ pub fn audit_query(p: AuditParams) -> AuditQuery {
     }
 }
 
+/// Whether `caller` may see an audit record: everything for an
+/// administrator not limited to domains; for a domain-limited one, records
+/// about users of its domains and its own actions (never other
+/// administrators' logins, tokens or bans).
+pub fn audit_visible(caller: &Caller, r: &pop3connex_core::admin::AuditRecord) -> bool {
+    if caller.principal.domains.is_none() {
+        return true;
+    }
+    // `admin:NAME@ADDRESS`: the address is after the last `@`.
+    let who = |a: &str| -> String {
+        match a.strip_prefix("admin:").and_then(|rest| rest.rsplit_once('@')) {
+            Some((name, _)) => format!("admin:{name}"),
+            None => a.to_owned(),
+        }
+    };
+    who(&r.actor) == who(&caller.actor().to_string()) || (r.target.contains('@') && caller.principal.may_touch_user(&r.target))
+}
+
 pub async fn audit_read(State(s): St, Extension(c): Extension<Caller>, Query(p): Query<AuditParams>) -> Answer {
-    let records = s.admin.audit_log_read(c.actor(), &audit_query(p)).await?;
+    let mut records = s.admin.audit_log_read(c.actor(), &audit_query(p)).await?;
+    records.retain(|r| audit_visible(&c, r));
     ok(serde_json::to_value(&records).map_err(|_| ApiError::internal())?)
 }
 

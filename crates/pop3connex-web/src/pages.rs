@@ -751,6 +751,7 @@ pub async fn audit(State(s): St, Extension(c): Extension<Caller>, Query(q): Quer
     let more_before = if records.len() == AUDIT_PAGE { records.last().map(|r| r.seq) } else { None };
     let records = records
         .into_iter()
+        .filter(|r| crate::api::audit_visible(&c, r))
         .map(|r| AuditRow {
             seq: r.seq,
             time: console::format_time(r.time / 1000),
@@ -973,7 +974,7 @@ pub async fn tokens_create(State(s): St, Extension(c): Extension<Caller>, body: 
 }
 
 pub async fn token_revoke(State(s): St, Extension(c): Extension<Caller>, Path(id): Path<String>) -> Response {
-    let r = s.admin.token_revoke(c.actor(), &id).await.map_err(ApiError::from);
+    let r = s.admin.token_revoke_by(&c.principal, &id).await.map_err(ApiError::from);
     let (status, notice) = outcome(r, |()| format!("Token {id} revoked."));
     tokens_page(&s, &c, status, notice, None).await
 }

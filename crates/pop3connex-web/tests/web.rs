@@ -551,3 +551,45 @@ async fn a_password_change_or_mfa_reset_ends_the_admins_sessions() {
     s.admin.admin_reset_mfa(&cli, "otto").await.unwrap();
     assert_eq!(s.send(Req::new("GET", "/api/v1/users").session(&otto)).await.status, 401, "after the MFA reset");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_domain_limited_admin_sees_its_domain_in_the_audit_log_and_revokes_only_its_own_tokens() {
+    let roles = "[admin.roles.helpdesk]\npermissions = [\"users.read\", \"users.write\", \"audit.read\", \
+                 \"tokens.write\", \"admins.read\"]\ndomains = [\"example.org\"]\n";
+    let s = start("scoped", roles, |_| {}).await;
+    s.admin_with_totp("root", &["superadmin"]).await;
+    s.admin_with_totp("carol", &["helpdesk"]).await;
+    let cli = cli();
+    for u in ["bob@example.org", "eve@other.org"] {
+        s.admin.add_user(&cli, &pop3connex_core::types::UserName::parse(u).unwrap(), PASSWORD.as_bytes()).await.unwrap();
+    }
+    let all: PermissionSet = Permission::ALL.iter().copied().collect();
+    let root_token = token(&s, &all, 600, &[]).await;
+    let root_id = root_token.split('_').nth(1).unwrap().to_owned();
+    let carol = s.admin.admin_list(&cli).await.unwrap().into_iter().find(|a| a.name == "carol").unwrap();
+    let principal = s.admin.principal_for_admin(carol.id, "127.0.0.1".parse().unwrap()).await.unwrap();
+    let perms: PermissionSet = [Permission::AuditRead, Permission::TokensWrite].into_iter().collect();
+    let (own, carol_token) = s.admin.token_create(&principal, "mine", &perms, common::unix_now() + 600, &[]).await.unwrap();
+    let carol_token = carol_token.to_string();
+
+    let got = s.send(Req::new("GET", "/api/v1/audit?limit=1000").bearer(&carol_token)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let targets: Vec<String> =
+        got.json().as_array().unwrap().iter().map(|r| r["target"].as_str().unwrap().to_owned()).collect();
+    assert!(targets.iter().any(|t| t == "bob@example.org"), "{targets:?}");
+    assert!(!targets.iter().any(|t| t.contains("other.org")), "another domain's user: {targets:?}");
+    assert!(!targets.iter().any(|t| t == "root"), "another administrator: {targets:?}");
+    let everything = s.send(Req::new("GET", "/api/v1/audit?limit=1000").bearer(&root_token)).await;
+    assert!(everything.json().as_array().unwrap().iter().any(|r| r["target"] == "eve@other.org"));
+
+    // Someone else's token: refused (and audited); its own: revoked.
+    let got = s.send(Req::new("DELETE", &format!("/api/v1/tokens/{root_id}")).bearer(&carol_token)).await;
+    assert_eq!(got.status, 403, "{}", got.text());
+    assert_eq!(s.send(Req::new("GET", "/api/v1/users").bearer(&root_token)).await.status, 200, "still valid");
+    let got = s.send(Req::new("DELETE", &format!("/api/v1/tokens/{}", own.id)).bearer(&carol_token)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    // A superadmin may revoke anyone's.
+    let (other, _) = s.admin.token_create(&principal, "second", &perms, common::unix_now() + 600, &[]).await.unwrap();
+    let got = s.send(Req::new("DELETE", &format!("/api/v1/tokens/{}", other.id)).bearer(&root_token)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+}

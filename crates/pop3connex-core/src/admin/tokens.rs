@@ -197,6 +197,31 @@ impl Admin {
         .await
     }
 
+    /// Revokes a token on behalf of an administrator or token of the admin
+    /// plane: its own tokens (those its administrator created), or any
+    /// token for a caller that may manage administrators and is not
+    /// limited to domains. Anything else is refused (and audited): a
+    /// domain helpdesk cannot cut a superadmin's automation.
+    pub async fn token_revoke_by(&self, principal: &Principal, id: &str) -> Result<(), AdminError> {
+        let store = self.mail.store();
+        let acting_admin = match (principal.admin_id, &principal.token_id) {
+            (Some(a), _) => Some(a),
+            (None, Some(t)) => store.service_token(t).await?.map(|r| r.creator_id),
+            (None, None) => None,
+        };
+        let creator = store.service_token(id).await?.map(|r| r.creator_id);
+        let manages_all = principal.domains.is_none() && principal.can(Permission::AdminsWrite);
+        if creator.is_some() && creator != acting_admin && !manages_all {
+            let target = crate::logtext::sanitize(id);
+            return self
+                .audited(&principal.actor, "token.revoke", &target, async {
+                    Err(AdminError::refused("only your own tokens, unless you may manage administrators"))
+                })
+                .await;
+        }
+        self.token_revoke(&principal.actor, id).await
+    }
+
     /// Authenticates an API call made with a token from `source`: the
     /// secret (constant time), not revoked, not expired, `source` inside
     /// its networks, its creator still enabled. Records the use. The
