@@ -296,6 +296,10 @@ def test_console_in_a_real_browser(console_server):
             has_user_verification=True, is_user_consenting=True, is_user_verified=True))
         c.open("/account", "account")
         c.click("add-factor")
+        # adding a factor to an account that has one needs a fresh one first
+        c.expect_page("step-up")
+        c.fill("code", app.code())
+        c.click("verify")
         c.expect_page("enrol")
         c.fill("passkey-label", "virtual key")
         c.click("passkey-enrol")

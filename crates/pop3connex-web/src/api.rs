@@ -491,7 +491,8 @@ pub fn audit_visible(caller: &Caller, r: &pop3connex_core::admin::AuditRecord) -
             None => a.to_owned(),
         }
     };
-    who(&r.actor) == who(&caller.actor().to_string()) || (r.target.contains('@') && caller.principal.may_touch_user(&r.target))
+    who(&r.actor) == who(&caller.actor().to_string())
+        || (r.target.contains('@') && caller.principal.may_touch_user(&r.target))
 }
 
 pub async fn audit_read(State(s): St, Extension(c): Extension<Caller>, Query(p): Query<AuditParams>) -> Answer {

@@ -230,6 +230,19 @@ async fn authorise(
     next: Next,
     now: u64,
 ) -> Response {
+    // Adding a second factor to an account that has one is a privileged
+    // change (it would let a stolen session keep a way in): it needs a
+    // fresh second factor like the destructive actions.
+    if spec.access == Access::Enrol {
+        if let Some((_, session)) = &caller.session {
+            if matches!(session.stage, Stage::Authenticated { .. }) && !session.stepped_up(now) {
+                return match spec.surface {
+                    Surface::Api => ApiError::step_up_required().into_response(),
+                    Surface::Page => Redirect::to("/step-up?next=/enrol").into_response(),
+                };
+            }
+        }
+    }
     if let Access::Perm(p) = spec.access {
         if !caller.principal.can(p) {
             let target = format!("{} {} ({})", spec.method, spec.path, p.as_str());

@@ -561,7 +561,10 @@ async fn a_domain_limited_admin_sees_its_domain_in_the_audit_log_and_revokes_onl
     s.admin_with_totp("carol", &["helpdesk"]).await;
     let cli = cli();
     for u in ["bob@example.org", "eve@other.org"] {
-        s.admin.add_user(&cli, &pop3connex_core::types::UserName::parse(u).unwrap(), PASSWORD.as_bytes()).await.unwrap();
+        s.admin
+            .add_user(&cli, &pop3connex_core::types::UserName::parse(u).unwrap(), PASSWORD.as_bytes())
+            .await
+            .unwrap();
     }
     let all: PermissionSet = Permission::ALL.iter().copied().collect();
     let root_token = token(&s, &all, 600, &[]).await;
@@ -569,7 +572,8 @@ async fn a_domain_limited_admin_sees_its_domain_in_the_audit_log_and_revokes_onl
     let carol = s.admin.admin_list(&cli).await.unwrap().into_iter().find(|a| a.name == "carol").unwrap();
     let principal = s.admin.principal_for_admin(carol.id, "127.0.0.1".parse().unwrap()).await.unwrap();
     let perms: PermissionSet = [Permission::AuditRead, Permission::TokensWrite].into_iter().collect();
-    let (own, carol_token) = s.admin.token_create(&principal, "mine", &perms, common::unix_now() + 600, &[]).await.unwrap();
+    let (own, carol_token) =
+        s.admin.token_create(&principal, "mine", &perms, common::unix_now() + 600, &[]).await.unwrap();
     let carol_token = carol_token.to_string();
 
     let got = s.send(Req::new("GET", "/api/v1/audit?limit=1000").bearer(&carol_token)).await;
