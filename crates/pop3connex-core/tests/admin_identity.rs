@@ -328,19 +328,34 @@ async fn recovery_codes_work_once() {
     let a = &s.admin;
     let (id, _, codes, _) = with_totp(&s, "alice", &["auditor"]).await;
     assert_eq!(codes.iter().collect::<std::collections::HashSet<_>>().len(), 10);
-    a.recovery_code_use(id, &codes[0]).await.unwrap();
-    assert!(matches!(a.recovery_code_use(id, &codes[0]).await, Err(AdminAuthError::Invalid)), "one-time");
-    a.recovery_code_use(id, &codes[1].to_uppercase()).await.unwrap();
-    assert!(matches!(a.recovery_code_use(id, "abcde-fghij").await, Err(AdminAuthError::Invalid)));
-    assert!(matches!(a.recovery_code_use(id, "").await, Err(AdminAuthError::Invalid)));
+    a.recovery_code_use(id, &codes[0], "192.0.2.9".parse().unwrap()).await.unwrap();
+    assert!(
+        matches!(a.recovery_code_use(id, &codes[0], "192.0.2.9".parse().unwrap()).await, Err(AdminAuthError::Invalid)),
+        "one-time"
+    );
+    a.recovery_code_use(id, &codes[1].to_uppercase(), "192.0.2.9".parse().unwrap()).await.unwrap();
+    assert!(matches!(
+        a.recovery_code_use(id, "abcde-fghij", "192.0.2.9".parse().unwrap()).await,
+        Err(AdminAuthError::Invalid)
+    ));
+    assert!(matches!(a.recovery_code_use(id, "", "192.0.2.9".parse().unwrap()).await, Err(AdminAuthError::Invalid)));
     assert_eq!(a.recovery_codes_left(id).await.unwrap(), 8);
     assert!(s.log.alerts().iter().any(|m| m == "administrator used a recovery code"));
     assert!(s.log.actions().iter().any(|(op, _, o)| op == "admin.recovery.use" && o == "ok"));
+    let q = pop3connex_core::admin::AuditQuery { limit: 50, ..Default::default() };
+    let audit = a.audit_log_read(&cli(), &q).await.unwrap();
+    assert!(
+        audit.iter().any(|r| r.action == "admin.recovery.use" && r.actor.ends_with("@192.0.2.9")),
+        "the recovery code's audit record names the client's address"
+    );
 
     let fresh = a.recovery_codes_regenerate(&cli(), id).await.unwrap();
     assert_eq!(a.recovery_codes_left(id).await.unwrap(), 10);
-    assert!(matches!(a.recovery_code_use(id, &codes[2]).await, Err(AdminAuthError::Invalid)), "old codes are gone");
-    a.recovery_code_use(id, &fresh[0]).await.unwrap();
+    assert!(
+        matches!(a.recovery_code_use(id, &codes[2], "192.0.2.9".parse().unwrap()).await, Err(AdminAuthError::Invalid)),
+        "old codes are gone"
+    );
+    a.recovery_code_use(id, &fresh[0], "192.0.2.9".parse().unwrap()).await.unwrap();
 }
 
 #[tokio::test]

@@ -159,13 +159,19 @@ pub struct CodeForm {
 }
 
 /// Checks a TOTP code or (method `recovery`) a recovery code.
-async fn check_code(s: &AppState, admin_id: i64, method: &str, code: &str) -> Result<(), AdminAuthError> {
+async fn check_code(
+    s: &AppState,
+    admin_id: i64,
+    method: &str,
+    code: &str,
+    address: std::net::IpAddr,
+) -> Result<(), AdminAuthError> {
     let code = code.trim();
     if code.len() > 64 {
         return Err(AdminAuthError::Invalid);
     }
     if method == "recovery" {
-        s.admin.recovery_code_use(admin_id, code).await
+        s.admin.recovery_code_use(admin_id, code, address).await
     } else {
         s.admin.totp_verify(admin_id, code, now()).await
     }
@@ -210,7 +216,7 @@ async fn mfa_failed(s: &AppState, p: &PartialLogin, op: &str) -> Result<bool, Ap
 }
 
 pub async fn mfa_submit(State(s): St, Extension(p): Extension<PartialLogin>, Form(f): Form<CodeForm>) -> Response {
-    match check_code(&s, p.session.admin_id, &f.method, &f.code).await {
+    match check_code(&s, p.session.admin_id, &f.method, &f.code, p.address).await {
         Ok(()) => match mfa_passed(&s, &p, if f.method == "recovery" { "recovery_code" } else { "totp" }).await {
             Ok(id) => with_cookie(&id, see_other("/")),
             Err(e) => error_page(e),
@@ -476,7 +482,7 @@ async fn step_up_failed(s: &AppState, c: &Caller) -> Result<(), ApiError> {
 
 pub async fn step_up_submit(State(s): St, Extension(c): Extension<Caller>, Form(f): Form<CodeForm>) -> Response {
     let Some(admin_id) = c.principal.admin_id else { return see_other("/") };
-    match check_code(&s, admin_id, &f.method, &f.code).await {
+    match check_code(&s, admin_id, &f.method, &f.code, c.address).await {
         Ok(()) => match stepped_up(&s, &c, if f.method == "recovery" { "recovery_code" } else { "totp" }).await {
             Ok(id) => with_cookie(&id, see_other(safe_next(&f.next))),
             Err(e) => error_page(e),

@@ -19,6 +19,8 @@
 //! Enrolling or removing a factor, using a recovery code and a reset emit
 //! alerts (`alert = true`) besides the audit record.
 
+use std::net::IpAddr;
+
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
@@ -514,7 +516,7 @@ impl Admin {
 
     /// Logs in with a recovery code instead of a factor; each code works
     /// once. Emits an alert.
-    pub async fn recovery_code_use(&self, admin_id: i64, code: &str) -> Result<(), AdminAuthError> {
+    pub async fn recovery_code_use(&self, admin_id: i64, code: &str, address: IpAddr) -> Result<(), AdminAuthError> {
         let rec = self.enabled_admin(admin_id).await?;
         let Some(hash) = recovery_hash(code) else { return Err(AdminAuthError::Invalid) };
         let stored = self.mail.store().recovery_codes(admin_id).await?;
@@ -526,10 +528,9 @@ impl Admin {
             return Err(AdminAuthError::Invalid);
         }
         let left = stored.len() - 1;
-        tracing::warn!(alert = true, event = "admin_recovery_code_used", admin = %rec.name, codes_left = left, "administrator used a recovery code");
-        // No source address here: the web layer records the login step
-        // with it (`admin.login.mfa`).
-        let actor = Actor::Admin { name: rec.name.clone(), address: std::net::Ipv4Addr::UNSPECIFIED.into() };
+        tracing::warn!(alert = true, event = "admin_recovery_code_used", admin = %rec.name, peer = %address,
+            codes_left = left, "administrator used a recovery code");
+        let actor = Actor::Admin { name: rec.name.clone(), address };
         self.audited(&actor, "admin.recovery.use", &rec.name, async { Ok(()) })
             .await
             .map_err(|e| AdminAuthError::Storage(e.to_string()))
