@@ -120,11 +120,21 @@ pub async fn enforce(state: Arc<AppState>, spec: RouteSpec, mut req: Request, ne
 
     // Service tokens: API routes that declare a permission, nothing else.
     if let Some(auth) = req.headers().get(header::AUTHORIZATION) {
-        let presented = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-        let Some(presented) = presented.filter(|_| spec.surface == Surface::Api) else {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "bearer tokens are for the API only")
+        // The scheme name is case-insensitive (RFC 9110, section 11.1).
+        let presented = auth
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
+        let Some(presented) = presented else {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "only Authorization: Bearer is accepted")
                 .into_response();
         };
+        if spec.surface != Surface::Api {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "bearer tokens are for the API only")
+                .into_response();
+        }
         let Access::Perm(_) = spec.access else {
             return ApiError::forbidden().into_response();
         };

@@ -512,6 +512,11 @@ async fn events_api_searches_the_store_within_the_callers_domains() {
     assert_eq!(names, ["ban", "auth_failure", "auth_failure"]);
     assert_eq!(got.json()[1]["fields"]["reason"], "bad password");
     assert_eq!(got.header("content-type"), "application/json", "data, never HTML");
+    // The scheme is case-insensitive (RFC 9110); other schemes are refused.
+    let lower = s.send(Req::new("GET", "/api/v1/events").header("authorization", &format!("bearer {root}"))).await;
+    assert_eq!(lower.status, 200, "{}", lower.text());
+    let basic = s.send(Req::new("GET", "/api/v1/events").header("authorization", "Basic cm9vdDpyb290")).await;
+    assert_eq!((basic.status, basic.json()["message"].as_str()), (401, Some("only Authorization: Bearer is accepted")));
     let got = s.send(Req::new("GET", "/api/v1/events?type=auth_failure&user=bob@example.com").bearer(&root)).await;
     assert_eq!(got.json().as_array().unwrap().len(), 1);
     for bad in ["type=nope", "ip=not-an-ip", "user=%00", "since=abc", "extra=1"] {
