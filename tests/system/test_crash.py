@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -371,7 +372,9 @@ def test_sigterm_graceful_shutdown_applies_nothing_uncommitted(server_factory):
 
 
 def test_sighup_reloads_certificate(server_factory):
-    srv = server_factory()
+    admin_port = syslib.free_port()
+    srv = server_factory({("admin", "listen"): [f"{syslib.LOOPBACK}:{admin_port}"],
+                          ("admin", "public_origin"): f"https://localhost:{admin_port}"})
     other = server_factory(start=False)
 
     def verifies(ca) -> bool:
@@ -379,6 +382,16 @@ def test_sighup_reloads_certificate(server_factory):
         try:
             with syslib.Pop3.connect(syslib.LOOPBACK, srv.ports.pop3s, tls_ctx=ctx, timeout=5) as p:
                 return p.greeting.startswith("+OK")
+        except ssl.SSLCertVerificationError:
+            return False
+
+    def admin_verifies(ca) -> bool:
+        """The admin listener (the [tls] certificate too) verifies against ca."""
+        ctx = ssl.create_default_context(cafile=str(ca))
+        try:
+            with socket.create_connection((syslib.LOOPBACK, admin_port), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost"):
+                    return True
         except ssl.SSLCertVerificationError:
             return False
 
@@ -400,9 +413,13 @@ def test_sighup_reloads_certificate(server_factory):
     shutil.copyfile(other.data_dir / "tls" / "cert.pem", cert)
     shutil.copyfile(other.data_dir / "tls" / "key.pem", key)
     os.chmod(key, 0o600)
+    assert admin_verifies(srv.ca) and not admin_verifies(other.ca)
     srv.proc.send_signal(signal.SIGHUP)
     syslib.wait_until(lambda: verifies(other.ca), 10, 0.2, "the reloaded certificate to be served")
     assert not verifies(srv.ca)
+    # the admin listener serves the reloaded certificate as well
+    syslib.wait_until(lambda: admin_verifies(other.ca), 10, 0.2, "the admin listener's reloaded certificate")
+    assert not admin_verifies(srv.ca)
     # STLS uses the reloaded certificate too
     with srv.pop3() as p:
         ctx = ssl.create_default_context(cafile=str(other.ca))

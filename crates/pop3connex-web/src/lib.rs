@@ -90,6 +90,30 @@ pub struct Control {
 pub struct RunningWeb {
     pub addresses: Vec<SocketAddr>,
     pub task: tokio::task::JoinHandle<()>,
+    tls: listener::SharedTls,
+    certificate: std::path::PathBuf,
+    private_key: pop3connex_core::secret::SecretRef,
+}
+
+impl RunningWeb {
+    /// Re-reads the admin certificate and key (what SIGHUP does for the
+    /// POP3 listeners); on an error the old ones stay in use.
+    pub fn reload_tls(&self) -> Result<(), WebError> {
+        let fresh = acceptor(&self.certificate, &self.private_key)?;
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+}
+
+/// The admin listener's TLS: the shared server settings, ALPN `h2` and
+/// `http/1.1`.
+fn acceptor(
+    certificate: &std::path::Path,
+    private_key: &pop3connex_core::secret::SecretRef,
+) -> Result<tokio_rustls::TlsAcceptor, WebError> {
+    let mut tls = pop3connex_core::tls::server_config(certificate, private_key)?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }
 
 /// Binds every `[admin] listen` address and starts serving. Bans and
@@ -98,9 +122,8 @@ pub struct RunningWeb {
 pub async fn start(admin: Arc<Admin>, cfg: Arc<Config>, control: Control) -> Result<RunningWeb, WebError> {
     let settings = Settings::from_config(&cfg)?;
     let roles = cfg.admin.as_ref().ok_or(WebError::NotConfigured)?.role_set().map_err(WebError::Config)?;
-    let mut tls = pop3connex_core::tls::server_config(&settings.certificate, &settings.private_key)?;
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let tls: listener::SharedTls =
+        Arc::new(std::sync::RwLock::new(acceptor(&settings.certificate, &settings.private_key)?));
     let guard = Guard::new(cfg.abuse.clone(), Duration::from_millis(cfg.auth.failure_delay_ms), system_clock())
         .with_store(admin.mail().store().clone());
     guard.refresh(&**admin.mail().store()).await;
@@ -122,7 +145,13 @@ pub async fn start(admin: Arc<Admin>, cfg: Arc<Config>, control: Control) -> Res
     let task = tokio::spawn(async move {
         loops.join_all().await;
     });
-    Ok(RunningWeb { addresses, task })
+    Ok(RunningWeb {
+        addresses,
+        task,
+        tls,
+        certificate: settings.certificate.clone(),
+        private_key: settings.private_key.clone(),
+    })
 }
 
 /// [`start`], then serves until `control.shutdown`.

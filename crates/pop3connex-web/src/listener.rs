@@ -79,9 +79,14 @@ impl Gate {
 /// Accepts on `listener` until `shutdown`, serving `router` on each
 /// connection that passes the gate. Returns once every connection ended (or
 /// the grace period after shutdown passed).
+/// The admin listener's TLS set-up, swapped whole by a reload (SIGHUP or
+/// the console's reload): connections accepted afterwards get the new
+/// certificate, those running keep theirs.
+pub type SharedTls = Arc<std::sync::RwLock<TlsAcceptor>>;
+
 pub async fn accept_loop(
     listener: TcpListener,
-    tls: TlsAcceptor,
+    tls: SharedTls,
     gate: Arc<Gate>,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
@@ -116,7 +121,8 @@ pub async fn accept_loop(
             }
         };
         let _ = sock.set_nodelay(true);
-        let (tls, router, sd) = (tls.clone(), router.clone(), shutdown.clone());
+        let current = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let (tls, router, sd) = (current, router.clone(), shutdown.clone());
         connections.spawn(async move {
             let _permit = permit;
             serve_connection(sock, peer, tls, router, sd).await;

@@ -136,8 +136,8 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => running.reload().await,
-                Some(()) = reload_rx.recv() => running.reload().await,
+                _ = hup.recv() => reload(&running, web.as_ref()).await,
+                Some(()) = reload_rx.recv() => reload(&running, web.as_ref()).await,
             }
         }
         let _ = web_stop.send(true);
@@ -163,6 +163,22 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         sinks.shutdown(std::time::Duration::from_secs(5)).await;
         Ok(())
     })
+}
+
+/// What SIGHUP (and the console's reload) re-reads: the POP3 side's TLS
+/// certificate, list files, bans and lockouts, and the admin listener's
+/// certificate. A certificate that fails to load leaves the old one in use.
+async fn reload(running: &server::RunningServer, web: Option<&pop3connex_web::RunningWeb>) {
+    running.reload().await;
+    if let Some(web) = web {
+        use pop3connex_core::events::{emit, SecurityEvent};
+        match web.reload_tls() {
+            Ok(()) => {
+                emit(SecurityEvent::TlsReloaded { ok: true, detail: "admin listener certificate and key re-read" })
+            }
+            Err(e) => emit(SecurityEvent::TlsReloaded { ok: false, detail: &format!("admin listener: {e}") }),
+        }
+    }
 }
 
 /// How often the server checks whether an audit checkpoint is due (one is
