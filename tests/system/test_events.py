@@ -9,6 +9,7 @@ refused, not run.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -128,3 +129,16 @@ def test_a_session_that_retrieves_and_deletes_reports_its_volume(server, make_us
     deleting, fetching = volume[0]["fields"], volume[1]["fields"]
     assert (deleting["messages"], deleting["deleted"]) == (0, 2), deleting
     assert fetching["messages"] == 3 and fetching["octets"] >= 3 * len(msg) and fetching["deleted"] == 0, fetching
+
+
+def test_a_reload_names_the_configuration_keys_changed_since_start(server_factory):
+    srv = server_factory({("pop3", "max_bad_commands"): 7})
+    srv.set_option("pop3", "max_bad_commands", 9)
+    srv.set_option("log", "level", "info")
+    srv.proc.send_signal(signal.SIGHUP)
+    got = syslib.wait_until(lambda: search(srv, "--type", "config_reloaded"), 10, interval=0.3,
+                            what="the config_reloaded event")
+    f = got[0]["fields"]
+    assert f["trigger"] == "sighup" and "pop3.max_bad_commands" in f["changed_keys"], f
+    assert "9" not in f["changed_keys"], "key names only, never values"
+    assert 'event="config_reloaded"' in srv.log_text()

@@ -128,6 +128,9 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
         for a in &running.lmtp {
             tracing::info!(address = %a, "listening lmtp");
         }
+        // The configuration as it was at start: a reload reports which keys
+        // changed since (they take effect at the next restart).
+        let startup = (cfg.source.clone(), std::fs::read_to_string(&cfg.source).unwrap_or_default());
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -136,8 +139,8 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => reload(&running, web.as_ref()).await,
-                Some(()) = reload_rx.recv() => reload(&running, web.as_ref()).await,
+                _ = hup.recv() => reload(&running, web.as_ref(), &startup, "sighup").await,
+                Some(()) = reload_rx.recv() => reload(&running, web.as_ref(), &startup, "console").await,
             }
         }
         let _ = web_stop.send(true);
@@ -168,7 +171,25 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
 /// What SIGHUP (and the console's reload) re-reads: the POP3 side's TLS
 /// certificate, list files, bans and lockouts, and the admin listener's
 /// certificate. A certificate that fails to load leaves the old one in use.
-async fn reload(running: &server::RunningServer, web: Option<&pop3connex_web::RunningWeb>) {
+async fn reload(
+    running: &server::RunningServer,
+    web: Option<&pop3connex_web::RunningWeb>,
+    startup: &(PathBuf, String),
+    trigger: &str,
+) {
+    let (path, at_start) = startup;
+    let changed = match std::fs::read_to_string(path) {
+        Ok(now) => pop3connex_core::config::diff::changed_keys(at_start, &now),
+        Err(e) => Err(e.to_string()),
+    };
+    match changed {
+        Ok(keys) => tracing::warn!(target: "pop3connex::config", alert = true, event = "config_reloaded", trigger,
+            changed = keys.len(), changed_keys = %pop3connex_core::config::diff::summary(&keys),
+            "reload: certificates, list files, bans and lockouts re-read; changed keys apply at the next restart"),
+        Err(e) => tracing::warn!(target: "pop3connex::config", alert = true, event = "config_reloaded", trigger,
+            error = %e, "reload: certificates, list files, bans and lockouts re-read; the configuration file \
+            cannot be read or parsed (the running configuration stays)"),
+    }
     running.reload().await;
     if let Some(web) = web {
         use pop3connex_core::events::{emit, SecurityEvent};

@@ -18,6 +18,7 @@ use crate::secret::SecretRef;
 pub mod admin;
 pub mod anomaly;
 pub mod connector;
+pub mod diff;
 pub mod events;
 pub mod logsink;
 pub mod metrics;
