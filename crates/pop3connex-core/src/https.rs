@@ -218,6 +218,26 @@ impl HttpsClient {
         })
         .await
     }
+
+    /// POSTs a JSON body with extra headers (a webhook delivery), reading
+    /// at most `limit` octets of the answer.
+    pub async fn post_json(
+        &self,
+        url: &str,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+        limit: u64,
+    ) -> Result<Response, HttpsError> {
+        let (agent, url) = (self.agent.clone(), url.to_owned());
+        run(move || {
+            let mut req = agent.post(&url).header("content-type", "application/json");
+            for (name, value) in &headers {
+                req = req.header(*name, value.as_str());
+            }
+            read(req.send(&body[..]), limit)
+        })
+        .await
+    }
 }
 
 /// Runs a blocking request on tokio's blocking pool.

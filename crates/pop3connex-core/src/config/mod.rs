@@ -16,6 +16,7 @@ use serde::{de::Error as _, Deserialize, Deserializer};
 use crate::secret::SecretRef;
 
 pub mod admin;
+pub mod alerts;
 pub mod anomaly;
 pub mod connector;
 pub mod diff;
@@ -51,6 +52,9 @@ pub struct Config {
     pub oauth: OAuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[alerts]`: channels alert events are routed to (webhooks).
+    #[serde(default)]
+    pub alerts: alerts::AlertsConfig,
     /// `[anomaly]`: built-in detection rules on the event stream.
     #[serde(default)]
     pub anomaly: anomaly::AnomalyConfig,
@@ -509,6 +513,7 @@ impl Config {
         if let Some(m) = &mut cfg.metrics {
             m.finish(&base);
         }
+        cfg.alerts.finish(&base);
         cfg.check()?;
         Ok(cfg)
     }
@@ -519,6 +524,7 @@ impl Config {
         self.connector.check().map_err(err)?;
         self.log.store.check().map_err(err)?;
         self.anomaly.check().map_err(err)?;
+        self.alerts.check().map_err(err)?;
         logsink::check(&self.log.sink).map_err(err)?;
         if let Some(a) = &self.admin {
             a.check().map_err(err)?;

@@ -22,6 +22,7 @@ pub mod metrics_http;
 pub mod sink;
 pub mod store;
 pub mod syslog;
+pub mod webhook;
 
 pub use catalogue::{EventDef, Severity, CATALOGUE};
 pub use hub::{Consumer, EventRecord, Hub, Queue};

@@ -1,0 +1,391 @@
+//! `[[alerts.webhook]]` at run time: alert events POSTed as signed JSON.
+//!
+//! Each webhook is a hub [`Consumer`] that keeps the alert events it is
+//! configured for and pushes them into its own bounded [`Queue`] (a full
+//! queue drops and counts, never blocks the code that raised the alert);
+//! one task per webhook delivers them in order.
+//!
+//! **Body**: the event's Elastic Common Schema document (as the JSON sink
+//! writes it) plus `alert`: `{"delivery": <id>, "channel": <name>,
+//! "suppressed": <n>}`, where `suppressed` counts the alerts of the same
+//! rule and key not sent since the last one (rate limit).
+//!
+//! **Signature**: `X-POP3conneX-Timestamp: <unix seconds>` and
+//! `X-POP3conneX-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>`.
+//! A receiver recomputes the HMAC over the raw body, compares in constant
+//! time and refuses timestamps older than a few minutes (replay).
+//! `X-POP3conneX-Delivery` is the same on every retry of one alert, so a
+//! receiver can drop the duplicate of a delivery whose answer was lost.
+//!
+//! **Rate limit**: per rule (event name) and key (`user`, else `key`, else
+//! the peer's address), at most `max_per_key` alerts in `window_minutes`.
+//!
+//! **Retries**: a connection failure, a timeout, 408, 429 or a 5xx answer
+//! is retried with back-off (2 s doubling, at most 2 minutes) up to
+//! `max_attempts` deliveries; another 4xx is final. An alert given up, or
+//! dropped from a full queue, is reported as `alert_undeliverable` (an
+//! alert itself: it reaches the log, the store, the syslog sinks, the
+//! alert command and the other webhooks, never the failing one) at most
+//! every five minutes per webhook, with how many alerts were lost.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use zeroize::Zeroizing;
+
+use super::ecs;
+use super::hub::{Consumer, EventRecord, Hub, Queue};
+use crate::config::alerts::WebhookConfig;
+use crate::config::Config;
+use crate::https::{HttpsClient, HttpsOptions};
+use crate::limits::LruMap;
+
+const TARGET: &str = "pop3connex::telemetry";
+/// The event this module raises about itself.
+pub const UNDELIVERABLE: &str = "alert_undeliverable";
+const BACKOFF_FIRST: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(120);
+/// Least time between two `alert_undeliverable` reports of one webhook.
+const REPORT_EVERY: Duration = Duration::from_secs(300);
+/// Rule/key pairs whose rate is tracked (least recently used dropped).
+const TRACKED_KEYS: usize = 10_000;
+/// Shortest signing key accepted.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// Most of a receiver's answer read.
+const ANSWER_LIMIT: u64 = 16 * 1024;
+
+/// The running webhooks; [`Webhooks::shutdown`] stops them.
+pub struct Webhooks {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The filter in front of one webhook's queue.
+struct Route {
+    name: String,
+    events: Vec<String>,
+    queue: Queue,
+}
+
+impl Consumer for Route {
+    fn accept(&self, event: &Arc<EventRecord>) {
+        if accepts(&self.name, &self.events, event) {
+            self.queue.accept(event);
+        }
+    }
+}
+
+/// Whether the webhook `name` (configured for `events`, empty: all) sends `e`.
+fn accepts(name: &str, events: &[String], e: &EventRecord) -> bool {
+    if !e.alert {
+        return false;
+    }
+    // Its own failure report would fail again: the others carry it.
+    if e.name == UNDELIVERABLE && e.str("channel") == Some(name) {
+        return false;
+    }
+    events.is_empty() || events.contains(&e.name)
+}
+
+impl Webhooks {
+    /// Loads every webhook's key and CA file, then starts them and
+    /// registers them with the hub. Must run inside the tokio runtime.
+    /// Fails, before anything is registered, on a key or CA file that
+    /// cannot be used.
+    pub fn start(cfg: &Config) -> Result<Webhooks, String> {
+        let mut prepared = Vec::new();
+        for w in &cfg.alerts.webhook {
+            let err = |m: String| format!("[[alerts.webhook]] {}: {m}", w.name);
+            let secret = w.secret.load().map_err(|e| err(format!("secret: {e}")))?;
+            if secret.len() < MIN_SECRET_BYTES {
+                return Err(err(format!("secret: {} holds fewer than {MIN_SECRET_BYTES} bytes", w.secret)));
+            }
+            let ca = match &w.ca_file {
+                Some(p) => {
+                    Some(crate::https::load_ca_file(p).map_err(|e| err(format!("ca_file {}: {e:?}", p.display())))?)
+                }
+                None => None,
+            };
+            let client = HttpsClient::new(&HttpsOptions {
+                connect_timeout: Duration::from_secs(10),
+                total_timeout: Duration::from_secs(20),
+                ca,
+                default_roots: crate::https::DefaultRoots::System,
+                status_as_error: false,
+            });
+            prepared.push((w.clone(), secret, client));
+        }
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for (w, secret, client) in prepared {
+            let (queue, rx) = Queue::new(w.queue);
+            let dropped = queue.drop_counter();
+            let out = Delivery {
+                hostname: cfg.server.hostname.clone(),
+                limiter: Limiter::new(w.max_per_key, u64::from(w.window_minutes) * 60),
+                cfg: w.clone(),
+                secret,
+                client,
+                dropped,
+                dropped_seen: 0,
+                lost: 0,
+                last_report: None,
+            };
+            tasks.push(tokio::spawn(out.run(rx, stopped.clone())));
+            Hub::global().register(Arc::new(Route { name: w.name.clone(), events: w.events.clone(), queue }));
+        }
+        Ok(Webhooks { stop, tasks })
+    }
+
+    /// Stops delivering: what is in flight gets up to `grace`.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        for t in self.tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// Per rule and key: at most `max` alerts per window; the rest counted.
+struct Limiter {
+    max: u32,
+    window_secs: u64,
+    /// (rule, key) → (window start, sent in it, suppressed since last sent).
+    seen: LruMap<(String, String), (u64, u32, u64)>,
+}
+
+impl Limiter {
+    fn new(max: u32, window_secs: u64) -> Limiter {
+        Limiter { max, window_secs, seen: LruMap::new(TRACKED_KEYS) }
+    }
+
+    /// `Some(suppressed before this one)` when `e` may be sent at `now`.
+    fn admit(&mut self, e: &EventRecord, now: u64) -> Option<u64> {
+        let key = (e.name.clone(), rate_key(e));
+        let Some(entry) = self.seen.get_mut(&key) else {
+            self.seen.insert(key, (now, 1, 0));
+            return Some(0);
+        };
+        if now >= entry.0 + self.window_secs {
+            entry.0 = now;
+            entry.1 = 0;
+        }
+        if entry.1 >= self.max {
+            entry.2 += 1;
+            return None;
+        }
+        entry.1 += 1;
+        Some(std::mem::take(&mut entry.2))
+    }
+}
+
+/// What one alert is about: the account, else the rule's key (a network),
+/// else the client address without its port.
+fn rate_key(e: &EventRecord) -> String {
+    if let Some(u) = e.str("user").filter(|u| !u.is_empty() && *u != "-") {
+        return format!("user:{u}");
+    }
+    if let Some(k) = e.str("key").filter(|k| !k.is_empty()) {
+        return format!("key:{k}");
+    }
+    match e.str("peer") {
+        Some(p) => {
+            let ip = p.parse::<std::net::SocketAddr>().map(|a| a.ip().to_string()).unwrap_or_else(|_| p.to_owned());
+            format!("peer:{ip}")
+        }
+        None => String::new(),
+    }
+}
+
+/// `v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>`.
+pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let tag = mac.finalize().into_bytes();
+    let mut s = String::with_capacity(3 + 2 * tag.len());
+    s.push_str("v1=");
+    for b in tag {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn delivery_id() -> String {
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).expect("the system's random source");
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How one attempt ended.
+enum Outcome {
+    Delivered,
+    /// Worth another attempt (network, timeout, 408, 429, 5xx).
+    Retry(String),
+    /// The receiver refused it for good.
+    Final(String),
+}
+
+/// One webhook's delivery task.
+struct Delivery {
+    cfg: WebhookConfig,
+    hostname: String,
+    secret: Zeroizing<Vec<u8>>,
+    client: HttpsClient,
+    limiter: Limiter,
+    dropped: Arc<AtomicU64>,
+    /// Queue drops already counted into `lost`.
+    dropped_seen: u64,
+    /// Alerts lost since the last report.
+    lost: u64,
+    last_report: Option<tokio::time::Instant>,
+}
+
+impl Delivery {
+    async fn run(mut self, mut rx: mpsc::Receiver<Arc<EventRecord>>, mut stopped: watch::Receiver<bool>) {
+        loop {
+            let e = tokio::select! {
+                e = rx.recv() => match e { Some(e) => e, None => return },
+                _ = stopped.changed() => return,
+            };
+            let now = e.time.unix_timestamp().max(0) as u64;
+            let Some(suppressed) = self.limiter.admit(&e, now) else { continue };
+            let mut doc = ecs::to_ecs(&e, &self.hostname);
+            doc["alert"] = json!({ "delivery": delivery_id(), "channel": self.cfg.name, "suppressed": suppressed });
+            if let Err(error) = self.deliver(&doc, &mut stopped).await {
+                self.lost += 1;
+                self.report(&error);
+            }
+            let dropped = self.dropped.load(Ordering::Relaxed);
+            if dropped > self.dropped_seen {
+                self.lost += dropped - self.dropped_seen;
+                self.dropped_seen = dropped;
+                self.report("the webhook's queue is full (deliveries are slower than alerts arrive)");
+            }
+        }
+    }
+
+    /// Up to `max_attempts` deliveries of `doc`; the last error otherwise.
+    async fn deliver(&self, doc: &Value, stopped: &mut watch::Receiver<bool>) -> Result<(), String> {
+        let body = serde_json::to_vec(doc).map_err(|e| e.to_string())?;
+        let delivery = doc["alert"]["delivery"].as_str().unwrap_or_default().to_owned();
+        let mut wait = BACKOFF_FIRST;
+        let mut error = String::new();
+        for attempt in 1..=self.cfg.max_attempts {
+            match self.attempt(&body, &delivery, attempt).await {
+                Outcome::Delivered => return Ok(()),
+                Outcome::Final(e) => return Err(e),
+                Outcome::Retry(e) => error = e,
+            }
+            if attempt == self.cfg.max_attempts {
+                break;
+            }
+            tracing::debug!(target: TARGET, channel = %self.cfg.name, attempt, error = %error, "webhook delivery failed; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopped.changed() => return Err(format!("{error} (shutting down)")),
+            }
+            wait = (wait * 2).min(BACKOFF_MAX);
+        }
+        Err(format!("{error} (after {} attempts)", self.cfg.max_attempts))
+    }
+
+    async fn attempt(&self, body: &[u8], delivery: &str, attempt: u32) -> Outcome {
+        let timestamp = crate::types::unix_now().max(0) as u64;
+        let headers = vec![
+            ("x-pop3connex-timestamp", timestamp.to_string()),
+            ("x-pop3connex-signature", signature(&self.secret, timestamp, body)),
+            ("x-pop3connex-delivery", delivery.to_owned()),
+            ("x-pop3connex-attempt", attempt.to_string()),
+        ];
+        match self.client.post_json(&self.cfg.url, headers, body.to_vec(), ANSWER_LIMIT).await {
+            Ok(r) if (200..300).contains(&r.status) => Outcome::Delivered,
+            Ok(r) if r.status == 408 || r.status == 429 || r.status >= 500 => {
+                Outcome::Retry(format!("the receiver answered {}", r.status))
+            }
+            Ok(r) => Outcome::Final(format!("the receiver refused the alert with {}", r.status)),
+            Err(e) => Outcome::Retry(format!("{e:?}")),
+        }
+    }
+
+    /// `alert_undeliverable`, at most every [`REPORT_EVERY`].
+    fn report(&mut self, error: &str) {
+        let now = tokio::time::Instant::now();
+        if self.last_report.is_some_and(|t| now.duration_since(t) < REPORT_EVERY) {
+            tracing::debug!(target: TARGET, channel = %self.cfg.name, error, "alert not delivered");
+            return;
+        }
+        self.last_report = Some(now);
+        let lost = std::mem::take(&mut self.lost);
+        tracing::error!(target: TARGET, alert = true, event = UNDELIVERABLE, channel = %self.cfg.name, error, lost,
+            "alerts could not be delivered to a webhook");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+
+    fn event(name: &str, alert: bool, fields: &[(&str, &str)]) -> EventRecord {
+        let mut map = Map::new();
+        for (k, v) in fields {
+            map.insert((*k).into(), json!(v));
+        }
+        EventRecord {
+            time: time::OffsetDateTime::now_utc(),
+            target: "pop3connex::test",
+            name: name.into(),
+            severity: super::super::Severity::Warning,
+            message: "m".into(),
+            fields: map,
+            alert,
+        }
+    }
+
+    #[test]
+    fn signature_is_hmac_sha256_over_timestamp_dot_body() {
+        // The value a receiver computes with Python's hmac module:
+        // hmac.new(b"k" * 16, b"1700000000.{}", "sha256").hexdigest()
+        let s = signature(&[b'k'; 16], 1_700_000_000, b"{}");
+        assert_eq!(s, "v1=6d58fb78491a4cd45b0a5944663cf2020c2185a67defd8caec14059846f09e3d");
+        assert_ne!(s, signature(&[b'k'; 16], 1_700_000_001, b"{}"));
+        assert_ne!(s, signature(&[b'j'; 16], 1_700_000_000, b"{}"));
+    }
+
+    #[test]
+    fn routes_alerts_only_and_never_its_own_failure() {
+        let spike = event("auth_failure_spike", true, &[("key", "10.0.0.0/24")]);
+        assert!(accepts("a", &[], &spike));
+        assert!(!accepts("a", &[], &event("auth_success", false, &[])));
+        assert!(!accepts("a", &["admin_login".into()], &spike));
+        let own = event(UNDELIVERABLE, true, &[("channel", "a")]);
+        assert!(!accepts("a", &[], &own) && accepts("b", &[], &own));
+    }
+
+    #[test]
+    fn limiter_counts_per_rule_and_key_and_reports_suppressed() {
+        let mut l = Limiter::new(2, 600);
+        let alice = event("download_volume_spike", true, &[("user", "alice")]);
+        let bob = event("download_volume_spike", true, &[("user", "bob")]);
+        assert_eq!(l.admit(&alice, 1000), Some(0));
+        assert_eq!(l.admit(&alice, 1001), Some(0));
+        assert_eq!(l.admit(&alice, 1002), None);
+        assert_eq!(l.admit(&alice, 1003), None);
+        assert_eq!(l.admit(&bob, 1003), Some(0), "another key has its own budget");
+        assert_eq!(l.admit(&alice, 1600), Some(2), "a new window; the two held back are reported");
+        let net = event("auth_failure_spike", true, &[("peer", "192.0.2.7:4711")]);
+        assert_eq!(rate_key(&net), "peer:192.0.2.7");
+    }
+}
