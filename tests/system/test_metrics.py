@@ -139,6 +139,10 @@ def test_metrics_move_with_real_sessions_and_prometheus_scrapes_them(metrics_ser
     assert total(after, "pop3connex_retr_messages_total") >= 1
     assert total(after, "pop3connex_retr_bytes_total") >= len(msg)
     assert total(after, "pop3connex_store_writable") == 1
+    # The delivery and the session waited on the store: its latency histogram saw them.
+    assert total(after, "pop3connex_store_operation_duration_seconds_count", op="write") >= 1, text
+    assert total(after, "pop3connex_store_operation_duration_seconds_count", op="read") >= 1, text
+    assert total(after, "pop3connex_store_operation_duration_seconds_bucket", op="write", le="+Inf") >= 1, text
     assert any(n == "pop3connex_bans_active" for n, _, _ in after), text
     # Store totals, counted when the endpoint starts (before the delivery).
     assert total(after, "pop3connex_store_mailboxes") >= 1, text

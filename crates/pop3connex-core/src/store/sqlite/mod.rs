@@ -461,7 +461,10 @@ impl SqliteStore {
     }
 
     async fn write(&self, op: WriteOp) -> StoreResult<()> {
-        self.writer.write(op).await
+        let started = Instant::now();
+        let r = self.writer.write(op).await;
+        crate::telemetry::metrics::Metrics::global().store_write(started.elapsed().as_secs_f64());
+        r
     }
 
     /// A delete that reports `NoSuchUser` when nothing matched.
@@ -478,14 +481,17 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> StoreResult<T> {
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
             let (conn, generation) = shared.reader()?;
             let result = f(&conn).map_err(map_err);
             shared.give_back(conn, generation);
             result
         })
         .await
-        .map_err(|e| StoreError::Permanent(format!("reader task: {e}")))?
+        .map_err(|e| StoreError::Permanent(format!("reader task: {e}")))?;
+        crate::telemetry::metrics::Metrics::global().store_read(started.elapsed().as_secs_f64());
+        r
     }
 }
 
