@@ -79,8 +79,8 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
     runtime()?.block_on(async move {
         // [[log.sink]]: syslog/JSON event sinks, registered with the hub.
         let sinks = pop3connex_core::telemetry::sink::Sinks::start(&cfg)?;
-        // [[alerts.webhook]]: alert events POSTed, signed, to each receiver.
-        let webhooks = pop3connex_core::telemetry::webhook::Webhooks::start(&cfg).map_err(anyhow::Error::msg)?;
+        // [[alerts.webhook]] and [[alerts.email]]: alert events routed to each channel.
+        let alert_channels = pop3connex_core::telemetry::alerting::Channels::start(&cfg).map_err(anyhow::Error::msg)?;
         let mail = std::sync::Arc::new(MailStore::open(&cfg).await?);
         // Events kept for investigations (`events search`, /api/v1/events).
         let event_store = cfg.log.store.enabled.then(|| {
@@ -165,7 +165,7 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             sink.finish(std::time::Duration::from_secs(2)).await;
         }
         tracing::info!("stopped");
-        webhooks.shutdown(std::time::Duration::from_secs(2)).await;
+        alert_channels.shutdown(std::time::Duration::from_secs(2)).await;
         sinks.shutdown(std::time::Duration::from_secs(5)).await;
         Ok(())
     })

@@ -15,8 +15,22 @@
 //! ```
 //!
 //! HTTPS only, the receiver's certificate verified; the key is a secret
-//! reference, loaded at start. Everything else is checked while the file is
-//! parsed, so a mistake is reported with the key it concerns.
+//! reference, loaded at start.
+//!
+//! `[[alerts.email]]` mails alert events through a relay that is one of the
+//! `[[connector.downstreams]]` (so its TLS policy, CA file and SMTP AUTH
+//! are configured and checked in one place):
+//!
+//! ```toml
+//! [[alerts.email]]
+//! relay = "submission"             # a [[connector.downstreams]] name
+//! from = "pop3connex@mail.example.org"
+//! to = ["oncall@example.org"]
+//! # events, max_per_key, window_minutes, max_attempts, queue: as for webhooks
+//! ```
+//!
+//! Everything is checked while the file is parsed, so a mistake is
+//! reported with the key it concerns.
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +44,97 @@ use crate::secret::SecretRef;
 pub struct AlertsConfig {
     #[serde(default)]
     pub webhook: Vec<WebhookConfig>,
+    #[serde(default)]
+    pub email: Vec<EmailConfig>,
+}
+
+/// One `[[alerts.email]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// Names the channel in its own events; default `email<N>`.
+    #[serde(default)]
+    pub name: String,
+    /// The `[[connector.downstreams]]` entry the mail goes through.
+    pub relay: String,
+    /// Envelope sender and `From:`.
+    pub from: String,
+    /// Recipients (1 to 20).
+    pub to: Vec<String>,
+    #[serde(default)]
+    pub events: Vec<String>,
+    #[serde(default = "max_per_key")]
+    pub max_per_key: u32,
+    #[serde(default = "window_minutes")]
+    pub window_minutes: u32,
+    #[serde(default = "max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "queue")]
+    pub queue: usize,
+}
+
+/// What every channel has: which alerts, how many, how hard to try.
+#[derive(Debug, Clone)]
+pub struct ChannelLimits {
+    pub name: String,
+    pub events: Vec<String>,
+    pub max_per_key: u32,
+    pub window_minutes: u32,
+    pub max_attempts: u32,
+    pub queue: usize,
+}
+
+macro_rules! limits_of {
+    ($t:ty) => {
+        impl $t {
+            /// The settings every alert channel has.
+            pub fn limits(&self) -> ChannelLimits {
+                ChannelLimits {
+                    name: self.name.clone(),
+                    events: self.events.clone(),
+                    max_per_key: self.max_per_key,
+                    window_minutes: self.window_minutes,
+                    max_attempts: self.max_attempts,
+                    queue: self.queue,
+                }
+            }
+        }
+    };
+}
+limits_of!(WebhookConfig);
+limits_of!(EmailConfig);
+
+impl ChannelLimits {
+    fn check(&self) -> Result<(), String> {
+        let valid_name = self.name.len() <= 64
+            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid_name {
+            return Err("name: use at most 64 letters, digits, `-`, `_` or `.`".into());
+        }
+        if let Some(e) = self.events.iter().find(|e| crate::telemetry::catalogue::lookup(e).is_none()) {
+            return Err(format!("events: `{e}` is not an event name (see docs/events.md)"));
+        }
+        if !(1..=1000).contains(&self.max_per_key) {
+            return Err(format!("max_per_key: {} is out of range (1..=1000)", self.max_per_key));
+        }
+        if !(1..=1440).contains(&self.window_minutes) {
+            return Err(format!("window_minutes: {} is out of range (1..=1440)", self.window_minutes));
+        }
+        if !(1..=20).contains(&self.max_attempts) {
+            return Err(format!("max_attempts: {} is out of range (1..=20)", self.max_attempts));
+        }
+        if !(1..=100_000).contains(&self.queue) {
+            return Err(format!("queue: {} is out of range (1..=100000 alerts)", self.queue));
+        }
+        Ok(())
+    }
+}
+
+/// A mailbox we put in an envelope and a header: `local@domain`, no
+/// spaces, controls, angle brackets, quotes, commas or semicolons.
+fn valid_mailbox(a: &str) -> bool {
+    let ok_chars = a.chars().all(|c| !c.is_control() && !matches!(c, ' ' | '<' | '>' | '"' | ',' | ';' | '(' | ')'));
+    ok_chars && a.len() <= 254 && a.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
 }
 
 /// One `[[alerts.webhook]]`.
@@ -75,6 +180,11 @@ fn queue() -> usize {
 impl AlertsConfig {
     /// Default names, and relative paths made relative to `base`.
     pub fn finish(&mut self, base: &Path) {
+        for (i, e) in self.email.iter_mut().enumerate() {
+            if e.name.is_empty() {
+                e.name = format!("email{}", i + 1);
+            }
+        }
         for (i, w) in self.webhook.iter_mut().enumerate() {
             if w.name.is_empty() {
                 w.name = format!("webhook{}", i + 1);
@@ -89,33 +199,34 @@ impl AlertsConfig {
     }
 
     /// Checks what the parser cannot; the message names the key.
-    pub fn check(&self) -> Result<(), String> {
+    /// `relays` are the `[[connector.downstreams]]` names.
+    pub fn check(&self, relays: &[&str]) -> Result<(), String> {
         let mut names = std::collections::HashSet::new();
         for w in &self.webhook {
             let err = |m: String| format!("[[alerts.webhook]] {}: {m}", w.name);
             if !names.insert(w.name.as_str()) {
-                return Err(err("name: used by two webhooks".into()));
+                return Err(err("name: used by two alert channels".into()));
             }
-            let valid_name =
-                w.name.len() <= 64 && w.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-            if !valid_name {
-                return Err(err("name: use at most 64 letters, digits, `-`, `_` or `.`".into()));
-            }
+            w.limits().check().map_err(err)?;
             check_url(&w.url).map_err(err)?;
-            if let Some(e) = w.events.iter().find(|e| crate::telemetry::catalogue::lookup(e).is_none()) {
-                return Err(err(format!("events: `{e}` is not an event name (see docs/events.md)")));
+        }
+        for e in &self.email {
+            let err = |m: String| format!("[[alerts.email]] {}: {m}", e.name);
+            if !names.insert(e.name.as_str()) {
+                return Err(err("name: used by two alert channels".into()));
             }
-            if !(1..=1000).contains(&w.max_per_key) {
-                return Err(err(format!("max_per_key: {} is out of range (1..=1000)", w.max_per_key)));
+            e.limits().check().map_err(err)?;
+            if !relays.contains(&e.relay.as_str()) {
+                return Err(err(format!("relay: `{}` is not a [[connector.downstreams]] name", e.relay)));
             }
-            if !(1..=1440).contains(&w.window_minutes) {
-                return Err(err(format!("window_minutes: {} is out of range (1..=1440)", w.window_minutes)));
+            if !valid_mailbox(&e.from) {
+                return Err(err(format!("from: `{}` is not a plain address (local@domain)", e.from)));
             }
-            if !(1..=20).contains(&w.max_attempts) {
-                return Err(err(format!("max_attempts: {} is out of range (1..=20)", w.max_attempts)));
+            if e.to.is_empty() || e.to.len() > 20 {
+                return Err(err("to: give 1 to 20 addresses".into()));
             }
-            if !(1..=100_000).contains(&w.queue) {
-                return Err(err(format!("queue: {} is out of range (1..=100000 alerts)", w.queue)));
+            if let Some(bad) = e.to.iter().find(|a| !valid_mailbox(a)) {
+                return Err(err(format!("to: `{bad}` is not a plain address (local@domain)")));
             }
         }
         Ok(())
@@ -168,5 +279,19 @@ mod tests {
         assert!(e.contains("literal secrets") && !e.contains("hunter2"), "{e}");
         let two = "[[alerts.webhook]]\nname = \"a\"\nurl = \"https://h.test/\"\nsecret = \"env:K\"\n";
         assert!(parse(&format!("{two}{two}")).unwrap_err().contains("used by two"));
+    }
+
+    #[test]
+    fn email_channels_name_a_downstream_relay_and_plain_addresses() {
+        let relay =
+            "[[connector.downstreams]]\nname = \"sub\"\nprotocol = \"smtp\"\nhost = \"smtp.test\"\nport = 587\n";
+        let mail = |r: &str, extra: &str| format!("{relay}[[alerts.email]]\nrelay = \"{r}\"\n{extra}");
+        let ok = "from = \"p@mail.test\"\nto = [\"ops@example.test\"]\n";
+        let cfg = parse(&mail("sub", ok)).unwrap();
+        assert_eq!((cfg.alerts.email[0].name.as_str(), cfg.alerts.email[0].max_attempts), ("email1", 6));
+        assert!(parse(&mail("nope", ok)).unwrap_err().contains("`nope` is not a [[connector.downstreams]]"));
+        let injected = "from = \"p@mail.test\"\nto = [\"ops@example.test\\r\\nBcc: x@evil.test\"]\n";
+        assert!(parse(&mail("sub", injected)).unwrap_err().contains("not a plain address"));
+        assert!(parse(&mail("sub", "from = \"p@mail.test\"\nto = []\n")).unwrap_err().contains("1 to 20"));
     }
 }

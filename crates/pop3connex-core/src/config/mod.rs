@@ -524,7 +524,8 @@ impl Config {
         self.connector.check().map_err(err)?;
         self.log.store.check().map_err(err)?;
         self.anomaly.check().map_err(err)?;
-        self.alerts.check().map_err(err)?;
+        let relays: Vec<&str> = self.connector.downstreams.iter().map(|d| d.name.as_str()).collect();
+        self.alerts.check(&relays).map_err(err)?;
         logsink::check(&self.log.sink).map_err(err)?;
         if let Some(a) = &self.admin {
             a.check().map_err(err)?;

@@ -13,6 +13,7 @@
 //! Consumers never block the code that emitted the event: slow ones sit
 //! behind a [`hub::Queue`] (bounded, drops counted).
 
+pub mod alerting;
 pub mod anomaly;
 pub mod catalogue;
 pub mod ecs;
@@ -22,7 +23,6 @@ pub mod metrics_http;
 pub mod sink;
 pub mod store;
 pub mod syslog;
-pub mod webhook;
 
 pub use catalogue::{EventDef, Severity, CATALOGUE};
 pub use hub::{Consumer, EventRecord, Hub, Queue};

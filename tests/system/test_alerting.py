@@ -1,10 +1,12 @@
-"""Alert routing to webhooks ([[alerts.webhook]]): a receiver written here,
+"""Alert routing. Webhooks ([[alerts.webhook]]): a receiver written here,
 HTTPS with a certificate from a throw-away CA, gets each alert as JSON and
 checks its HMAC-SHA256 signature the way an operator's receiver would. It
 answers the first delivery with 503: the same delivery comes again (same
 delivery id, next attempt). A second webhook points at a closed port: its
 failure is itself an alert (`alert_undeliverable`), which reaches the first
-webhook."""
+webhook. E-mail ([[alerts.email]]): a real Postfix takes the alert mail
+over STARTTLS, verified against the test CA, and delivers it to a
+Maildir."""
 
 from __future__ import annotations
 
@@ -18,8 +20,12 @@ import ssl
 import threading
 import time
 
+import email
+import email.policy
+
 import pytest
 
+import peers
 import syslib
 from peers import TestCA, server_context
 
@@ -135,3 +141,35 @@ def test_a_short_or_unreadable_webhook_key_stops_the_server_at_start(server_fact
         srv.start(timeout=15)
     assert "fewer than 16 bytes" in str(e.value) + srv.log_text()
     assert "too-short" not in srv.log_text()
+
+
+def test_alerts_reach_a_mailbox_through_a_verified_starttls_relay(server_factory, tmp_path):
+    peers.PrivatePostfix.check_installed()
+    ca = TestCA(tmp_path / "pki")
+    domain = "alerts.test"
+
+    def make(root):
+        return peers.PostfixDownstream(root, syslib.free_port(), domain)
+
+    with peers.running("pop3connex-alert-mail-", make, ["oncall"],
+                       ca.issue("postfix", ("DNS:localhost", "IP:127.0.0.1"))) as pf:
+        srv = server_factory(start=False)
+        with open(srv.config, "a") as f:
+            f.write(f'\n[[connector.downstreams]]\nname = "relay"\nprotocol = "smtp"\nhost = "127.0.0.1"\n'
+                    f'port = {pf.smtp_port}\ntls = "verify"\nca_file = "{ca.cert}"\nhelo = "mail.{domain}"\n')
+            f.write(f'\n[[alerts.email]]\nname = "ops"\nrelay = "relay"\nfrom = "pop3connex@{domain}"\n'
+                    f'to = ["oncall@{domain}"]\nevents = ["config_reloaded"]\n')
+        srv.start()
+        srv.set_option("pop3", "max_bad_commands", 9)
+        srv.proc.send_signal(signal.SIGHUP)
+        raw = syslib.wait_until(lambda: pf.messages("oncall"), 30, interval=0.3,
+                                what="the alert mail in the Maildir")[0]
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        assert msg["Subject"] == "[POP3conneX] warning config_reloaded on localhost", msg["Subject"]
+        assert msg["From"].addresses[0].addr_spec == f"pop3connex@{domain}"
+        assert msg["Auto-Submitted"] == "auto-generated"
+        body = msg.get_content()
+        assert "trigger: sighup" in body and "pop3.max_bad_commands" in body, body
+        assert "event:    config_reloaded (id 516)" in body, body
+        received = " ".join(msg.get_all("Received"))
+        assert "using TLS" in received, received

@@ -1,11 +1,14 @@
-//! `[[alerts.webhook]]` at run time: alert events POSTed as signed JSON.
+//! Alert routing at run time: `[[alerts.webhook]]` (signed JSON over
+//! HTTPS) and `[[alerts.email]]` (a plain-text mail through a
+//! `[[connector.downstreams]]` relay).
 //!
-//! Each webhook is a hub [`Consumer`] that keeps the alert events it is
+//! Each channel is a hub [`Consumer`] that keeps the alert events it is
 //! configured for and pushes them into its own bounded [`Queue`] (a full
 //! queue drops and counts, never blocks the code that raised the alert);
-//! one task per webhook delivers them in order.
+//! one task per channel delivers them in order. Rate limits, retries and
+//! the failure report below are the same for both kinds.
 //!
-//! **Body**: the event's Elastic Common Schema document (as the JSON sink
+//! **Webhook body**: the event's Elastic Common Schema document (as the JSON sink
 //! writes it) plus `alert`: `{"delivery": <id>, "channel": <name>,
 //! "suppressed": <n>}`, where `suppressed` counts the alerts of the same
 //! rule and key not sent since the last one (rate limit).
@@ -17,16 +20,22 @@
 //! `X-POP3conneX-Delivery` is the same on every retry of one alert, so a
 //! receiver can drop the duplicate of a delivery whose answer was lost.
 //!
+//! **E-mail**: `Subject: [POP3conneX] <severity> <event> on <host>`,
+//! `Auto-Submitted: auto-generated` (RFC 3834, so vacation responders stay
+//! quiet), a text body with the message and every field (controls
+//! replaced, long values cut), through the relay's TLS policy and AUTH.
+//! A 4xx or a connection failure is retried; a 5xx is final.
+//!
 //! **Rate limit**: per rule (event name) and key (`user`, else `key`, else
 //! the peer's address), at most `max_per_key` alerts in `window_minutes`.
 //!
-//! **Retries**: a connection failure, a timeout, 408, 429 or a 5xx answer
-//! is retried with back-off (2 s doubling, at most 2 minutes) up to
+//! **Retries** (webhooks): a connection failure, a timeout, 408, 429 or a
+//! 5xx answer is retried with back-off (2 s doubling, at most 2 minutes) up to
 //! `max_attempts` deliveries; another 4xx is final. An alert given up, or
 //! dropped from a full queue, is reported as `alert_undeliverable` (an
 //! alert itself: it reaches the log, the store, the syslog sinks, the
-//! alert command and the other webhooks, never the failing one) at most
-//! every five minutes per webhook, with how many alerts were lost.
+//! alert command and the other channels, never the failing one) at most
+//! every five minutes per channel, with how many alerts were lost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,8 +50,10 @@ use zeroize::Zeroizing;
 
 use super::ecs;
 use super::hub::{Consumer, EventRecord, Hub, Queue};
-use crate::config::alerts::WebhookConfig;
+use crate::config::alerts::{ChannelLimits, EmailConfig};
+use crate::config::connector::DownstreamConfig;
 use crate::config::Config;
+use crate::connector::{dns, mtasts, smtp};
 use crate::https::{HttpsClient, HttpsOptions};
 use crate::limits::LruMap;
 
@@ -59,14 +70,16 @@ const TRACKED_KEYS: usize = 10_000;
 pub const MIN_SECRET_BYTES: usize = 16;
 /// Most of a receiver's answer read.
 const ANSWER_LIMIT: u64 = 16 * 1024;
+/// Longest field value written into an alert mail.
+const MAIL_VALUE_MAX: usize = 500;
 
-/// The running webhooks; [`Webhooks::shutdown`] stops them.
-pub struct Webhooks {
+/// The running alert channels; [`Channels::shutdown`] stops them.
+pub struct Channels {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// The filter in front of one webhook's queue.
+/// The filter in front of one channel's queue.
 struct Route {
     name: String,
     events: Vec<String>,
@@ -81,7 +94,7 @@ impl Consumer for Route {
     }
 }
 
-/// Whether the webhook `name` (configured for `events`, empty: all) sends `e`.
+/// Whether the channel `name` (configured for `events`, empty: all) sends `e`.
 fn accepts(name: &str, events: &[String], e: &EventRecord) -> bool {
     if !e.alert {
         return false;
@@ -93,13 +106,13 @@ fn accepts(name: &str, events: &[String], e: &EventRecord) -> bool {
     events.is_empty() || events.contains(&e.name)
 }
 
-impl Webhooks {
-    /// Loads every webhook's key and CA file, then starts them and
+impl Channels {
+    /// Loads every channel's key and CA file, then starts them and
     /// registers them with the hub. Must run inside the tokio runtime.
-    /// Fails, before anything is registered, on a key or CA file that
-    /// cannot be used.
-    pub fn start(cfg: &Config) -> Result<Webhooks, String> {
-        let mut prepared = Vec::new();
+    /// Fails, before anything is registered, on a key, CA file or relay
+    /// that cannot be used.
+    pub fn start(cfg: &Config) -> Result<Channels, String> {
+        let mut prepared: Vec<(ChannelLimits, Sender)> = Vec::new();
         for w in &cfg.alerts.webhook {
             let err = |m: String| format!("[[alerts.webhook]] {}: {m}", w.name);
             let secret = w.secret.load().map_err(|e| err(format!("secret: {e}")))?;
@@ -119,28 +132,38 @@ impl Webhooks {
                 default_roots: crate::https::DefaultRoots::System,
                 status_as_error: false,
             });
-            prepared.push((w.clone(), secret, client));
+            prepared.push((w.limits(), Sender::Webhook { url: w.url.clone(), secret, client }));
+        }
+        if !cfg.alerts.email.is_empty() {
+            let resolver =
+                Arc::new(dns::Resolver::new(&cfg.connector.dns).map_err(|e| format!("[connector.dns]: {e}"))?);
+            let sts = Arc::new(mtasts::PolicyCache::new(&cfg.connector.dns));
+            for e in &cfg.alerts.email {
+                let relay = cfg.connector.downstreams.iter().find(|d| d.name == e.relay).cloned();
+                let relay =
+                    relay.ok_or_else(|| format!("[[alerts.email]] {}: relay `{}` is not defined", e.name, e.relay))?;
+                let mail = Mail { cfg: e.clone(), relay, resolver: resolver.clone(), sts: sts.clone() };
+                prepared.push((e.limits(), Sender::Email(Box::new(mail))));
+            }
         }
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
-        for (w, secret, client) in prepared {
-            let (queue, rx) = Queue::new(w.queue);
-            let dropped = queue.drop_counter();
+        for (limits, sender) in prepared {
+            let (queue, rx) = Queue::new(limits.queue);
             let out = Delivery {
                 hostname: cfg.server.hostname.clone(),
-                limiter: Limiter::new(w.max_per_key, u64::from(w.window_minutes) * 60),
-                cfg: w.clone(),
-                secret,
-                client,
-                dropped,
+                limiter: Limiter::new(limits.max_per_key, u64::from(limits.window_minutes) * 60),
+                cfg: limits.clone(),
+                sender,
+                dropped: queue.drop_counter(),
                 dropped_seen: 0,
                 lost: 0,
                 last_report: None,
             };
             tasks.push(tokio::spawn(out.run(rx, stopped.clone())));
-            Hub::global().register(Arc::new(Route { name: w.name.clone(), events: w.events.clone(), queue }));
+            Hub::global().register(Arc::new(Route { name: limits.name, events: limits.events, queue }));
         }
-        Ok(Webhooks { stop, tasks })
+        Ok(Channels { stop, tasks })
     }
 
     /// Stops delivering: what is in flight gets up to `grace`.
@@ -237,12 +260,25 @@ enum Outcome {
     Final(String),
 }
 
-/// One webhook's delivery task.
+/// How one channel sends.
+enum Sender {
+    Webhook { url: String, secret: Zeroizing<Vec<u8>>, client: HttpsClient },
+    Email(Box<Mail>),
+}
+
+/// An e-mail channel: its settings, its relay and the look-ups it needs.
+struct Mail {
+    cfg: EmailConfig,
+    relay: DownstreamConfig,
+    resolver: Arc<dns::Resolver>,
+    sts: Arc<mtasts::PolicyCache>,
+}
+
+/// One channel's delivery task.
 struct Delivery {
-    cfg: WebhookConfig,
+    cfg: ChannelLimits,
     hostname: String,
-    secret: Zeroizing<Vec<u8>>,
-    client: HttpsClient,
+    sender: Sender,
     limiter: Limiter,
     dropped: Arc<AtomicU64>,
     /// Queue drops already counted into `lost`.
@@ -263,7 +299,7 @@ impl Delivery {
             let Some(suppressed) = self.limiter.admit(&e, now) else { continue };
             let mut doc = ecs::to_ecs(&e, &self.hostname);
             doc["alert"] = json!({ "delivery": delivery_id(), "channel": self.cfg.name, "suppressed": suppressed });
-            if let Err(error) = self.deliver(&doc, &mut stopped).await {
+            if let Err(error) = self.deliver(&e, &doc, &mut stopped).await {
                 self.lost += 1;
                 self.report(&error);
             }
@@ -277,13 +313,20 @@ impl Delivery {
     }
 
     /// Up to `max_attempts` deliveries of `doc`; the last error otherwise.
-    async fn deliver(&self, doc: &Value, stopped: &mut watch::Receiver<bool>) -> Result<(), String> {
-        let body = serde_json::to_vec(doc).map_err(|e| e.to_string())?;
+    async fn deliver(&self, e: &EventRecord, doc: &Value, stopped: &mut watch::Receiver<bool>) -> Result<(), String> {
         let delivery = doc["alert"]["delivery"].as_str().unwrap_or_default().to_owned();
+        let body = match &self.sender {
+            Sender::Webhook { .. } => serde_json::to_vec(doc).map_err(|e| e.to_string())?,
+            Sender::Email(m) => mail_message(&m.cfg, e, doc, &self.hostname, &delivery),
+        };
         let mut wait = BACKOFF_FIRST;
         let mut error = String::new();
         for attempt in 1..=self.cfg.max_attempts {
-            match self.attempt(&body, &delivery, attempt).await {
+            let outcome = match &self.sender {
+                Sender::Webhook { url, secret, client } => post(client, url, secret, &body, &delivery, attempt).await,
+                Sender::Email(m) => send_mail(m, &self.hostname, &body).await,
+            };
+            match outcome {
                 Outcome::Delivered => return Ok(()),
                 Outcome::Final(e) => return Err(e),
                 Outcome::Retry(e) => error = e,
@@ -301,24 +344,6 @@ impl Delivery {
         Err(format!("{error} (after {} attempts)", self.cfg.max_attempts))
     }
 
-    async fn attempt(&self, body: &[u8], delivery: &str, attempt: u32) -> Outcome {
-        let timestamp = crate::types::unix_now().max(0) as u64;
-        let headers = vec![
-            ("x-pop3connex-timestamp", timestamp.to_string()),
-            ("x-pop3connex-signature", signature(&self.secret, timestamp, body)),
-            ("x-pop3connex-delivery", delivery.to_owned()),
-            ("x-pop3connex-attempt", attempt.to_string()),
-        ];
-        match self.client.post_json(&self.cfg.url, headers, body.to_vec(), ANSWER_LIMIT).await {
-            Ok(r) if (200..300).contains(&r.status) => Outcome::Delivered,
-            Ok(r) if r.status == 408 || r.status == 429 || r.status >= 500 => {
-                Outcome::Retry(format!("the receiver answered {}", r.status))
-            }
-            Ok(r) => Outcome::Final(format!("the receiver refused the alert with {}", r.status)),
-            Err(e) => Outcome::Retry(format!("{e:?}")),
-        }
-    }
-
     /// `alert_undeliverable`, at most every [`REPORT_EVERY`].
     fn report(&mut self, error: &str) {
         let now = tokio::time::Instant::now();
@@ -329,8 +354,100 @@ impl Delivery {
         self.last_report = Some(now);
         let lost = std::mem::take(&mut self.lost);
         tracing::error!(target: TARGET, alert = true, event = UNDELIVERABLE, channel = %self.cfg.name, error, lost,
-            "alerts could not be delivered to a webhook");
+            "alerts could not be delivered to an alert channel");
     }
+}
+
+/// One signed webhook POST.
+async fn post(client: &HttpsClient, url: &str, secret: &[u8], body: &[u8], delivery: &str, attempt: u32) -> Outcome {
+    let timestamp = crate::types::unix_now().max(0) as u64;
+    let headers = vec![
+        ("x-pop3connex-timestamp", timestamp.to_string()),
+        ("x-pop3connex-signature", signature(secret, timestamp, body)),
+        ("x-pop3connex-delivery", delivery.to_owned()),
+        ("x-pop3connex-attempt", attempt.to_string()),
+    ];
+    match client.post_json(url, headers, body.to_vec(), ANSWER_LIMIT).await {
+        Ok(r) if (200..300).contains(&r.status) => Outcome::Delivered,
+        Ok(r) if r.status == 408 || r.status == 429 || r.status >= 500 => {
+            Outcome::Retry(format!("the receiver answered {}", r.status))
+        }
+        Ok(r) => Outcome::Final(format!("the receiver refused the alert with {}", r.status)),
+        Err(e) => Outcome::Retry(format!("{e:?}")),
+    }
+}
+
+/// One mail through the relay: delivered when every recipient took it.
+async fn send_mail(m: &Mail, hostname: &str, message: &[u8]) -> Outcome {
+    let envelope = smtp::Envelope { mail_from: m.cfg.from.clone(), recipients: m.cfg.to.clone() };
+    match smtp::deliver(&m.relay, hostname, &m.resolver, &m.sts, &envelope, message).await {
+        Ok(outcomes) => {
+            let mut temporary = None;
+            for (rcpt, o) in m.cfg.to.iter().zip(&outcomes) {
+                match o {
+                    smtp::RcptOutcome::Accepted => {}
+                    smtp::RcptOutcome::Temporary(why) => temporary = Some(format!("{rcpt}: {why}")),
+                    smtp::RcptOutcome::Permanent(why) => return Outcome::Final(format!("{rcpt}: {why}")),
+                }
+            }
+            match temporary {
+                None => Outcome::Delivered,
+                Some(why) => Outcome::Retry(why),
+            }
+        }
+        Err(smtp::SmtpError::Temporary(why)) => Outcome::Retry(why),
+        Err(smtp::SmtpError::Permanent(why)) => Outcome::Final(why),
+    }
+}
+
+/// Text fit for one header or body line: controls become spaces, at most
+/// `max` characters; for headers (`ascii`) anything else non-ASCII
+/// becomes `?` (no RFC 2047 encoding needed, no header injection).
+fn clean(s: &str, max: usize, ascii: bool) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| match c {
+            c if c.is_control() => ' ',
+            c if ascii && !c.is_ascii() => '?',
+            c => c,
+        })
+        .take(max)
+        .collect();
+    if s.chars().count() > max {
+        out.push_str(" [...]");
+    }
+    out
+}
+
+/// The alert mail: RFC 5322 headers and a plain-text body.
+fn mail_message(cfg: &EmailConfig, e: &EventRecord, doc: &Value, hostname: &str, delivery: &str) -> Vec<u8> {
+    use std::fmt::Write;
+    let date = e.time.format(&time::format_description::well_known::Rfc2822).unwrap_or_default();
+    let id = e.def().map(|d| d.id.to_string()).unwrap_or_else(|| "-".into());
+    let host = clean(hostname, 200, true);
+    let mut m = String::with_capacity(2048);
+    let _ = write!(m, "From: POP3conneX <{}>\r\n", cfg.from);
+    let _ = write!(m, "To: {}\r\n", cfg.to.join(", "));
+    let _ = write!(m, "Subject: [POP3conneX] {} {} on {host}\r\n", e.severity.as_str(), clean(&e.name, 64, true));
+    let _ = write!(m, "Date: {date}\r\nMessage-ID: <{delivery}@{host}>\r\nAuto-Submitted: auto-generated\r\n");
+    m.push_str(
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
+    );
+    let _ = write!(m, "{}\r\n\r\n", clean(&e.message, MAIL_VALUE_MAX, false));
+    let _ = write!(m, "event:    {} (id {id})\r\nseverity: {}\r\n", clean(&e.name, 64, false), e.severity.as_str());
+    let _ = write!(m, "time:     {}\r\nhost:     {host}\r\n", doc["@timestamp"].as_str().unwrap_or_default());
+    for (k, v) in &e.fields {
+        let v = match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let _ = write!(m, "{}: {}\r\n", clean(k, 64, false), clean(&v, MAIL_VALUE_MAX, false));
+    }
+    if let Some(n) = doc["alert"]["suppressed"].as_u64().filter(|n| *n > 0) {
+        let _ = write!(m, "\r\n{n} more alerts of this rule and key were held back by the rate limit.\r\n");
+    }
+    let _ = write!(m, "\r\nDelivery {delivery}. Fields are described in docs/events.md.\r\n");
+    m.into_bytes()
 }
 
 #[cfg(test)]
@@ -362,6 +479,40 @@ mod tests {
         assert_eq!(s, "v1=6d58fb78491a4cd45b0a5944663cf2020c2185a67defd8caec14059846f09e3d");
         assert_ne!(s, signature(&[b'k'; 16], 1_700_000_001, b"{}"));
         assert_ne!(s, signature(&[b'j'; 16], 1_700_000_000, b"{}"));
+    }
+
+    #[test]
+    fn alert_mail_headers_cannot_be_injected_through_event_fields() {
+        let cfg: EmailConfig =
+            toml::from_str("relay = \"r\"\nfrom = \"p@h.test\"\nto = [\"a@h.test\", \"b@h.test\"]\n").unwrap();
+        let mut e = event("auth_failure_spike", true, &[("key", "x\r\nBcc: evil@attacker.test"), ("user", "élodie")]);
+        e.message = "failed logins spiked\r\nX-Injected: 1".into();
+        let doc = json!({ "@timestamp": "2026-12-06T04:00:00Z", "alert": { "suppressed": 3 } });
+        let m = String::from_utf8(mail_message(&cfg, &e, &doc, "mail\r\nX-Host: 1", "d1")).unwrap();
+        let (head, body) = m.split_once("\r\n\r\n").unwrap();
+        let names: Vec<&str> = head.split("\r\n").map(|l| l.split(':').next().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "From",
+                "To",
+                "Subject",
+                "Date",
+                "Message-ID",
+                "Auto-Submitted",
+                "MIME-Version",
+                "Content-Type",
+                "Content-Transfer-Encoding"
+            ]
+        );
+        assert!(
+            head.contains("To: a@h.test, b@h.test\r\n") && head.contains("Subject: [POP3conneX] warning"),
+            "{head}"
+        );
+        assert!(!body.contains("\r\nBcc:") && !body.contains("\r\nX-Injected"), "{body}");
+        assert!(body.contains("key: x  Bcc: evil@attacker.test\r\n") && body.contains("user: élodie\r\n"), "{body}");
+        assert!(body.contains("3 more alerts of this rule and key were held back"), "{body}");
+        assert!(clean(&"x".repeat(600), MAIL_VALUE_MAX, false).ends_with(" [...]"));
     }
 
     #[test]
