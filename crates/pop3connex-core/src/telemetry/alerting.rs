@@ -10,8 +10,7 @@
 //!
 //! **Webhook body**: the event's Elastic Common Schema document (as the JSON sink
 //! writes it) plus `alert`: `{"delivery": <id>, "channel": <name>,
-//! "suppressed": <n>}`, where `suppressed` counts the alerts of the same
-//! rule and key not sent since the last one (rate limit).
+//! "suppressed": <n>, "suppressed_total": <m>}` (see the rate limit).
 //!
 //! **Signature**: `X-POP3conneX-Timestamp: <unix seconds>` and
 //! `X-POP3conneX-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>`.
@@ -27,7 +26,11 @@
 //! A 4xx or a connection failure is retried; a 5xx is final.
 //!
 //! **Rate limit**: per rule (event name) and key (`user`, else `key`, else
-//! the peer's address), at most `max_per_key` alerts in `window_minutes`.
+//! the peer's address), at most `max_per_key` alerts in `window_minutes`,
+//! and at most `max_total` of all rules and keys (an attacker failing
+//! logins on thousands of accounts must not send thousands of pages).
+//! `alert.suppressed` counts what the key's limit held back since its last
+//! alert, `alert.suppressed_total` what the channel's limit held back.
 //!
 //! **Retries** (webhooks): a connection failure, a timeout, 408, 429 or a
 //! 5xx answer is retried with back-off (2 s doubling, at most 2 minutes) up to
@@ -152,7 +155,7 @@ impl Channels {
             let (queue, rx) = Queue::new(limits.queue);
             let out = Delivery {
                 hostname: cfg.server.hostname.clone(),
-                limiter: Limiter::new(limits.max_per_key, u64::from(limits.window_minutes) * 60),
+                limiter: Limiter::new(limits.max_per_key, limits.max_total, u64::from(limits.window_minutes) * 60),
                 cfg: limits.clone(),
                 sender,
                 dropped: queue.drop_counter(),
@@ -179,36 +182,59 @@ impl Channels {
     }
 }
 
-/// Per rule and key: at most `max` alerts per window; the rest counted.
+/// Per rule and key at most `max` alerts per window, and at most `total`
+/// for the whole channel; the rest counted.
 struct Limiter {
     max: u32,
+    total: u32,
     window_secs: u64,
     /// (rule, key) → (window start, sent in it, suppressed since last sent).
     seen: LruMap<(String, String), (u64, u32, u64)>,
+    /// The channel: (window start, sent in it, suppressed since last sent).
+    channel: (u64, u32, u64),
+}
+
+/// What an admitted alert reports about the ones held back before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    /// Of the same rule and key.
+    key: u64,
+    /// By the channel-wide limit.
+    channel: u64,
 }
 
 impl Limiter {
-    fn new(max: u32, window_secs: u64) -> Limiter {
-        Limiter { max, window_secs, seen: LruMap::new(TRACKED_KEYS) }
+    fn new(max: u32, total: u32, window_secs: u64) -> Limiter {
+        Limiter { max, total, window_secs, seen: LruMap::new(TRACKED_KEYS), channel: (0, 0, 0) }
     }
 
-    /// `Some(suppressed before this one)` when `e` may be sent at `now`.
-    fn admit(&mut self, e: &EventRecord, now: u64) -> Option<u64> {
-        let key = (e.name.clone(), rate_key(e));
-        let Some(entry) = self.seen.get_mut(&key) else {
-            self.seen.insert(key, (now, 1, 0));
-            return Some(0);
+    /// `Some` (with what was held back before it) when `e` may be sent at `now`.
+    fn admit(&mut self, e: &EventRecord, now: u64) -> Option<Held> {
+        let window = self.window_secs;
+        let roll = |w: &mut (u64, u32, u64)| {
+            if now >= w.0 + window {
+                w.0 = now;
+                w.1 = 0;
+            }
         };
-        if now >= entry.0 + self.window_secs {
-            entry.0 = now;
-            entry.1 = 0;
+        let key = (e.name.clone(), rate_key(e));
+        if self.seen.get_mut(&key).is_none() {
+            self.seen.insert(key.clone(), (now, 0, 0));
         }
+        let entry = self.seen.get_mut(&key).expect("just inserted");
+        roll(entry);
         if entry.1 >= self.max {
             entry.2 += 1;
             return None;
         }
+        roll(&mut self.channel);
+        if self.channel.1 >= self.total {
+            self.channel.2 += 1;
+            return None;
+        }
         entry.1 += 1;
-        Some(std::mem::take(&mut entry.2))
+        self.channel.1 += 1;
+        Some(Held { key: std::mem::take(&mut entry.2), channel: std::mem::take(&mut self.channel.2) })
     }
 }
 
@@ -296,9 +322,10 @@ impl Delivery {
                 _ = stopped.changed() => return,
             };
             let now = e.time.unix_timestamp().max(0) as u64;
-            let Some(suppressed) = self.limiter.admit(&e, now) else { continue };
+            let Some(held) = self.limiter.admit(&e, now) else { continue };
             let mut doc = ecs::to_ecs(&e, &self.hostname);
-            doc["alert"] = json!({ "delivery": delivery_id(), "channel": self.cfg.name, "suppressed": suppressed });
+            doc["alert"] = json!({ "delivery": delivery_id(), "channel": self.cfg.name, "suppressed": held.key,
+                                   "suppressed_total": held.channel });
             if let Err(error) = self.deliver(&e, &doc, &mut stopped).await {
                 self.lost += 1;
                 self.report(&error);
@@ -446,6 +473,10 @@ fn mail_message(cfg: &EmailConfig, e: &EventRecord, doc: &Value, hostname: &str,
     if let Some(n) = doc["alert"]["suppressed"].as_u64().filter(|n| *n > 0) {
         let _ = write!(m, "\r\n{n} more alerts of this rule and key were held back by the rate limit.\r\n");
     }
+    if let Some(n) = doc["alert"]["suppressed_total"].as_u64().filter(|n| *n > 0) {
+        let _ =
+            write!(m, "\r\n{n} alerts were held back by this channel's limit (max_total): see the event store.\r\n");
+    }
     let _ = write!(m, "\r\nDelivery {delivery}. Fields are described in docs/events.md.\r\n");
     m.into_bytes()
 }
@@ -527,16 +558,31 @@ mod tests {
 
     #[test]
     fn limiter_counts_per_rule_and_key_and_reports_suppressed() {
-        let mut l = Limiter::new(2, 600);
+        let held = |key, channel| Some(Held { key, channel });
+        let mut l = Limiter::new(2, 100, 600);
         let alice = event("download_volume_spike", true, &[("user", "alice")]);
         let bob = event("download_volume_spike", true, &[("user", "bob")]);
-        assert_eq!(l.admit(&alice, 1000), Some(0));
-        assert_eq!(l.admit(&alice, 1001), Some(0));
+        assert_eq!(l.admit(&alice, 1000), held(0, 0));
+        assert_eq!(l.admit(&alice, 1001), held(0, 0));
         assert_eq!(l.admit(&alice, 1002), None);
         assert_eq!(l.admit(&alice, 1003), None);
-        assert_eq!(l.admit(&bob, 1003), Some(0), "another key has its own budget");
-        assert_eq!(l.admit(&alice, 1600), Some(2), "a new window; the two held back are reported");
+        assert_eq!(l.admit(&bob, 1003), held(0, 0), "another key has its own budget");
+        assert_eq!(l.admit(&alice, 1600), held(2, 0), "a new window; the two held back are reported");
         let net = event("auth_failure_spike", true, &[("peer", "192.0.2.7:4711")]);
         assert_eq!(rate_key(&net), "peer:192.0.2.7");
+    }
+
+    #[test]
+    fn an_attack_on_many_accounts_pages_a_bounded_number_of_times() {
+        let mut l = Limiter::new(5, 3, 600);
+        let sent = (0..1000)
+            .filter(|i| {
+                let e = event("auth_failure_spike", true, &[("key", &format!("user{i}"))]);
+                l.admit(&e, 1000).is_some()
+            })
+            .count();
+        assert_eq!(sent, 3);
+        let next = l.admit(&event("admin_login", true, &[("user", "root")]), 1600);
+        assert_eq!(next, Some(Held { key: 0, channel: 997 }), "the next window reports what was held back");
     }
 }
