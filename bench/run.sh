@@ -4,6 +4,8 @@
 #   bench/run.sh                      # full run (PHASES="main auth": < 15 min + the auth phases), writes docs/BENCHMARKS.md
 #   PHASES=auth bench/run.sh          # authentication phases only (< 10 min), rewrites only their section
 #   PHASES=connector bench/run.sh     # connector vs fetchmail (bench/connector.sh), rewrites only its section
+#   PHASES=telemetry bench/run.sh     # POP3conneX with every telemetry consumer on vs off (~10 min),
+#                                     # rewrites only the "Telemetry overhead" section
 #   bench/memory.sh                   # memory figures ("Memory after load", kept by the runs above)
 #   SERVERS=dovecot bench/run.sh      # harness check against Dovecot alone (report in bench/work)
 #
@@ -20,6 +22,7 @@
 #   SCRAM_USERS=50 FLOOD_CONCURRENCY=8 ATTACK_ATTEMPTS=10000 ATTACK_CONCURRENCY=64 ATTACK_PER_CONN=50
 #   ATTACK_SOURCE=127.0.0.2 (attacker's loopback address: not allowlisted in POP3conneX)
 #   WAIT_QUIET=0 (seconds to wait for other work on the machine to stop before starting)
+#   TEL_ROUNDS=3 TEL_LMTP_COUNT=10000 (telemetry phase: off/on pairs, order alternating per round)
 #
 # Everything listens on 127.0.0.1 only; every load step is bounded in time. Needs root (installs
 # Dovecot with apt-get if missing, starts a private Dovecot instance, raises RLIMIT_NOFILE).
@@ -33,6 +36,14 @@ PHASES=${PHASES:-main auth}
 has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
 # PHASES=connector: only the connector benchmark (bench/connector.sh, its own knobs and section).
 if [[ $PHASES == connector ]]; then exec "$ROOT/bench/connector.sh"; fi
+# PHASES=telemetry: POP3conneX alone, its telemetry off and on (Dovecot is not involved).
+if [[ $PHASES == telemetry ]]; then SERVERS=pop3connex; fi
+TEL_ROUNDS=${TEL_ROUNDS:-3}
+TEL_LMTP_COUNT=${TEL_LMTP_COUNT:-10000}
+TEL_SYSLOG=${TEL_SYSLOG:-28514}
+TEL_WEBHOOK=${TEL_WEBHOOK:-28443}
+TEL_METRICS=${TEL_METRICS:-28465}
+TELEMETRY=""
 has_phase main || IDLE_SESSIONS=${IDLE_SESSIONS:-10}
 SCRAM_USERS=${SCRAM_USERS:-50}
 FLOOD_CONCURRENCY=${FLOOD_CONCURRENCY:-8}
@@ -300,6 +311,34 @@ level = "info"
 [abuse]
 allowlist = ["127.0.0.1/32"]
 EOF
+    case $TELEMETRY in
+    off) # Every telemetry consumer off: no event store, no anomaly rules, no sinks, no metrics.
+        printf '\n[log.store]\nenabled = false\n\n[anomaly]\nenabled = false\n' >>"$PXD/pop3connex.toml" ;;
+    on) # Every consumer on: event store and anomaly rules (the defaults), an ECS JSON file, RFC 5425
+        # syslog over verified TLS and a signed webhook to loopback receivers, and the metrics endpoint.
+        cat >>"$PXD/pop3connex.toml" <<EOF
+
+[[log.sink]]
+type = "json"
+path = "$PXD/events.json"
+
+[[log.sink]]
+type = "syslog"
+transport = "tls"
+address = "127.0.0.1:$TEL_SYSLOG"
+ca_file = "$TLS/ca.pem"
+server_name = "localhost"
+
+[[alerts.webhook]]
+url = "https://127.0.0.1:$TEL_WEBHOOK/hook"
+secret = "file:$PXD/webhook.secret"
+ca_file = "$TLS/ca.pem"
+
+[metrics]
+listen = ["127.0.0.1:$TEL_METRICS"]
+EOF
+        ;;
+    esac
 }
 
 setup_pop3connex() {
@@ -593,6 +632,41 @@ fi
 
 if has_phase auth && has_server pop3connex; then auth_phase_argon2; fi
 
+# Telemetry phase: the same POP3S sessions and LMTP deliveries with every telemetry consumer off,
+# then on (the order alternates per round), the server restarted for each; a scraper reads
+# /metrics every 5 s while telemetry is on, as Prometheus would.
+telemetry_phase() {
+    local r mode scraper rx
+    head -c 32 /dev/urandom | base64 >"$PXD/webhook.secret"
+    chmod 600 "$PXD/webhook.secret"
+    python3 "$ROOT/bench/telemetry-receivers.py" "$TLS/cert.pem" "$TLS/key.pem" "$TEL_SYSLOG" "$TEL_WEBHOOK" \
+        >"$RES/telemetry-receivers.out" 2>&1 &
+    rx=$!
+    sleep 1
+    for ((r = 1; r <= TEL_ROUNDS; r++)); do
+        for mode in $(if ((r % 2)); then echo off on; else echo on off; fi); do
+            stop_pop3connex
+            TELEMETRY=$mode write_px_config sha512-crypt 0
+            px config check >/dev/null || die "pop3connex config check failed (telemetry $mode)"
+            start_pop3connex
+            scraper=""
+            if [[ $mode == on ]]; then
+                (while sleep 5; do curl -fsS "http://127.0.0.1:$TEL_METRICS/metrics" >/dev/null || true; done) &
+                scraper=$!
+            fi
+            TAG_PREFIX=tel-$mode- measure sessions-8 pop3connex "$r"
+            LMTP_COUNT=$TEL_LMTP_COUNT TAG_PREFIX=tel-$mode- measure lmtp pop3connex "$r"
+            [[ -z $scraper ]] || { kill "$scraper" 2>/dev/null; wait "$scraper" 2>/dev/null || true; }
+        done
+    done
+    stop_pop3connex
+    kill -TERM "$rx" 2>/dev/null || true
+    wait "$rx" 2>/dev/null || true
+    log "receivers: $(grep RECEIVERS "$RES/telemetry-receivers.out" || echo 'no counts')"
+    log "events in the JSON sink: $(wc -l <"$PXD/events.json" 2>/dev/null || echo 0)"
+}
+if has_phase telemetry; then telemetry_phase; fi
+
 cleanup
 BG_AFTER=$(busy_pct 5)
 log "measurements done (background CPU busy after: $BG_AFTER%); writing report"
@@ -602,6 +676,14 @@ export ROOT WORK RES OUT SERVERS USERS MSGS SIZE DURATION WARMUP ROUNDS CONCURRE
     BG_BEFORE BG_AFTER PHASES SCRAM_USERS FLOOD_CONCURRENCY ATTACK_ATTEMPTS ATTACK_CONCURRENCY ATTACK_PER_CONN \
     ATTACK_SOURCE
 export ELAPSED=$((T_END - T_RUN)) WAITED=$((T_RUN - T_START))
+if [[ $PHASES == telemetry ]]; then
+    TEL_ROUNDS=$TEL_ROUNDS TEL_LMTP_COUNT=$TEL_LMTP_COUNT python3 "$ROOT/bench/telemetry-report.py" \
+        "$RES/results.tsv" "$RES/telemetry-receivers.out" >"$WORK/telemetry-section.md"
+    splice_section "$OUT" "Telemetry overhead" "$WORK/telemetry-section.md"
+    log "wrote the Telemetry overhead section of $OUT"
+    log "total $((T_END - T_START)) s"
+    exit 0
+fi
 if [[ " $SERVERS " == *" pop3connex "* && " $SERVERS " == *" dovecot "* ]] && ! has_phase main; then
     # Only the auth phases ran: replace (or add) the Authentication section of OUT, keep the rest.
     AUTH_ONLY=1 "$ROOT/bench/report.sh" >"$WORK/auth-section.md"
