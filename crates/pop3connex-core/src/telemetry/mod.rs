@@ -16,6 +16,7 @@
 pub mod anomaly;
 pub mod catalogue;
 pub mod ecs;
+pub mod geo;
 pub mod hub;
 pub mod metrics;
 pub mod metrics_http;
