@@ -86,9 +86,11 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             Hub::global().register(sink.queue.clone());
             sink
         });
-        // Built-in anomaly rules (failed-login spikes) raise alert events.
+        // Built-in anomaly rules (failed-login and download spikes, login
+        // geography) raise alert events.
         if cfg.anomaly.enabled {
-            Hub::global().register(pop3connex_core::telemetry::anomaly::start(cfg.anomaly.clone()));
+            let queue = pop3connex_core::telemetry::anomaly::start(cfg.anomaly.clone()).map_err(anyhow::Error::msg)?;
+            Hub::global().register(queue);
         }
         let running = server::start_with_store(&cfg, mail.clone()).await?;
         let (stop_checkpoints, checkpoints) = start_audit_checkpoints(&cfg, &mail);

@@ -13,7 +13,8 @@ use super::Network;
 pub struct AnomalyConfig {
     pub enabled: bool,
     /// Failed logins from these networks never count (monitoring probes,
-    /// a known office NAT); they are still logged and stored.
+    /// a known office NAT), nor do their logins for the geography rules;
+    /// they are still logged and stored.
     pub exempt_networks: Vec<Network>,
     /// Failed-login spikes across the whole server.
     pub server: SpikeRule,
