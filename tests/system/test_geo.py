@@ -6,12 +6,14 @@ for 127.0.0.2 and Sydney for 127.0.0.3. A client logs in from one, then,
 binding the other as its source address, from the other: the second login
 raises one `geo_impossible_travel` alert carrying both places, and it is
 in the event store. No configuration switch exists for tests: the database
-is an ordinary database that happens to place loopback addresses.
+is an ordinary database that happens to place loopback addresses. SIGHUP
+re-reads the database (as after `geoipupdate`).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import struct
 import time
 
@@ -135,3 +137,38 @@ def test_a_jump_from_berlin_to_sydney_raises_one_impossible_travel_alert(server_
     assert 16000 <= f["distance_km"] <= 16200, f
     assert f["speed_kmh"] > 900 and f["known_countries"] == "DE"
     assert f["mechanism"] == "USER" and f["previous_mechanism"] == "USER"
+
+
+def test_sighup_re_reads_the_database(server_factory, tmp_path):
+    db = tmp_path / "city.mmdb"
+    berlin = city("DE", "Berlin", 52.52, 13.405)
+    write_mmdb(db, "GeoLite2-City", {"127.0.0.2/32": berlin})
+    srv = server_factory({("anomaly.geo", "city_database"): str(db), ("auth", "failure_delay_ms"): 0})
+    name, pw = syslib.unique_name("geohup"), syslib.new_password()
+    srv.add_user(name, pw)
+    login(srv, name, pw, "127.0.0.2")
+    login(srv, name, pw, "127.0.0.3")   # not in this database: skipped
+    time.sleep(1)
+    assert search(srv, "--user", name, "--type", "geo_impossible_travel,geo_new_country") == []
+
+    # The updated database is written beside and renamed over, as geoipupdate does.
+    new = tmp_path / "city.mmdb.new"
+    write_mmdb(new, "GeoLite2-City", {"127.0.0.2/32": berlin,
+                                      "127.0.0.3/32": city("AU", "Sydney", -33.8688, 151.2093)})
+    new.rename(db)
+    srv.proc.send_signal(signal.SIGHUP)
+    syslib.wait_until(lambda: "GeoIP databases re-read" in srv.log_text(), 10, interval=0.3,
+                      what="the reload")
+    login(srv, name, pw, "127.0.0.3")
+    got = syslib.wait_until(
+        lambda: search(srv, "--user", name, "--type", "geo_impossible_travel,geo_new_country") or None,
+        10, interval=0.3, what="the geography alert")
+    assert [e["event.action"] for e in got] == ["geo_impossible_travel"], got
+    assert got[0]["fields"]["previous_city"] == "Berlin" and got[0]["fields"]["city"] == "Sydney"
+
+    # A broken database at the next reload leaves the loaded one in use, with an alert.
+    db.write_bytes(b"not a database")
+    srv.proc.send_signal(signal.SIGHUP)
+    syslib.wait_until(lambda: "could not be re-read" in srv.log_text(), 10, interval=0.3,
+                      what="the failed reload")
+    assert srv.alive()

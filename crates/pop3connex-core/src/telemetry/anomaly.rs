@@ -525,20 +525,53 @@ fn emit_geo(g: &GeoAlert) {
     );
 }
 
-/// Starts the detector task; register the returned queue with the hub.
-/// Opens the `[anomaly.geo]` databases (an error names the key).
-pub fn start(cfg: AnomalyConfig) -> Result<Arc<Queue>, String> {
-    let geo = GeoDb::open(&cfg.geo)?.map(Arc::new);
-    Ok(start_with(Detector::with_geo(cfg, geo), || {
-        u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or_default()
-    }))
+/// The running detector: its queue (register it with the hub) and what a
+/// reload re-reads.
+pub struct Running {
+    pub queue: Arc<Queue>,
+    geo_cfg: crate::config::anomaly::GeoConfig,
+    geo: tokio::sync::watch::Sender<Option<Arc<GeoDb>>>,
 }
 
-/// The detector task with its clock (tests pass their own).
-fn start_with(mut detector: Detector, clock: impl Fn() -> u64 + Send + 'static) -> Arc<Queue> {
+impl Running {
+    /// Re-reads the `[anomaly.geo]` databases from the paths configured at
+    /// start (SIGHUP, after `geoipupdate`): `Ok(false)` when the rules are
+    /// off; on an error the databases in use stay.
+    pub fn reload_geo(&self) -> Result<bool, String> {
+        match GeoDb::open(&self.geo_cfg)? {
+            Some(db) => {
+                self.geo.send_replace(Some(Arc::new(db)));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+/// Starts the detector task. Opens the `[anomaly.geo]` databases (an error
+/// names the key).
+pub fn start(cfg: AnomalyConfig) -> Result<Running, String> {
+    let geo = GeoDb::open(&cfg.geo)?.map(Arc::new);
+    let geo_cfg = cfg.geo.clone();
+    let (queue, geo) = start_with(Detector::with_geo(cfg, geo), || {
+        u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or_default()
+    });
+    Ok(Running { queue, geo_cfg, geo })
+}
+
+/// The detector task with its clock (tests pass their own); the sender
+/// swaps the GeoIP databases it uses.
+fn start_with(
+    mut detector: Detector,
+    clock: impl Fn() -> u64 + Send + 'static,
+) -> (Arc<Queue>, tokio::sync::watch::Sender<Option<Arc<GeoDb>>>) {
     let (queue, mut rx) = Queue::new(10_000);
+    let (geo_tx, mut geo_rx) = tokio::sync::watch::channel(detector.geo.clone());
     tokio::spawn(async move {
         while let Some(e) = rx.recv().await {
+            if geo_rx.has_changed().unwrap_or(false) {
+                detector.geo = geo_rx.borrow_and_update().clone();
+            }
             let now = clock();
             for s in detector.observe(&e, now) {
                 emit(&s);
@@ -548,7 +581,7 @@ fn start_with(mut detector: Detector, clock: impl Fn() -> u64 + Send + 'static) 
             }
         }
     });
-    Arc::new(queue)
+    (Arc::new(queue), geo_tx)
 }
 
 #[cfg(test)]
@@ -878,7 +911,7 @@ mod tests {
         let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
         let clock = Arc::new(std::sync::atomic::AtomicU64::new(T0));
         let c = clock.clone();
-        let queue = start_with(geo_detector(|_| {}), move || c.load(std::sync::atomic::Ordering::Relaxed));
+        let (queue, _geo) = start_with(geo_detector(|_| {}), move || c.load(std::sync::atomic::Ordering::Relaxed));
         for (peer, t) in [(LONDON, T0), (PARIS, T0 + HOUR / 4)] {
             clock.store(t, std::sync::atomic::Ordering::Relaxed);
             queue.accept(&Arc::new(success("frank", peer)));
@@ -899,5 +932,39 @@ mod tests {
         let emitted: std::collections::BTreeSet<&str> =
             e.keys().map(String::as_str).filter(|k| !["event", "alert", "message"].contains(k)).collect();
         assert_eq!(emitted, documented);
+    }
+
+    /// A reload swaps the databases the running task uses.
+    #[tokio::test]
+    async fn swapped_databases_are_used_from_the_next_event() {
+        use crate::telemetry::Consumer;
+
+        let capture = Capture::default();
+        let _guard = tracing::subscriber::set_default({
+            use tracing_subscriber::layer::SubscriberExt;
+            tracing_subscriber::registry().with(capture.clone())
+        });
+        let clock = Arc::new(std::sync::atomic::AtomicU64::new(T0));
+        let c = clock.clone();
+        // Started with a database that knows nothing.
+        let empty = Arc::new(GeoDb::from_bytes(build("GeoLite2-City", &[]), None).unwrap());
+        let (queue, geo) = start_with(Detector::with_geo(AnomalyConfig::default(), Some(empty)), move || {
+            c.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        let login = async |peer: &str, t: u64| {
+            clock.store(t, std::sync::atomic::Ordering::Relaxed);
+            queue.accept(&Arc::new(success("gina", peer)));
+            for _ in 0..200 {
+                tokio::task::yield_now().await;
+            }
+        };
+        login(LONDON, T0).await;
+        login(SYDNEY, T0 + 60).await;
+        assert!(capture.0.lock().unwrap().is_empty());
+        geo.send_replace(Some(geo_db()));
+        login(LONDON, T0 + 120).await;
+        login(SYDNEY, T0 + 180).await;
+        let got = capture.0.lock().unwrap().clone();
+        assert_eq!(got.iter().map(|e| e["event"].as_str()).collect::<Vec<_>>(), ["\"geo_impossible_travel\""]);
     }
 }

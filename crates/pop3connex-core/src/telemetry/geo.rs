@@ -1,9 +1,9 @@
 //! GeoIP look-ups for the geography anomaly rules (`[anomaly.geo]`).
 //!
 //! The City database (GeoIP2 or GeoLite2, MaxMind DB format) and the
-//! optional ASN database are read into memory once at start; a look-up
-//! is a walk of the in-memory search tree, no I/O. Replacing the files
-//! (`geoipupdate`) takes effect at the next start.
+//! optional ASN database are read into memory at start and again on a
+//! reload (SIGHUP, after `geoipupdate`); a look-up is a walk of the
+//! in-memory search tree, no I/O.
 
 use std::net::IpAddr;
 use std::path::Path;
