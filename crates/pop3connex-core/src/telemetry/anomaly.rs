@@ -303,7 +303,9 @@ impl Detector {
             };
             let hours = now.saturating_sub(previous.time).max(1) as f64 / 3600.0;
             let speed = distance.map(|d| d / hours);
+            // A clock stepped back says nothing about the speed.
             let travel = g.impossible_travel
+                && now >= previous.time
                 && now >= acct.quiet_travel
                 && distance.is_some_and(|d| d >= g.min_distance_km)
                 && speed.is_some_and(|v| v > g.max_speed_kmh);
@@ -825,6 +827,9 @@ mod tests {
         // London to Sydney in 30 hours, with the new-country rule off.
         let mut d = geo_detector(|c| c.geo.new_country = false);
         assert!(logins(&mut d, "carol", &[(LONDON, T0), (SYDNEY, T0 + 30 * HOUR)]).is_empty());
+        // A clock stepped back between two logins judges no speed.
+        let mut d = geo_detector(|_| {});
+        assert!(logins(&mut d, "carol", &[(NEW_YORK, T0), (LOS_ANGELES, T0 - 5)]).is_empty());
         // London to Croydon (15 km) ten seconds apart: under min_distance_km.
         let mut d = geo_detector(|_| {});
         assert!(logins(&mut d, "carol", &[(LONDON, T0), (CROYDON, T0 + 10), (LONDON, T0 + 20)]).is_empty());
