@@ -88,10 +88,15 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             Hub::global().register(sink.queue.clone());
             sink
         });
-        // Built-in anomaly rules (failed-login spikes) raise alert events.
-        if cfg.anomaly.enabled {
-            Hub::global().register(pop3connex_core::telemetry::anomaly::start(cfg.anomaly.clone()));
-        }
+        // Built-in anomaly rules (failed-login and download spikes, login
+        // geography) raise alert events.
+        let anomaly = if cfg.anomaly.enabled {
+            let a = pop3connex_core::telemetry::anomaly::start(cfg.anomaly.clone()).map_err(anyhow::Error::msg)?;
+            Hub::global().register(a.queue.clone());
+            Some(a)
+        } else {
+            None
+        };
         let running = server::start_with_store(&cfg, mail.clone()).await?;
         let (stop_checkpoints, checkpoints) = start_audit_checkpoints(&cfg, &mail);
         // The admin plane (off unless [admin] is configured) shares the
@@ -141,8 +146,10 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => reload(&running, web.as_ref(), &startup, "sighup").await,
-                Some(()) = reload_rx.recv() => reload(&running, web.as_ref(), &startup, "console").await,
+                _ = hup.recv() => reload(&running, web.as_ref(), anomaly.as_ref(), &startup, "sighup").await,
+                Some(()) = reload_rx.recv() => {
+                    reload(&running, web.as_ref(), anomaly.as_ref(), &startup, "console").await
+                }
             }
         }
         let _ = web_stop.send(true);
@@ -172,11 +179,13 @@ pub fn serve(config: Option<PathBuf>) -> Result<()> {
 }
 
 /// What SIGHUP (and the console's reload) re-reads: the POP3 side's TLS
-/// certificate, list files, bans and lockouts, and the admin listener's
-/// certificate. A certificate that fails to load leaves the old one in use.
+/// certificate, list files, bans and lockouts, the admin listener's
+/// certificate and the GeoIP databases. A certificate or database that
+/// fails to load leaves the old one in use.
 async fn reload(
     running: &server::RunningServer,
     web: Option<&pop3connex_web::RunningWeb>,
+    anomaly: Option<&pop3connex_core::telemetry::anomaly::Running>,
     startup: &(PathBuf, String),
     trigger: &str,
 ) {
@@ -194,6 +203,12 @@ async fn reload(
             cannot be read or parsed (the running configuration stays)"),
     }
     running.reload().await;
+    match anomaly.map(|a| a.reload_geo()) {
+        Some(Ok(true)) => tracing::info!(target: "pop3connex::anomaly", "reload: GeoIP databases re-read"),
+        Some(Err(e)) => tracing::warn!(target: "pop3connex::anomaly", alert = true, error = %e,
+            "reload: the GeoIP databases could not be re-read; the ones in use stay"),
+        Some(Ok(false)) | None => {}
+    }
     if let Some(web) = web {
         use pop3connex_core::events::{emit, SecurityEvent};
         match web.reload_tls() {

@@ -506,6 +506,7 @@ impl Config {
         }
         cfg.oauth.resolve_paths(&base);
         cfg.connector.resolve_paths(&base);
+        cfg.anomaly.geo.resolve_paths(&base);
         logsink::resolve_paths(&mut cfg.log.sink, &base);
         if let Some(a) = &mut cfg.admin {
             a.finish(&base, &cfg.server.hostname);

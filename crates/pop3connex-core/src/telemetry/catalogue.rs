@@ -80,9 +80,43 @@ const UIDL: (&str, &str) = ("uidl", "the upstream message's unique id");
 const ADMIN: (&str, &str) = ("admin", "administrator name");
 const ACTOR: (&str, &str) = ("actor", "who acted: admin:NAME@ADDRESS, token:ID or cli:OSUSER");
 
+/// The fields of the geography alerts: both logins and the jump between them.
+const GEO_FIELDS: &[(&str, &str)] = &[
+    USER,
+    ("peer", "this login's client address (ECS source.ip)"),
+    ("country", "its ISO 3166 country code"),
+    ("city", "its city (English name, when known)"),
+    ("latitude", "its latitude (approximate)"),
+    ("longitude", "its longitude (approximate)"),
+    ("asn", "its autonomous system number (with asn_database)"),
+    ("as_org", "the organisation of that AS (with asn_database)"),
+    ("login_time", "this login's time (RFC 3339)"),
+    MECH,
+    ("tls", "whether this login's connection was TLS"),
+    ("previous_peer", "the previous placed login's client address"),
+    ("previous_country", "its country"),
+    ("previous_city", "its city"),
+    ("previous_latitude", "its latitude"),
+    ("previous_longitude", "its longitude"),
+    ("previous_asn", "its autonomous system number"),
+    ("previous_as_org", "the organisation of that AS"),
+    ("previous_login_time", "its time (RFC 3339)"),
+    ("previous_mechanism", "its mechanism"),
+    ("previous_tls", "whether it was TLS"),
+    ("distance_km", "great-circle distance between the two places"),
+    ("elapsed_secs", "seconds between the two logins"),
+    ("speed_kmh", "the speed the jump needs"),
+    ("known_countries", "countries the account used before (comma-separated)"),
+    ("new_country", "whether this login's country is new to the account"),
+];
+
 macro_rules! def {
     ($id:expr, $name:expr, $sev:ident, [$($cat:expr),*], [$($kind:expr),*], $outcome:expr, $alert:expr,
      [$($field:expr),*], $summary:expr) => {
+        def!($id, $name, $sev, [$($cat),*], [$($kind),*], $outcome, $alert, &[$($field),*], $summary)
+    };
+    ($id:expr, $name:expr, $sev:ident, [$($cat:expr),*], [$($kind:expr),*], $outcome:expr, $alert:expr,
+     $fields:expr, $summary:expr) => {
         EventDef {
             id: $id,
             name: $name,
@@ -91,7 +125,7 @@ macro_rules! def {
             kind: &[$($kind),*],
             outcome: $outcome,
             alert: $alert,
-            fields: &[$($field),*],
+            fields: $fields,
             summary: $summary,
         }
     };
@@ -235,6 +269,11 @@ pub static CATALOGUE: &[EventDef] = &[
          ("threshold", "the amount that fired the alert"), ("window_secs", "3600"),
          ("last_peer", "the client address of the last session")],
         "An account retrieved far more than its own hourly baseline or the absolute cap ([anomaly.download])."),
+    def!(702, "geo_new_country", Warning, ["authentication", "intrusion_detection"], ["indicator"], "unknown", true,
+        GEO_FIELDS, "An account logged in from a country it never used before ([anomaly.geo]; alert only)."),
+    def!(703, "geo_impossible_travel", Warning, ["authentication", "intrusion_detection"], ["indicator"], "unknown",
+        true, GEO_FIELDS,
+        "Two logins of an account were too far apart for the time between them ([anomaly.geo]; alert only)."),
 ];
 
 /// The entry for `name`.

@@ -17,6 +17,7 @@ pub mod alerting;
 pub mod anomaly;
 pub mod catalogue;
 pub mod ecs;
+pub mod geo;
 pub mod hub;
 pub mod metrics;
 pub mod metrics_http;
