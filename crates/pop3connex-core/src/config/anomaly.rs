@@ -23,6 +23,9 @@ pub struct AnomalyConfig {
     pub account: SpikeRule,
     /// Failed-login spikes from one network (IPv4 /24, IPv6 /64).
     pub network: SpikeRule,
+    /// Addresses banned per minute across the server: many at once is a
+    /// distributed attack (or a misfiring rule locking clients out).
+    pub bans: SpikeRule,
     /// Octets one account retrieves per hour (the exfiltration signal).
     pub download: DownloadRule,
     /// Minutes between two alerts for the same rule and key.
@@ -184,6 +187,7 @@ impl Default for AnomalyConfig {
             server: SpikeRule::new(200, 30),
             account: SpikeRule::new(20, 8),
             network: SpikeRule::new(40, 15),
+            bans: SpikeRule::new(10, 5),
             download: DownloadRule::default(),
             cooldown_minutes: 15,
             max_tracked: 20_000,
@@ -194,7 +198,9 @@ impl Default for AnomalyConfig {
 
 impl AnomalyConfig {
     pub fn check(&self) -> Result<(), String> {
-        for (name, r) in [("server", &self.server), ("account", &self.account), ("network", &self.network)] {
+        let rules =
+            [("server", &self.server), ("account", &self.account), ("network", &self.network), ("bans", &self.bans)];
+        for (name, r) in rules {
             let bad = |why: &str| Err(format!("[anomaly.{name}] {why}"));
             if r.absolute == 0 {
                 return bad("absolute must be at least 1");

@@ -45,6 +45,8 @@ pub enum Scope {
     Network,
     /// One account's retrieved octets per hour (the exfiltration signal).
     Download,
+    /// Addresses banned per minute across the server.
+    Bans,
 }
 
 impl Scope {
@@ -54,6 +56,7 @@ impl Scope {
             Scope::Account => "account",
             Scope::Network => "network",
             Scope::Download => "download",
+            Scope::Bans => "bans",
         }
     }
 }
@@ -223,6 +226,7 @@ struct GeoAccount {
 pub struct Detector {
     cfg: AnomalyConfig,
     server: Counter,
+    bans: Counter,
     accounts: LruMap<String, (Counter, Option<IpAddr>)>,
     networks: LruMap<IpNet, Counter>,
     downloads: LruMap<String, Counter>,
@@ -250,6 +254,7 @@ impl Detector {
         Detector {
             cfg,
             server: Counter::default(),
+            bans: Counter::default(),
             accounts: LruMap::new(cap),
             networks: LruMap::new(cap),
             downloads: LruMap::new(cap),
@@ -343,6 +348,9 @@ impl Detector {
 
     /// Looks at one event at `now` (Unix seconds); the spikes it completes.
     pub fn observe(&mut self, e: &EventRecord, now: u64) -> Vec<Spike> {
+        if e.name == "ban" {
+            return self.ban(e.str("peer").and_then(|p| p.parse::<IpAddr>().ok()), now);
+        }
         if e.name != "auth_failure" && e.name != "mail_retrieved" {
             return Vec::new();
         }
@@ -355,6 +363,22 @@ impl Detector {
             ("mail_retrieved", Some(user)) => self.download(user, e.u64("octets").unwrap_or(0), peer, now),
             ("mail_retrieved", None) => Vec::new(),
             _ => self.failure(user, peer, now),
+        }
+    }
+
+    /// One address (or network) banned: many in a minute is a burst.
+    fn ban(&mut self, peer: Option<IpAddr>, now: u64) -> Vec<Spike> {
+        let base = self.bans.baseline;
+        match self.bans.add(now / 60, 1, &Params::from(&self.cfg.bans), u64::from(self.cfg.cooldown_minutes)) {
+            Some(t) => vec![Spike {
+                scope: Scope::Bans,
+                key: String::new(),
+                count: self.bans.count,
+                baseline: base,
+                threshold: t,
+                last_peer: peer,
+            }],
+            None => Vec::new(),
         }
     }
 
@@ -446,6 +470,20 @@ impl Detector {
 /// Emits a spike as its alert event: `download_volume_spike` for
 /// [`Scope::Download`], `auth_failure_spike` for the others.
 fn emit(s: &Spike) {
+    if s.scope == Scope::Bans {
+        tracing::warn!(
+            target: "pop3connex::anomaly",
+            event = "ban_burst",
+            alert = true,
+            count = s.count,
+            baseline = format!("{:.1}", s.baseline),
+            threshold = s.threshold,
+            window_secs = 60u64,
+            last_peer = %s.last_peer.map(|p| p.to_string()).unwrap_or_default(),
+            "many addresses banned at once"
+        );
+        return;
+    }
     if s.scope == Scope::Download {
         tracing::warn!(
             target: "pop3connex::anomaly",
@@ -632,6 +670,27 @@ mod tests {
         // Still within the cooldown: quiet; after it: alerts again.
         assert!(burst(&mut d, 1010, 25, |_| "alice".into(), |i| format!("198.51.{i}.1")).is_empty());
         assert_eq!(burst(&mut d, 1016, 25, |_| "alice".into(), |i| format!("198.51.{i}.1")).len(), 1);
+    }
+
+    #[test]
+    fn many_bans_in_a_minute_alert_once_per_cooldown() {
+        let mut d = Detector::new(AnomalyConfig::default());
+        let ban = |d: &mut Detector, now: u64, n: u32| -> Vec<Spike> {
+            (0..n)
+                .flat_map(|i| {
+                    let mut e = failure("-", &format!("198.51.100.{i}"));
+                    e.name = "ban".into();
+                    d.observe(&e, now)
+                })
+                .collect()
+        };
+        assert!(ban(&mut d, 60, 9).is_empty(), "nine bans in a minute stay under the absolute 10");
+        let got = ban(&mut d, 120, 12);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].scope, got[0].count, got[0].threshold), (Scope::Bans, 10, 10));
+        assert_eq!(got[0].last_peer, Some("198.51.100.9".parse().unwrap()));
+        assert!(ban(&mut d, 180, 12).is_empty(), "cooldown");
+        assert_eq!(ban(&mut d, 120 + 16 * 60, 12).len(), 1, "after the cooldown");
     }
 
     #[test]

@@ -274,6 +274,11 @@ pub static CATALOGUE: &[EventDef] = &[
     def!(703, "geo_impossible_travel", Warning, ["authentication", "intrusion_detection"], ["indicator"], "unknown",
         true, GEO_FIELDS,
         "Two logins of an account were too far apart for the time between them ([anomaly.geo]; alert only)."),
+    def!(704, "ban_burst", Warning, ["network", "intrusion_detection"], ["indicator"], "unknown", true,
+        [("count", "addresses banned in the minute"), ("baseline", "usual bans per minute"),
+         ("threshold", "the count that fired the alert"), ("window_secs", "60"),
+         ("last_peer", "the last address banned")],
+        "Many addresses were banned within a minute ([anomaly.bans]): a distributed attack, or a rule locking clients out."),
 ];
 
 /// The entry for `name`.
