@@ -171,14 +171,7 @@ impl Channels {
 
     /// Stops delivering: what is in flight gets up to `grace`.
     pub async fn shutdown(self, grace: Duration) {
-        let _ = self.stop.send(true);
-        let deadline = tokio::time::Instant::now() + grace;
-        for t in self.tasks {
-            let abort = t.abort_handle();
-            if tokio::time::timeout_at(deadline, t).await.is_err() {
-                abort.abort();
-            }
-        }
+        super::hub::stop_tasks(&self.stop, self.tasks, grace).await;
     }
 }
 

@@ -121,6 +121,23 @@ impl Hub {
     }
 }
 
+/// Tells a consumer's tasks to stop (`stop` set to true) and waits for
+/// them until `grace` has passed; the ones still running are aborted.
+pub async fn stop_tasks(
+    stop: &tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    grace: std::time::Duration,
+) {
+    let _ = stop.send(true);
+    let deadline = tokio::time::Instant::now() + grace;
+    for t in tasks {
+        let abort = t.abort_handle();
+        if tokio::time::timeout_at(deadline, t).await.is_err() {
+            abort.abort();
+        }
+    }
+}
+
 /// See [`Hub::layer`].
 pub struct HubLayer;
 
