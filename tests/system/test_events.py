@@ -130,6 +130,17 @@ def test_a_session_that_retrieves_and_deletes_reports_its_volume(server, make_us
     assert (deleting["messages"], deleting["deleted"]) == (0, 2), deleting
     assert fetching["messages"] == 3 and fetching["octets"] >= 3 * len(msg) and fetching["deleted"] == 0, fetching
 
+    # TOP with a large line count downloads the whole message: it counts too.
+    with server.pop3s() as p:
+        p.cmd(f"USER {name}")
+        p.cmd(f"PASS {pw}")
+        assert len(p.top(1, 100000)) >= len(msg) - 200
+        p.quit()
+    volume = syslib.wait_until(lambda: (lambda e: e if len(e) >= 3 else None)(
+        search(server, "--user", name, "--type", "mail_retrieved")), 10, interval=0.3, what="the TOP volume event")
+    topping = volume[0]["fields"]
+    assert topping["messages"] == 1 and topping["octets"] >= len(msg) - 200, topping
+
 
 def test_a_reload_names_the_configuration_keys_changed_since_start(server_factory):
     srv = server_factory({("pop3", "max_bad_commands"): 7})

@@ -10,8 +10,8 @@
 //! # events = ["admin_login", "auth_failure_spike"]  # default: every alert event
 //! # max_per_key = 5          # alerts of one rule for one key (user, network) ...
 //! # window_minutes = 15      # ... per this window; the rest are counted, not sent
-//! # max_total = 60           # alerts of all rules and keys per window (an attack on
-//! #                          # many accounts pages a bounded number of times)
+//! # max_per_rule = 20        # alerts of one rule across its keys per window (an attack
+//! #                          # on many accounts pages a bounded number of times)
 //! # max_attempts = 6         # deliveries tried before the alert is given up
 //! # queue = 1000
 //! ```
@@ -67,8 +67,8 @@ pub struct EmailConfig {
     pub events: Vec<String>,
     #[serde(default = "max_per_key")]
     pub max_per_key: u32,
-    #[serde(default = "max_total")]
-    pub max_total: u32,
+    #[serde(default = "max_per_rule")]
+    pub max_per_rule: u32,
     #[serde(default = "window_minutes")]
     pub window_minutes: u32,
     #[serde(default = "max_attempts")]
@@ -83,7 +83,7 @@ pub struct ChannelLimits {
     pub name: String,
     pub events: Vec<String>,
     pub max_per_key: u32,
-    pub max_total: u32,
+    pub max_per_rule: u32,
     pub window_minutes: u32,
     pub max_attempts: u32,
     pub queue: usize,
@@ -98,7 +98,7 @@ macro_rules! limits_of {
                     name: self.name.clone(),
                     events: self.events.clone(),
                     max_per_key: self.max_per_key,
-                    max_total: self.max_total,
+                    max_per_rule: self.max_per_rule,
                     window_minutes: self.window_minutes,
                     max_attempts: self.max_attempts,
                     queue: self.queue,
@@ -123,8 +123,8 @@ impl ChannelLimits {
         if !(1..=1000).contains(&self.max_per_key) {
             return Err(format!("max_per_key: {} is out of range (1..=1000)", self.max_per_key));
         }
-        if self.max_total < self.max_per_key || self.max_total > 100_000 {
-            return Err(format!("max_total: {} must be at least max_per_key and at most 100000", self.max_total));
+        if self.max_per_rule < self.max_per_key || self.max_per_rule > 100_000 {
+            return Err(format!("max_per_rule: {} must be at least max_per_key and at most 100000", self.max_per_rule));
         }
         if !(1..=1440).contains(&self.window_minutes) {
             return Err(format!("window_minutes: {} is out of range (1..=1440)", self.window_minutes));
@@ -165,8 +165,8 @@ pub struct WebhookConfig {
     pub events: Vec<String>,
     #[serde(default = "max_per_key")]
     pub max_per_key: u32,
-    #[serde(default = "max_total")]
-    pub max_total: u32,
+    #[serde(default = "max_per_rule")]
+    pub max_per_rule: u32,
     #[serde(default = "window_minutes")]
     pub window_minutes: u32,
     #[serde(default = "max_attempts")]
@@ -178,8 +178,8 @@ pub struct WebhookConfig {
 fn max_per_key() -> u32 {
     5
 }
-fn max_total() -> u32 {
-    60
+fn max_per_rule() -> u32 {
+    20
 }
 fn window_minutes() -> u32 {
     15

@@ -46,12 +46,16 @@ impl Session<'_> {
         let mut scratch = Vec::new();
         let mut chunk = first;
         let mut index = 0u32;
+        // What TOP sent of the message (a TOP with a large line count is a
+        // whole download, and counts as one for the volume rules).
+        let mut top_octets = 0u64;
         loop {
             match &mut filter {
                 None => stuffer.push(&chunk, conn.raw()),
                 Some(f) => {
                     scratch.clear();
                     f.push(&chunk, &mut scratch);
+                    top_octets += scratch.len() as u64;
                     stuffer.push(&scratch, conn.raw());
                 }
             }
@@ -72,9 +76,15 @@ impl Session<'_> {
             };
         }
         stuffer.finish(conn.raw());
-        if top.is_none() {
-            m.volume.retrieved(meta.size);
-            crate::telemetry::metrics::Metrics::global().retr(meta.size);
+        match top {
+            None => {
+                m.volume.retrieved(meta.size);
+                crate::telemetry::metrics::Metrics::global().retr(meta.size);
+            }
+            Some(_) => {
+                m.volume.retrieved(top_octets);
+                crate::telemetry::metrics::Metrics::global().top(top_octets);
+            }
         }
         Ok(Flow::Continue)
     }

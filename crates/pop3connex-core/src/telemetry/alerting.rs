@@ -10,7 +10,7 @@
 //!
 //! **Webhook body**: the event's Elastic Common Schema document (as the JSON sink
 //! writes it) plus `alert`: `{"delivery": <id>, "channel": <name>,
-//! "suppressed": <n>, "suppressed_total": <m>}` (see the rate limit).
+//! "suppressed": <n>, "suppressed_rule": <m>}` (see the rate limit).
 //!
 //! **Signature**: `X-POP3conneX-Timestamp: <unix seconds>` and
 //! `X-POP3conneX-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>`.
@@ -27,10 +27,15 @@
 //!
 //! **Rate limit**: per rule (event name) and key (`user`, else `key`, else
 //! the peer's address), at most `max_per_key` alerts in `window_minutes`,
-//! and at most `max_total` of all rules and keys (an attacker failing
-//! logins on thousands of accounts must not send thousands of pages).
-//! `alert.suppressed` counts what the key's limit held back since its last
-//! alert, `alert.suppressed_total` what the channel's limit held back.
+//! and per rule at most `max_per_rule` across its keys (an attacker failing
+//! logins on thousands of accounts must not send thousands of pages, and
+//! must not use up the budget of other rules either: a flood of
+//! `auth_failure_spike` leaves `config_reloaded` or `sink_dropping`
+//! untouched). `alert.suppressed` counts what the key's limit held back
+//! since its last alert, `alert.suppressed_rule` what the rule's limit
+//! held back. Alerts of the admin plane and the configuration (ids 500 to
+//! 599, except `admin_login_burst`) are caused by authenticated
+//! administrators and are never rate-limited.
 //!
 //! **Retries** (webhooks): a connection failure, a timeout, 408, 429 or a
 //! 5xx answer is retried with back-off (2 s doubling, at most 2 minutes) up to
@@ -155,12 +160,13 @@ impl Channels {
             let (queue, rx) = Queue::new(limits.queue);
             let out = Delivery {
                 hostname: cfg.server.hostname.clone(),
-                limiter: Limiter::new(limits.max_per_key, limits.max_total, u64::from(limits.window_minutes) * 60),
+                limiter: Limiter::new(limits.max_per_key, limits.max_per_rule, u64::from(limits.window_minutes) * 60),
                 cfg: limits.clone(),
                 sender,
                 dropped: queue.drop_counter(),
                 dropped_seen: 0,
                 lost: 0,
+                last_error: String::new(),
                 last_report: None,
             };
             tasks.push(tokio::spawn(out.run(rx, stopped.clone())));
@@ -175,16 +181,17 @@ impl Channels {
     }
 }
 
-/// Per rule and key at most `max` alerts per window, and at most `total`
-/// for the whole channel; the rest counted.
+/// Per rule and key at most `max` alerts per window, and per rule at most
+/// `per_rule` across its keys; the rest counted.
 struct Limiter {
     max: u32,
-    total: u32,
+    per_rule: u32,
     window_secs: u64,
     /// (rule, key) → (window start, sent in it, suppressed since last sent).
     seen: LruMap<(String, String), (u64, u32, u64)>,
-    /// The channel: (window start, sent in it, suppressed since last sent).
-    channel: (u64, u32, u64),
+    /// rule → the same, across the rule's keys (rule names come from the
+    /// code: a bounded set).
+    rules: std::collections::HashMap<String, (u64, u32, u64)>,
 }
 
 /// What an admitted alert reports about the ones held back before it.
@@ -192,17 +199,26 @@ struct Limiter {
 struct Held {
     /// Of the same rule and key.
     key: u64,
-    /// By the channel-wide limit.
-    channel: u64,
+    /// Of the same rule, by its limit across keys.
+    rule: u64,
+}
+
+/// Alerts no outsider can cause: the admin plane's and the configuration's
+/// (catalogue 500 to 599), except failed admin login bursts.
+fn unlimited(e: &EventRecord) -> bool {
+    e.def().is_some_and(|d| (500..600).contains(&d.id) && d.name != "admin_login_burst")
 }
 
 impl Limiter {
-    fn new(max: u32, total: u32, window_secs: u64) -> Limiter {
-        Limiter { max, total, window_secs, seen: LruMap::new(TRACKED_KEYS), channel: (0, 0, 0) }
+    fn new(max: u32, per_rule: u32, window_secs: u64) -> Limiter {
+        Limiter { max, per_rule, window_secs, seen: LruMap::new(TRACKED_KEYS), rules: Default::default() }
     }
 
     /// `Some` (with what was held back before it) when `e` may be sent at `now`.
     fn admit(&mut self, e: &EventRecord, now: u64) -> Option<Held> {
+        if unlimited(e) {
+            return Some(Held { key: 0, rule: 0 });
+        }
         let window = self.window_secs;
         let roll = |w: &mut (u64, u32, u64)| {
             if now >= w.0 + window {
@@ -220,14 +236,15 @@ impl Limiter {
             entry.2 += 1;
             return None;
         }
-        roll(&mut self.channel);
-        if self.channel.1 >= self.total {
-            self.channel.2 += 1;
+        let rule = self.rules.entry(e.name.clone()).or_insert((now, 0, 0));
+        roll(rule);
+        if rule.1 >= self.per_rule {
+            rule.2 += 1;
             return None;
         }
         entry.1 += 1;
-        self.channel.1 += 1;
-        Some(Held { key: std::mem::take(&mut entry.2), channel: std::mem::take(&mut self.channel.2) })
+        rule.1 += 1;
+        Some(Held { key: std::mem::take(&mut entry.2), rule: std::mem::take(&mut rule.2) })
     }
 }
 
@@ -304,32 +321,57 @@ struct Delivery {
     dropped_seen: u64,
     /// Alerts lost since the last report.
     lost: u64,
+    /// The failure behind them, when the report was held back.
+    last_error: String,
     last_report: Option<tokio::time::Instant>,
 }
 
 impl Delivery {
     async fn run(mut self, mut rx: mpsc::Receiver<Arc<EventRecord>>, mut stopped: watch::Receiver<bool>) {
+        // Losses held back by the report interval are reported when it has
+        // passed, even if no further alert fails.
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let e = tokio::select! {
                 e = rx.recv() => match e { Some(e) => e, None => return },
                 _ = stopped.changed() => return,
+                _ = tick.tick() => {
+                    self.count_drops();
+                    if self.lost > 0 {
+                        let error = match self.last_error.is_empty() {
+                            true => "the channel's queue is full (deliveries are slower than alerts arrive)".to_owned(),
+                            false => std::mem::take(&mut self.last_error),
+                        };
+                        self.report(&error);
+                    }
+                    continue;
+                }
             };
             let now = e.time.unix_timestamp().max(0) as u64;
             let Some(held) = self.limiter.admit(&e, now) else { continue };
             let mut doc = ecs::to_ecs(&e, &self.hostname);
             doc["alert"] = json!({ "delivery": delivery_id(), "channel": self.cfg.name, "suppressed": held.key,
-                                   "suppressed_total": held.channel });
+                                   "suppressed_rule": held.rule });
             if let Err(error) = self.deliver(&e, &doc, &mut stopped).await {
                 self.lost += 1;
                 self.report(&error);
             }
-            let dropped = self.dropped.load(Ordering::Relaxed);
-            if dropped > self.dropped_seen {
-                self.lost += dropped - self.dropped_seen;
-                self.dropped_seen = dropped;
-                self.report("the webhook's queue is full (deliveries are slower than alerts arrive)");
+            if self.count_drops() {
+                self.report("the channel's queue is full (deliveries are slower than alerts arrive)");
             }
         }
+    }
+
+    /// Adds queue drops not yet counted to `lost`; whether there were any.
+    fn count_drops(&mut self) -> bool {
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > self.dropped_seen {
+            self.lost += dropped - self.dropped_seen;
+            self.dropped_seen = dropped;
+            return true;
+        }
+        false
     }
 
     /// Up to `max_attempts` deliveries of `doc`; the last error otherwise.
@@ -369,6 +411,7 @@ impl Delivery {
         let now = tokio::time::Instant::now();
         if self.last_report.is_some_and(|t| now.duration_since(t) < REPORT_EVERY) {
             tracing::debug!(target: TARGET, channel = %self.cfg.name, error, "alert not delivered");
+            self.last_error = error.to_owned();
             return;
         }
         self.last_report = Some(now);
@@ -466,9 +509,11 @@ fn mail_message(cfg: &EmailConfig, e: &EventRecord, doc: &Value, hostname: &str,
     if let Some(n) = doc["alert"]["suppressed"].as_u64().filter(|n| *n > 0) {
         let _ = write!(m, "\r\n{n} more alerts of this rule and key were held back by the rate limit.\r\n");
     }
-    if let Some(n) = doc["alert"]["suppressed_total"].as_u64().filter(|n| *n > 0) {
-        let _ =
-            write!(m, "\r\n{n} alerts were held back by this channel's limit (max_total): see the event store.\r\n");
+    if let Some(n) = doc["alert"]["suppressed_rule"].as_u64().filter(|n| *n > 0) {
+        let _ = write!(
+            m,
+            "\r\n{n} alerts of this rule were held back by its limit (max_per_rule): see the event store.\r\n"
+        );
     }
     let _ = write!(m, "\r\nDelivery {delivery}. Fields are described in docs/events.md.\r\n");
     m.into_bytes()
@@ -551,7 +596,7 @@ mod tests {
 
     #[test]
     fn limiter_counts_per_rule_and_key_and_reports_suppressed() {
-        let held = |key, channel| Some(Held { key, channel });
+        let held = |key, rule| Some(Held { key, rule });
         let mut l = Limiter::new(2, 100, 600);
         let alice = event("download_volume_spike", true, &[("user", "alice")]);
         let bob = event("download_volume_spike", true, &[("user", "bob")]);
@@ -566,7 +611,7 @@ mod tests {
     }
 
     #[test]
-    fn an_attack_on_many_accounts_pages_a_bounded_number_of_times() {
+    fn an_attack_on_many_accounts_pages_a_bounded_number_of_times_and_starves_no_other_rule() {
         let mut l = Limiter::new(5, 3, 600);
         let sent = (0..1000)
             .filter(|i| {
@@ -575,7 +620,13 @@ mod tests {
             })
             .count();
         assert_eq!(sent, 3);
-        let next = l.admit(&event("admin_login", true, &[("user", "root")]), 1600);
-        assert_eq!(next, Some(Held { key: 0, channel: 997 }), "the next window reports what was held back");
+        // Other rules keep their own budget during the flood.
+        assert_eq!(l.admit(&event("sink_dropping", true, &[("sink", "siem")]), 1001), Some(Held { key: 0, rule: 0 }));
+        // The admin plane's and the configuration's alerts are never limited.
+        for _ in 0..10 {
+            assert!(l.admit(&event("config_reloaded", true, &[]), 1002).is_some());
+        }
+        let next = l.admit(&event("auth_failure_spike", true, &[("key", "late")]), 1600);
+        assert_eq!(next, Some(Held { key: 0, rule: 997 }), "the next window reports what was held back");
     }
 }

@@ -351,14 +351,20 @@ impl Detector {
         if e.name == "ban" {
             return self.ban(e.str("peer").and_then(|p| p.parse::<IpAddr>().ok()), now);
         }
-        if e.name != "auth_failure" && e.name != "mail_retrieved" {
+        // A login refused because the account is locked is a failed guess
+        // too: without it, the lockout would hide a spray from the rules.
+        if !matches!(e.name.as_str(), "auth_failure" | "locked_out" | "mail_retrieved") {
             return Vec::new();
         }
         let peer = e.str("peer").and_then(|p| p.parse::<IpAddr>().ok());
         if peer.is_some_and(|ip| self.cfg.exempt_networks.iter().any(|n| n.contains(ip))) {
             return Vec::new();
         }
-        let user = e.str("user").filter(|u| !u.is_empty() && *u != "<invalid>");
+        // A name that is no account (often a password typed into the user
+        // field) is never an alert key: the network and server rules count
+        // those failures, the account rule only real accounts'.
+        let unknown = e.str("reason") == Some("unknown user");
+        let user = e.str("user").filter(|u| !u.is_empty() && *u != "<invalid>" && !unknown);
         match (e.name.as_str(), user) {
             ("mail_retrieved", Some(user)) => self.download(user, e.u64("octets").unwrap_or(0), peer, now),
             ("mail_retrieved", None) => Vec::new(),
@@ -670,6 +676,35 @@ mod tests {
         // Still within the cooldown: quiet; after it: alerts again.
         assert!(burst(&mut d, 1010, 25, |_| "alice".into(), |i| format!("198.51.{i}.1")).is_empty());
         assert_eq!(burst(&mut d, 1016, 25, |_| "alice".into(), |i| format!("198.51.{i}.1")).len(), 1);
+    }
+
+    #[test]
+    fn failures_for_names_that_are_no_account_never_become_an_alert_key() {
+        let mut d = Detector::new(AnomalyConfig::default());
+        let got: Vec<Spike> = (0..30)
+            .flat_map(|i| {
+                let mut e = failure("correct-horse-battery", &format!("198.51.{i}.1"));
+                e.fields.insert("reason".into(), Value::from("unknown user"));
+                d.observe(&e, 1000)
+            })
+            .collect();
+        assert!(got.iter().all(|s| !s.key.contains("horse")), "{got:?}");
+        assert!(got.iter().all(|s| s.scope != Scope::Account), "{got:?}");
+    }
+
+    #[test]
+    fn logins_refused_by_a_lockout_count_as_failures() {
+        let mut d = Detector::new(AnomalyConfig::default());
+        let got: Vec<Spike> = (0..20)
+            .flat_map(|i| {
+                let mut e = failure("alice", &format!("198.51.{i}.1"));
+                if i >= 10 {
+                    e.name = "locked_out".into();
+                }
+                d.observe(&e, 1000)
+            })
+            .collect();
+        assert_eq!(got.iter().map(|s| (s.scope, s.key.as_str())).collect::<Vec<_>>(), [(Scope::Account, "alice")]);
     }
 
     #[test]

@@ -179,7 +179,7 @@ pub static CATALOGUE: &[EventDef] = &[
         [PEER, ("recipients", "recipients accepted"), ("bytes", "message size"),
          ("uidl", "the first stored copy's UIDL")], "An LMTP delivery was stored (no addresses or content)."),
     def!(305, "mail_retrieved", Info, ["email", "session"], ["end"], "success", false,
-        [PEER, USER, ("messages", "messages retrieved with RETR"), ("octets", "their size"),
+        [PEER, USER, ("messages", "messages retrieved with RETR or TOP"), ("octets", "the octets sent of them"),
          ("deleted", "deletions committed at QUIT")],
         "A POP3 session that retrieved or deleted mail ended: its volume."),
     def!(400, "connector_fetched", Info, ["email"], ["info"], "success", false,

@@ -244,7 +244,7 @@ impl Metrics {
                 Counter::default()
             ),
             retr_messages: reg!("retr_messages", "Messages sent whole by RETR", Counter::default()),
-            retr_bytes: reg!("retr", "Message octets sent by RETR", Unit::Bytes, Counter::default()),
+            retr_bytes: reg!("retr", "Message octets sent by RETR and TOP", Unit::Bytes, Counter::default()),
             connector_messages: counters(
                 r,
                 "connector_messages",
@@ -383,6 +383,13 @@ impl Metrics {
     /// A whole message was sent by RETR.
     pub fn retr(&self, bytes: u64) {
         self.retr_messages.inc();
+        self.retr_bytes.inc_by(bytes);
+    }
+
+    /// A TOP sent `bytes` of a message: counted in the RETR octets (a TOP
+    /// with a large line count downloads the whole message), not in the
+    /// RETR messages.
+    pub fn top(&self, bytes: u64) {
         self.retr_bytes.inc_by(bytes);
     }
 
