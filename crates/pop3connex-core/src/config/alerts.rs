@@ -112,9 +112,7 @@ limits_of!(EmailConfig);
 
 impl ChannelLimits {
     fn check(&self) -> Result<(), String> {
-        let valid_name = self.name.len() <= 64
-            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !valid_name {
+        if !super::connector::valid_name(&self.name) {
             return Err("name: use at most 64 letters, digits, `-`, `_` or `.`".into());
         }
         if let Some(e) = self.events.iter().find(|e| crate::telemetry::catalogue::lookup(e).is_none()) {

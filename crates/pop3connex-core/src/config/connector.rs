@@ -440,7 +440,7 @@ bounded! {
     size_1k_1t: 1024, 1u64 << 40, " octets";
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 

@@ -128,9 +128,13 @@ impl Channels {
                 return Err(err(format!("secret: {} holds fewer than {MIN_SECRET_BYTES} bytes", w.secret)));
             }
             let ca = match &w.ca_file {
-                Some(p) => {
-                    Some(crate::https::load_ca_file(p).map_err(|e| err(format!("ca_file {}: {e:?}", p.display())))?)
-                }
+                Some(p) => Some(crate::https::load_ca_file(p).map_err(|e| {
+                    let why = match e {
+                        crate::https::CaFileError::Unreadable(why) => why,
+                        crate::https::CaFileError::Empty => "no PEM certificate in the file".into(),
+                    };
+                    err(format!("ca_file {}: {why}", p.display()))
+                })?),
                 None => None,
             };
             let client = HttpsClient::new(&HttpsOptions {
