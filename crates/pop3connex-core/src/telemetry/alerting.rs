@@ -440,7 +440,12 @@ async fn post(client: &HttpsClient, url: &str, secret: &[u8], body: &[u8], deliv
             Outcome::Retry(format!("the receiver answered {}", r.status))
         }
         Ok(r) => Outcome::Final(format!("the receiver refused the alert with {}", r.status)),
-        Err(e) => Outcome::Retry(format!("{e:?}")),
+        Err(
+            crate::https::HttpsError::Request(why)
+            | crate::https::HttpsError::Body(why)
+            | crate::https::HttpsError::TooLarge(why)
+            | crate::https::HttpsError::Task(why),
+        ) => Outcome::Retry(why),
     }
 }
 
